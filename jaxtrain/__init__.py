@@ -1,0 +1,69 @@
+"""jaxtrain: the neural-network training cycle as pure JAX functions.
+
+forward pass -> loss -> gradients (``jax.value_and_grad``) -> update (optax), threaded
+through an explicit `TrainState` by a jit-compiled ``train_step(state, batch)``.
+"""
+
+from jaxtrain import losses, metrics, models
+from jaxtrain.data import ArrayDataset, DataPosition, load_digits
+from jaxtrain.logging import JsonlWriter, read_jsonl
+from jaxtrain.loop import EarlyStopping, History, PeriodicHook, evaluate, fit
+from jaxtrain.models import (
+    CNN,
+    MLP,
+    Model,
+    TransformerLM,
+    from_function,
+    from_linen,
+    from_nnx,
+)
+from jaxtrain.parallel import data_mesh, replicate, shard_batch
+from jaxtrain.plots import plot_curves
+from jaxtrain.state import TrainState
+from jaxtrain.step import CompiledStep, make_eval_step, make_train_step
+from jaxtrain.tasks import (
+    classification_eval,
+    classification_loss,
+    init_model,
+    regression_eval,
+    regression_loss,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CNN",
+    "MLP",
+    "ArrayDataset",
+    "CompiledStep",
+    "DataPosition",
+    "EarlyStopping",
+    "History",
+    "JsonlWriter",
+    "Model",
+    "PeriodicHook",
+    "TrainState",
+    "TransformerLM",
+    "__version__",
+    "classification_eval",
+    "classification_loss",
+    "data_mesh",
+    "evaluate",
+    "fit",
+    "from_function",
+    "from_linen",
+    "from_nnx",
+    "init_model",
+    "load_digits",
+    "losses",
+    "make_eval_step",
+    "make_train_step",
+    "metrics",
+    "models",
+    "plot_curves",
+    "read_jsonl",
+    "regression_eval",
+    "regression_loss",
+    "replicate",
+    "shard_batch",
+]

@@ -1,0 +1,191 @@
+"""``jaxtrain`` command line: ``jaxtrain train`` runs the main job (see `jaxtrain.job`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from jaxtrain.job import MODELS, OPTIMIZERS, SCHEDULES, TARGET_ACCURACY, TrainConfig
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with errors that say where the full list of options is."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}\nSee '{self.prog} --help' for every option.\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (v > 0 and v < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
+    return v
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (v >= 0 and v < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = TrainConfig()
+    parser = _Parser(
+        prog="jaxtrain",
+        description="jaxtrain: the training cycle as pure JAX functions.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    t = sub.add_parser(
+        "train",
+        help="train a model on the embedded digits data set",
+        description=(
+            "Train a built-in model on scikit-learn's digits (fixed 80/20 stratified split) "
+            "and write OUT/metrics.jsonl, OUT/summary.json and OUT/curves.png."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    t.add_argument("--model", choices=MODELS, default=d.model, help="model to train")
+    t.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer, help="optax optimizer")
+    t.add_argument("--lr", type=_positive_float, default=d.lr, help="peak learning rate")
+    t.add_argument(
+        "--weight-decay",
+        type=_nonneg_float,
+        default=d.weight_decay,
+        help="decoupled weight decay (adamw) or L2 term (sgd, momentum)",
+    )
+    t.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        default=d.schedule,
+        help="learning-rate schedule (cosine: linear warmup then cosine decay)",
+    )
+    t.add_argument(
+        "--warmup-epochs",
+        type=_nonneg_float,
+        default=d.warmup_epochs,
+        help="warmup length for the cosine schedule",
+    )
+    t.add_argument(
+        "--label-smoothing",
+        type=_nonneg_float,
+        default=d.label_smoothing,
+        help="cross-entropy label smoothing in [0, 1)",
+    )
+    t.add_argument("--epochs", type=_positive_int, default=d.epochs, help="training epochs")
+    t.add_argument(
+        "--max-steps",
+        type=_positive_int,
+        default=None,
+        help="stop after this many steps (also sets the schedule's length)",
+    )
+    t.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=d.batch_size,
+        help="training batch size (a multiple of the device count)",
+    )
+    t.add_argument(
+        "--eval-batch-size",
+        type=_positive_int,
+        default=d.eval_batch_size,
+        help="evaluation batch size (the last batch is padded and masked)",
+    )
+    t.add_argument("--seed", type=int, default=d.seed, help="seed of init, shuffling and dropout")
+    t.add_argument("--out", default=d.out, help="output directory")
+    t.add_argument(
+        "--log-every",
+        type=_positive_int,
+        default=d.log_every,
+        help="read training metrics from the device every N steps",
+    )
+    t.add_argument(
+        "--eval-every",
+        type=_positive_int,
+        default=None,
+        help="evaluate every N steps (default: every epoch)",
+    )
+    t.add_argument(
+        "--patience",
+        type=_positive_int,
+        default=None,
+        help="early stopping: evaluations without test-accuracy gain (default: off)",
+    )
+    t.add_argument(
+        "--devices",
+        type=_positive_int,
+        default=None,
+        help="use the first N devices for data parallelism (default: all)",
+    )
+    t.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "train":
+        return _train(args)
+    return 2  # pragma: no cover - argparse rejects unknown commands first
+
+
+def _train(args: argparse.Namespace) -> int:
+    from jaxtrain import job
+
+    cfg = TrainConfig(
+        model=args.model,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        schedule=args.schedule,
+        warmup_epochs=args.warmup_epochs,
+        label_smoothing=args.label_smoothing,
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        eval_batch_size=args.eval_batch_size,
+        seed=args.seed,
+        out=args.out,
+        log_every=args.log_every,
+        eval_every=args.eval_every,
+        patience=args.patience,
+        devices=args.devices,
+        progress=not args.no_progress,
+    )
+    try:
+        summary = job.run(cfg)
+    except ValueError as e:
+        print(f"jaxtrain train: error: {e}", file=sys.stderr)
+        return 2
+    acc = summary["test_accuracy"]
+    print(
+        f"wrote {cfg.out}/metrics.jsonl, {cfg.out}/summary.json, {cfg.out}/curves.png "
+        f"({summary['steps']} steps, {summary['wall_seconds']:.1f} s, "
+        f"{summary['examples_per_second']:.0f} examples/s, "
+        f"{summary['train_step_compilations']} train-step compilation(s))"
+    )
+    verdict = "reached" if acc >= TARGET_ACCURACY else "NOT reached"
+    print(f"test accuracy: {acc * 100:.2f}% (target >= {TARGET_ACCURACY * 100:.1f}%: {verdict})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

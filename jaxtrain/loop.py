@@ -1,0 +1,375 @@
+"""`fit`: the outer loop around a compiled train step — and `evaluate`.
+
+The loop is host code that only dispatches: it never reads a value back from the device
+except at logging and evaluation intervals, so JAX's asynchronous dispatch keeps the
+device busy while Python prepares the next batch.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Protocol
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+from tqdm.auto import tqdm
+
+from jaxtrain import metrics as metrics_lib
+from jaxtrain.data import MASK_KEY, ArrayDataset, DataPosition
+from jaxtrain.parallel import data_mesh, replicate, shard_batch
+from jaxtrain.state import TrainState
+from jaxtrain.step import CompiledStep
+
+
+class Writer(Protocol):
+    """Anything that takes log records (e.g. `jaxtrain.logging.JsonlWriter`)."""
+
+    def write(self, record: Mapping[str, Any]) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class EarlyStopping:
+    """Stop when an eval metric has not improved for ``patience`` evaluations.
+
+    Attributes:
+        metric: name of an eval metric (e.g. ``"accuracy"`` or ``"loss"``).
+        mode: ``"max"`` or ``"min"``.
+        patience: evaluations without improvement before stopping (>= 1).
+        min_delta: smallest change that counts as an improvement.
+    """
+
+    metric: str = "loss"
+    mode: str = "min"
+    patience: int = 5
+    min_delta: float = 0.0
+
+    def __post_init__(self):
+        if self.mode not in ("min", "max"):
+            raise ValueError(f"EarlyStopping mode must be 'min' or 'max'; got {self.mode!r}.")
+        if self.patience < 1:
+            raise ValueError(f"EarlyStopping patience must be >= 1; got {self.patience}.")
+
+    def improved(self, value: float, best: float | None) -> bool:
+        if best is None:
+            return True
+        if self.mode == "max":
+            return value > best + self.min_delta
+        return value < best - self.min_delta
+
+
+@dataclasses.dataclass(frozen=True)
+class PeriodicHook:
+    """Calls ``fn(state, history)`` every ``every_steps`` training steps.
+
+    The hook runs on the host between dispatches; reading arrays from ``state`` inside
+    it is a host sync, so keep ``every_steps`` large for hooks that do.
+    """
+
+    every_steps: int
+    fn: Callable[[TrainState, History], None]
+
+
+@dataclasses.dataclass
+class History:
+    """What `fit` observed: log records and a few run totals (plain Python data).
+
+    Attributes:
+        train: one dict per logging interval: ``step``, ``epoch``, ``split="train"``, the
+            mean of each metric over the interval (``learning_rate``: its last value) and
+            ``examples_per_second``.
+        eval: one dict per evaluation: ``step``, ``epoch``, ``split="eval"``, metrics.
+        steps: training steps run by this call.
+        examples: real (unpadded) training examples seen by this call.
+        wall_seconds: wall time of the loop.
+        first_step_seconds: wall time of the first step (tracing and compilation).
+        stopped_early: whether `EarlyStopping` ended the run.
+        best_eval: the eval record with the best early-stopping metric (or None).
+        position: where the data iteration stands (resume from here).
+        steady_examples: examples seen after the first step (for throughput).
+    """
+
+    train: list[dict] = dataclasses.field(default_factory=list)
+    eval: list[dict] = dataclasses.field(default_factory=list)
+    steps: int = 0
+    examples: int = 0
+    wall_seconds: float = 0.0
+    first_step_seconds: float = 0.0
+    stopped_early: bool = False
+    best_eval: dict | None = None
+    position: DataPosition = dataclasses.field(default_factory=DataPosition)
+
+    steady_examples: int = 0
+
+    @property
+    def examples_per_second(self) -> float:
+        """Throughput after the first (compiling) step; 0.0 if only one step ran."""
+        t = self.wall_seconds - self.first_step_seconds
+        return self.steady_examples / t if t > 0 and self.steady_examples else 0.0
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict of all fields plus ``examples_per_second``."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["position"] = self.position.to_dict()
+        d["examples_per_second"] = self.examples_per_second
+        return d
+
+
+def _epoch_batches(data: Any, epoch: int, start: int) -> Iterator[Mapping[str, Any]]:
+    if isinstance(data, ArrayDataset):
+        return data.batches(epoch, start)
+    if callable(data):  # epoch -> iterable of batches
+        it = iter(data(epoch))
+    elif isinstance(data, Iterable):
+        it = iter(data)
+    else:
+        raise TypeError(
+            "train_data must be an ArrayDataset, an iterable of dict batches, or a callable "
+            f"epoch -> iterable; got {type(data).__name__}."
+        )
+    for _ in range(start):
+        next(it, None)
+    return it
+
+
+def _num_real(batch: Mapping[str, Any]) -> int:
+    mask = batch.get(MASK_KEY)
+    if mask is not None and isinstance(mask, np.ndarray):
+        return int(mask.sum())
+    first = next(iter(batch.values()))
+    return int(np.shape(first)[0])
+
+
+def _prefetch(batches: Iterable[Mapping[str, Any]], mesh: Mesh, depth: int = 2):
+    """Puts batches on the devices ``depth - 1`` ahead so transfer overlaps compute."""
+    queue: collections.deque = collections.deque()
+    for b in batches:
+        if not isinstance(b, Mapping):
+            raise TypeError(f"each batch must be a dict of arrays; got {type(b).__name__}.")
+        queue.append((_num_real(b), shard_batch(b, mesh)))
+        if len(queue) >= depth:
+            yield queue.popleft()
+    while queue:
+        yield queue.popleft()
+
+
+def evaluate(
+    eval_step: CompiledStep | Callable,
+    state: TrainState,
+    data: ArrayDataset | Iterable[Mapping[str, Any]],
+    mesh: Mesh | None = None,
+) -> dict[str, float]:
+    """Exact, mask-weighted metrics over a whole data set.
+
+    Sums are merged on the device and read back once at the end.
+
+    Args:
+        eval_step: from `make_eval_step`.
+        state: the state to evaluate.
+        data: an `ArrayDataset` (served in order, last batch padded) or an iterable of
+            dict batches.
+        mesh: the data mesh (default: all devices).
+
+    Returns:
+        ``{name: mean over all real examples}``.
+    """
+    mesh = data_mesh() if mesh is None else mesh
+    batches = data.batches(0) if isinstance(data, ArrayDataset) else data
+    total = None
+    for _, batch in _prefetch(batches, mesh):
+        sums = eval_step(state, batch)
+        total = sums if total is None else _merge(total, sums)
+    if total is None:
+        raise ValueError("evaluate got no batches: the eval data set is empty.")
+    return metrics_lib.compute(total)
+
+
+_merge = jax.jit(metrics_lib.merge)
+
+
+def _mean_records(pending: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    host = jax.device_get(list(pending))  # the one host sync of a logging interval
+    out = {}
+    for k in host[0]:
+        vals = [float(np.asarray(m[k])) for m in host]
+        out[k] = vals[-1] if k == "learning_rate" else float(np.mean(vals))
+    return out
+
+
+def fit(
+    state: TrainState,
+    train_step: CompiledStep | Callable,
+    train_data: ArrayDataset | Iterable | Callable,
+    *,
+    epochs: int | None = None,
+    num_steps: int | None = None,
+    eval_step: CompiledStep | Callable | None = None,
+    eval_data: ArrayDataset | Iterable | None = None,
+    eval_every: int | None = None,
+    log_every: int = 50,
+    mesh: Mesh | None = None,
+    hooks: Sequence[PeriodicHook] = (),
+    early_stopping: EarlyStopping | None = None,
+    writers: Sequence[Writer] = (),
+    progress: bool = True,
+    start: DataPosition | None = None,
+) -> tuple[TrainState, History]:
+    """Runs the training loop: epochs or a step budget, evaluation, logging, early stopping.
+
+    Args:
+        state: the initial `TrainState` (replicated onto ``mesh``; donated to the step).
+        train_step: from `make_train_step`.
+        train_data: an `ArrayDataset`, a callable ``epoch -> iterable of batches``, or an
+            iterable of dict batches (re-iterated each epoch if it can be).
+        epochs: number of epochs (counted from ``start.epoch``).
+        num_steps: a step budget; with ``epochs`` too, whichever ends first.
+        eval_step: from `make_eval_step`; needs ``eval_data``.
+        eval_data: evaluated at the end of each epoch, every ``eval_every`` steps if
+            given, and at the end.
+        eval_every: evaluate every this many steps (default: at epoch ends only).
+        log_every: read training metrics back every this many steps (the only
+            per-interval host sync); also at epoch ends.
+        mesh: the data mesh; default all devices (`jaxtrain.data_mesh`).
+        hooks: `PeriodicHook` callbacks.
+        early_stopping: stop on an eval metric; needs ``eval_step``.
+        writers: log sinks, each gets every train and eval record.
+        progress: show a tqdm bar with loss and examples/s.
+        start: data position to start from (epoch, batch index); default the beginning.
+
+    Returns:
+        ``(final_state, history)``.
+    """
+    if epochs is None and num_steps is None:
+        raise ValueError("fit needs epochs=... or num_steps=... (or both); got neither.")
+    for name, v in (("epochs", epochs), ("num_steps", num_steps), ("log_every", log_every)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"{name} must be a positive integer; got {v!r}.")
+    if eval_every is not None and (not isinstance(eval_every, int) or eval_every < 1):
+        raise ValueError(f"eval_every must be a positive integer or None; got {eval_every!r}.")
+    if (eval_step is None) != (eval_data is None):
+        raise ValueError("eval_step and eval_data go together: give both or neither.")
+    if early_stopping is not None and eval_step is None:
+        raise ValueError("early_stopping watches an eval metric: give eval_step and eval_data.")
+
+    start = DataPosition() if start is None else start
+    mesh = data_mesh() if mesh is None else mesh
+    state = replicate(state, mesh)
+    history = History()
+    step = int(jax.device_get(state.step))  # one sync at the start, none per step
+    start_step = step
+    per_epoch = train_data.steps_per_epoch if isinstance(train_data, ArrayDataset) else None
+    total = num_steps
+    if epochs is not None and per_epoch is not None:
+        by_epochs = epochs * per_epoch - start.index
+        total = by_epochs if total is None else min(total, by_epochs)
+    last_epoch = math.inf if epochs is None else start.epoch + epochs
+
+    bar = tqdm(total=total, disable=not progress, unit="step", dynamic_ncols=True, leave=True)
+    pending: list = []
+    interval_examples, interval_t0 = 0, time.perf_counter()
+    t_start = interval_t0
+    best_value, bad_evals = None, 0
+
+    def emit(record: dict) -> None:
+        for w in writers:
+            w.write(record)
+
+    def log_train(epoch: int) -> None:
+        nonlocal pending, interval_examples, interval_t0
+        if not pending:
+            return
+        record = {"step": step, "epoch": epoch, "split": "train", **_mean_records(pending)}
+        now = time.perf_counter()
+        record["examples_per_second"] = interval_examples / max(now - interval_t0, 1e-9)
+        pending, interval_examples, interval_t0 = [], 0, now
+        history.train.append(record)
+        emit(record)
+        bar.set_postfix(
+            loss=f"{record['loss']:.4f}", ex_s=f"{record['examples_per_second']:.0f}", refresh=False
+        )
+
+    def run_eval(epoch: int) -> bool:
+        """Evaluates, logs; returns True when early stopping says stop."""
+        nonlocal best_value, bad_evals
+        if eval_step is None:
+            return False
+        record = {"step": step, "epoch": epoch, "split": "eval"}
+        record.update(evaluate(eval_step, state, eval_data, mesh))
+        history.eval.append(record)
+        emit(record)
+        if early_stopping is None:
+            return False
+        if early_stopping.metric not in record:
+            raise KeyError(
+                f"early_stopping.metric={early_stopping.metric!r} is not an eval metric; "
+                f"available: {sorted(k for k in record if k not in ('step', 'epoch', 'split'))}."
+            )
+        value = record[early_stopping.metric]
+        if early_stopping.improved(value, best_value):
+            best_value, bad_evals = value, 0
+            history.best_eval = dict(record)
+        else:
+            bad_evals += 1
+        return bad_evals >= early_stopping.patience
+
+    epoch, index = start.epoch, start.index
+    stop = False
+    last_eval_step = None
+    try:
+        while epoch < last_epoch and not stop:
+            ran_in_epoch = 0
+            for n_real, batch in _prefetch(_epoch_batches(train_data, epoch, index), mesh):
+                t0 = time.perf_counter()
+                state, step_metrics = train_step(state, batch)
+                if history.steps == 0:
+                    # The first call traces and compiles synchronously; block so the
+                    # measured time is the compile, not just the dispatch.
+                    jax.block_until_ready(step_metrics)
+                    history.first_step_seconds = time.perf_counter() - t0
+                else:
+                    history.steady_examples += n_real
+                pending.append(step_metrics)
+                step += 1
+                index += 1
+                ran_in_epoch += 1
+                history.steps += 1
+                history.examples += n_real
+                interval_examples += n_real
+                bar.update(1)
+                if (step - start_step) % log_every == 0:
+                    log_train(epoch)
+                if eval_every is not None and (step - start_step) % eval_every == 0:
+                    log_train(epoch)
+                    last_eval_step = step
+                    stop = run_eval(epoch)
+                for hook in hooks:
+                    if (step - start_step) % hook.every_steps == 0:
+                        hook.fn(state, history)
+                if stop or (num_steps is not None and history.steps >= num_steps):
+                    stop = True
+                    break
+            if ran_in_epoch == 0 and index == 0:
+                raise ValueError(f"train_data yielded no batches in epoch {epoch}.")
+            if stop:
+                break
+            log_train(epoch)
+            epoch, index = epoch + 1, 0
+            if eval_every is None:
+                last_eval_step = step
+                stop = run_eval(epoch - 1)
+        history.stopped_early = bool(
+            stop and early_stopping is not None and bad_evals >= early_stopping.patience
+        )
+        log_train(epoch)
+        if eval_step is not None and last_eval_step != step:
+            run_eval(epoch)
+        jax.block_until_ready(state)
+    finally:
+        bar.close()
+    history.wall_seconds = time.perf_counter() - t_start
+    history.position = DataPosition(epoch, index)
+    return state, history

@@ -1,0 +1,64 @@
+"""Metrics that accumulate on the device as (weighted sum, weight) pairs.
+
+Averages of averages are wrong when batches hold different numbers of real examples
+(the padded last batch). Keeping the sum and the weight separately makes merging exact:
+the mean over a whole data set is ``sum(totals) / sum(weights)``, whatever the batching.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxtrain.losses import _broadcast_mask
+
+# A metric accumulator: {name: (total, weight)} with float32 scalar leaves.
+Sums = dict[str, tuple[jax.Array, jax.Array]]
+
+
+def sums_from_values(values: Mapping[str, jax.Array], mask: jax.Array | None) -> Sums:
+    """Turns per-example (or per-token) values into weighted sums.
+
+    Args:
+        values: name -> array ``[B, ...]`` of per-example values, or a scalar that
+            is already a mean over the batch (weighted then by the real-example count).
+        mask: ``[B]`` weights (1 real, 0 padding) or None.
+
+    Returns:
+        name -> (total, weight), float32 scalars.
+    """
+    out = {}
+    for name, v in values.items():
+        v = jnp.asarray(v, jnp.float32)
+        if v.ndim == 0:
+            w = jnp.sum(jnp.asarray(mask, jnp.float32)) if mask is not None else jnp.float32(1)
+            out[name] = (v * w, w)
+        else:
+            w = _broadcast_mask(mask, v.shape)
+            out[name] = (jnp.sum(v * w), jnp.sum(w))
+    return out
+
+
+def zeros_like_sums(sums: Sums) -> Sums:
+    """An empty accumulator with the same names."""
+    return jax.tree.map(jnp.zeros_like, sums)
+
+
+def merge(a: Sums, b: Sums) -> Sums:
+    """Adds two accumulators (pure; runs on the device)."""
+    return jax.tree.map(jnp.add, a, b)
+
+
+def compute(sums: Sums) -> dict[str, float]:
+    """Reads an accumulator back to the host as ``{name: mean}``.
+
+    This is a host sync: call it at logging or evaluation time, not every step.
+    """
+    host = jax.device_get(sums)
+    return {
+        name: float(np.asarray(t) / np.asarray(w)) if float(w) > 0 else float("nan")
+        for name, (t, w) in host.items()
+    }

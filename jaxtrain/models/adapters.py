@@ -1,0 +1,162 @@
+"""Every kind of model meets at one pure apply.
+
+A `Model` is a pair of pure functions (like an optax transformation):
+
+* ``init(rng, x) -> (params, model_state)``
+* ``apply(params, model_state, x, *, train, rng) -> (y, new_model_state)``
+
+Adapters turn a Flax linen module, a Flax NNX module or a plain function
+``(params, x) -> y`` into this pair, so losses, steps and the loop never care which.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """A model as two pure functions; holds no arrays.
+
+    Attributes:
+        init: ``init(rng, x) -> (params, model_state)``; ``x`` is a sample input batch.
+        apply: ``apply(params, model_state, x, *, train=False, rng=None) ->
+            (y, new_model_state)``. ``rng`` is a typed key for stochastic layers
+            (dropout) when ``train`` is True.
+        name: for messages and summaries.
+    """
+
+    init: Callable[..., tuple[PyTree, PyTree]]
+    apply: Callable[..., tuple[jax.Array, PyTree]]
+    name: str = "model"
+
+
+def _takes_kwarg(fn: Callable, name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def from_linen(module: Any) -> Model:
+    """Adapts a ``flax.linen.Module``.
+
+    If the module's ``__call__`` takes ``train``, it is passed (``train=False`` at
+    init). Collections other than ``params`` (e.g. ``batch_stats``) become the model
+    state and are updated (``mutable``) in training.
+
+    Args:
+        module: a linen module instance.
+
+    Returns:
+        A `Model`.
+    """
+    from flax import linen as nn
+
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"from_linen expects a flax.linen.Module; got {type(module).__name__}.")
+    takes_train = _takes_kwarg(module.__call__, "train")
+
+    def _kwargs(train: bool) -> dict:
+        return {"train": train} if takes_train else {}
+
+    def init(rng, x):
+        variables = dict(module.init({"params": rng, "dropout": rng}, x, **_kwargs(False)))
+        params = variables.pop("params", {})
+        return params, variables
+
+    def apply(params, model_state, x, *, train=False, rng=None):
+        variables = {"params": params, **model_state}
+        rngs = {"dropout": rng} if rng is not None else None
+        if train and model_state:
+            y, updates = module.apply(
+                variables, x, rngs=rngs, mutable=list(model_state), **_kwargs(True)
+            )
+            return y, {**model_state, **updates}
+        return module.apply(variables, x, rngs=rngs, **_kwargs(train)), model_state
+
+    return Model(init, apply, name=type(module).__name__)
+
+
+def from_nnx(module: Any) -> Model:
+    """Adapts a ``flax.nnx.Module`` with ``nnx.split`` / ``nnx.merge``.
+
+    ``nnx.Param`` variables are the parameters; every other variable (BatchNorm
+    statistics, RNG stream counters) is the model state. ``init`` returns the module's
+    current values (NNX initialises at construction, so its ``rng`` is unused). In
+    training the module is switched to ``.train()`` mode and, when it has a
+    ``dropout`` RNG stream, reseeded from the step's key so dropout masks follow
+    ``fold_in(state.rng, step)``.
+
+    Args:
+        module: an NNX module instance (its current values are copied, not shared).
+
+    Returns:
+        A `Model`.
+    """
+    from flax import nnx
+
+    if not isinstance(module, nnx.Module):
+        raise TypeError(f"from_nnx expects a flax.nnx.Module; got {type(module).__name__}.")
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+    has_dropout_stream = any("dropout" in str(path) for path, _ in nnx.to_flat_state(rest))
+
+    def init(rng, x):
+        del rng, x  # NNX modules are initialised when constructed.
+        return params, rest
+
+    # Fresh Variables on every call (copy=True): Variables coming in through jit's
+    # arguments belong to an outer trace and must not be mutated inside value_and_grad.
+    merge_kwargs = {"copy": True} if _takes_kwarg(nnx.merge, "copy") else {}
+
+    def apply(params, model_state, x, *, train=False, rng=None):
+        m = nnx.merge(graphdef, params, model_state, **merge_kwargs)
+        m.train() if train else m.eval()
+        if train and rng is not None and has_dropout_stream:
+            nnx.reseed(m, dropout=rng)
+        y = m(x)
+        _, _, new_state = nnx.split(m, nnx.Param, ...)
+        return y, new_state
+
+    return Model(init, apply, name=type(module).__name__)
+
+
+def from_function(
+    fn: Callable[[PyTree, jax.Array], jax.Array],
+    init_fn: Callable[[jax.Array, jax.Array], PyTree] | None = None,
+    name: str | None = None,
+) -> Model:
+    """Adapts a plain function ``fn(params, x) -> y``.
+
+    Args:
+        fn: the forward pass.
+        init_fn: ``init_fn(rng, x) -> params``; without it, call
+            ``TrainState.create`` with your own params and never ``model.init``.
+        name: for messages.
+
+    Returns:
+        A `Model` with an empty model state.
+    """
+    if not callable(fn):
+        raise TypeError(f"from_function expects a callable (params, x) -> y; got {fn!r}.")
+
+    def init(rng, x):
+        if init_fn is None:
+            raise ValueError(
+                f"{name or getattr(fn, '__name__', 'model')} has no init_fn: pass "
+                "from_function(fn, init_fn=...) or build the params yourself."
+            )
+        return init_fn(rng, x), {}
+
+    def apply(params, model_state, x, *, train=False, rng=None):
+        del train, rng
+        return fn(params, x), model_state
+
+    return Model(init, apply, name=name or getattr(fn, "__name__", "function"))

@@ -1,0 +1,118 @@
+"""Built-in Flax linen models: MLP, a small CNN, and a small decoder-only transformer LM."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+
+class MLP(nn.Module):
+    """Multi-layer perceptron on flattened inputs.
+
+    Attributes:
+        hidden: widths of the hidden layers.
+        num_outputs: width of the output layer (classes, or regression targets).
+        dropout: dropout rate after each hidden layer (training only).
+    """
+
+    hidden: Sequence[int] = (128, 128)
+    num_outputs: int = 10
+    dropout: float = 0.0
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """``x``: ``[B, ...]`` -> logits ``[B, num_outputs]``."""
+        x = x.reshape((x.shape[0], -1))
+        for width in self.hidden:
+            x = nn.relu(nn.Dense(width)(x))
+            if self.dropout:
+                x = nn.Dropout(self.dropout, deterministic=not train)(x)
+        return nn.Dense(self.num_outputs)(x)
+
+
+class CNN(nn.Module):
+    """A small convolutional classifier (sized for 8x8 digits and 28x28 MNIST alike).
+
+    conv3x3(c1) -> relu -> conv3x3(c2) -> relu -> avgpool2 -> dense -> relu -> dropout
+    -> dense(num_classes).
+
+    Attributes:
+        channels: the two convolutions' output channels.
+        dense: width of the hidden dense layer.
+        num_classes: number of classes.
+        dropout: dropout rate before the output layer (training only).
+    """
+
+    channels: Sequence[int] = (32, 64)
+    dense: int = 128
+    num_classes: int = 10
+    dropout: float = 0.25
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """``x``: ``[B, H, W, C]`` (NHWC) -> logits ``[B, num_classes]``."""
+        for c in self.channels:
+            x = nn.relu(nn.Conv(c, (3, 3))(x))  # [B, H, W, c]
+        x = nn.avg_pool(x, (2, 2), strides=(2, 2))  # [B, H/2, W/2, c]
+        x = x.reshape((x.shape[0], -1))
+        x = nn.relu(nn.Dense(self.dense)(x))
+        x = nn.Dropout(self.dropout, deterministic=not train)(x)
+        return nn.Dense(self.num_classes)(x)
+
+
+class _Block(nn.Module):
+    """Pre-LayerNorm transformer block: causal self-attention then an MLP."""
+
+    num_heads: int
+    dropout: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array, train: bool) -> jax.Array:
+        d = x.shape[-1]
+        h = nn.LayerNorm()(x)
+        h = nn.MultiHeadDotProductAttention(
+            num_heads=self.num_heads, dropout_rate=self.dropout, deterministic=not train
+        )(h, h, mask=mask)
+        x = x + nn.Dropout(self.dropout, deterministic=not train)(h)
+        h = nn.LayerNorm()(x)
+        h = nn.Dense(4 * d)(h)
+        h = nn.Dense(d)(nn.gelu(h))
+        return x + nn.Dropout(self.dropout, deterministic=not train)(h)
+
+
+class TransformerLM(nn.Module):
+    """A small decoder-only (GPT-style) language model.
+
+    Attributes:
+        vocab_size: number of tokens.
+        max_len: longest sequence (learned positional embeddings).
+        d_model: embedding width.
+        num_heads: attention heads (``d_model`` must be divisible by it).
+        num_layers: transformer blocks.
+        dropout: dropout rate (training only).
+    """
+
+    vocab_size: int
+    max_len: int = 128
+    d_model: int = 128
+    num_heads: int = 4
+    num_layers: int = 2
+    dropout: float = 0.0
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, train: bool = False) -> jax.Array:
+        """``tokens``: int ``[B, T]`` with ``T <= max_len`` -> logits ``[B, T, vocab_size]``."""
+        _, t = tokens.shape
+        if t > self.max_len:
+            raise ValueError(f"sequence length {t} exceeds max_len={self.max_len}.")
+        x = nn.Embed(self.vocab_size, self.d_model)(tokens)  # [B, T, D]
+        x = x + nn.Embed(self.max_len, self.d_model)(jnp.arange(t))[None]
+        x = nn.Dropout(self.dropout, deterministic=not train)(x)
+        causal = nn.make_causal_mask(tokens)  # [B, 1, T, T]
+        for _ in range(self.num_layers):
+            x = _Block(self.num_heads, self.dropout)(x, causal, train)
+        x = nn.LayerNorm()(x)
+        return nn.Dense(self.vocab_size)(x)  # [B, T, V]

@@ -1,0 +1,300 @@
+"""`make_train_step` and `make_eval_step`: the compiled heart of the training cycle.
+
+forward pass -> loss -> gradients -> update is one pure function of ``(state, batch)``.
+Gradients are a return value of ``jax.value_and_grad``: nothing accumulates between
+steps, so there is nothing to clear (PyTorch's ``zero_grad``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxtrain import metrics as metrics_lib
+from jaxtrain.state import TrainState
+
+PyTree = Any
+Batch = Mapping[str, jax.Array]
+LossFn = Callable[..., Any]
+
+MODEL_STATE_KEY = "model_state"
+
+
+class CompiledStep:
+    """A step function plus what a careful user wants to know about its compilation.
+
+    Calling it calls the jit-compiled function. ``trace_count`` counts how many times
+    JAX traced the Python body: one per distinct input shape/dtype signature. A count
+    above 1 in a loop over fixed-shape batches is a silent-recompilation bug.
+
+    Attributes:
+        fn: the pure, un-jitted step function (for ``jax.make_jaxpr``, ``vmap``, tests).
+        jitted: the ``jax.jit`` object (``.lower(...)`` gives the compiled HLO and its
+            memory/cost analysis).
+    """
+
+    def __init__(self, fn: Callable, jitted: Callable):
+        self.fn = fn
+        self.jitted = jitted
+        self._traces = 0
+
+    @property
+    def trace_count(self) -> int:
+        """Number of times the step body was traced (== compilations for jit)."""
+        return self._traces
+
+    def _count_trace(self) -> None:
+        self._traces += 1
+
+    def lower(self, *args):
+        """``jax.jit(...).lower`` for inspecting the compiled step."""
+        return self.jitted.lower(*args)
+
+    def __call__(self, *args):
+        return self.jitted(*args)
+
+
+def _accepted_kwargs(fn: Callable, names: tuple[str, ...]) -> frozenset[str]:
+    """Which of ``names`` the user's function accepts as keyword arguments."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # builtins, some C callables
+        return frozenset()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return frozenset(names)
+    return frozenset(n for n in names if n in params)
+
+
+def _check_loss(loss: Any) -> jax.Array:
+    loss = jnp.asarray(loss)
+    if loss.shape != ():
+        raise ValueError(
+            f"loss_fn must return a scalar loss; got shape {loss.shape}. "
+            "Fix: reduce it, e.g. jaxtrain.losses.weighted_mean(per_example, batch['mask'])."
+        )
+    if not jnp.issubdtype(loss.dtype, jnp.floating):
+        raise TypeError(
+            f"loss_fn must return a floating-point loss; got dtype {loss.dtype}. "
+            "Gradients of integer values are zero. Fix: compute the loss in float32."
+        )
+    return loss
+
+
+def _normalize_loss_fn(loss_fn: LossFn) -> Callable:
+    """Wraps the user's loss into ``f(params, batch, rng, model_state) -> (loss, (aux, ms))``.
+
+    The user writes the simplest thing that works: ``loss_fn(params, batch)`` returning a
+    scalar, and adds keyword arguments ``rng`` / ``model_state`` and an aux dict only
+    when the model needs them.
+    """
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable; got {type(loss_fn).__name__}.")
+    extra = _accepted_kwargs(loss_fn, ("rng", MODEL_STATE_KEY))
+
+    def wrapped(params, batch, rng, model_state):
+        kwargs = {}
+        if "rng" in extra:
+            kwargs["rng"] = rng
+        if MODEL_STATE_KEY in extra:
+            kwargs[MODEL_STATE_KEY] = model_state
+        out = loss_fn(params, batch, **kwargs)
+        if isinstance(out, tuple):
+            if len(out) != 2:
+                raise ValueError(
+                    f"loss_fn returned a tuple of {len(out)} values; expected a scalar loss or "
+                    "(loss, aux) where aux is a dict of metrics (plus optional 'model_state')."
+                )
+            loss, aux = out
+            if aux is None:
+                aux = {}
+            if not isinstance(aux, Mapping):
+                raise TypeError(
+                    f"loss_fn's aux must be a dict of metrics; got {type(aux).__name__}. "
+                    "Fix: return (loss, {'accuracy': acc, 'model_state': new_model_state})."
+                )
+            aux = dict(aux)
+            new_model_state = aux.pop(MODEL_STATE_KEY, model_state)
+        else:
+            loss, aux, new_model_state = out, {}, model_state
+        return _check_loss(loss), (aux, new_model_state)
+
+    return wrapped
+
+
+def _find_learning_rate(opt_state: PyTree) -> jax.Array | None:
+    """The learning rate stored by ``optax.inject_hyperparams``, if any."""
+    found = []
+
+    def visit(node):
+        hp = getattr(node, "hyperparams", None)
+        if isinstance(hp, Mapping) and "learning_rate" in hp:
+            found.append(hp["learning_rate"])
+            return True
+        return False
+
+    jax.tree_util.tree_leaves(opt_state, is_leaf=visit)
+    return jnp.asarray(found[0], jnp.float32) if found else None
+
+
+def _replicated(mesh: Mesh | None) -> NamedSharding | None:
+    return None if mesh is None else NamedSharding(mesh, PartitionSpec())
+
+
+def make_train_step(
+    loss_fn: LossFn,
+    optimizer: optax.GradientTransformation,
+    *,
+    learning_rate_fn: Callable[[jax.Array], jax.Array] | None = None,
+    mesh: Mesh | None = None,
+    donate: bool = True,
+    jit: bool = True,
+) -> CompiledStep:
+    """Builds ``train_step(state, batch) -> (new_state, metrics)``.
+
+    One call is one turn of the training cycle: forward pass and loss inside
+    ``loss_fn``, gradients by ``jax.value_and_grad``, the update by
+    ``optimizer.update`` and ``optax.apply_updates``.
+
+    Args:
+        loss_fn: pure ``loss_fn(params, batch)`` returning a float scalar, or
+            ``(loss, aux)`` with ``aux`` a dict of scalar metrics. It may also accept
+            keyword arguments ``rng`` (a typed key, fresh for every step:
+            ``fold_in(state.rng, state.step)``) and ``model_state`` (mutable
+            collections); the updated model state is returned as ``aux['model_state']``.
+        optimizer: any optax ``GradientTransformation``.
+        learning_rate_fn: the schedule, ``step -> learning rate``, reported as the
+            ``learning_rate`` metric. Not needed for optimizers built with
+            ``optax.inject_hyperparams``, whose rate is read from the state.
+        mesh: a mesh with a ``data`` axis. The new state and metrics are kept
+            replicated on it; batches must be sharded on ``data`` by the caller
+            (`jaxtrain.shard_batch`). None: wherever the inputs live.
+        donate: donate the input state's buffers to the output (the caller must not
+            reuse the old state). Halves the state's memory.
+        jit: False returns the pure function un-compiled (for debugging and tests).
+
+    Returns:
+        A `CompiledStep`. ``metrics`` holds device scalars: ``loss``, ``grad_norm``
+        (global L2 norm of the gradients), ``learning_rate`` when known, and the
+        entries of ``aux``. Nothing in the step forces a host sync.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, optax
+        >>> def loss_fn(params, batch):
+        ...     return jnp.mean((batch["x"] @ params["w"] - batch["y"]) ** 2)
+        >>> opt = optax.sgd(0.1)
+        >>> state = TrainState.create({"w": jnp.zeros(3)}, opt, jax.random.key(0))
+        >>> step = make_train_step(loss_fn, opt)
+        >>> batch = {"x": jnp.ones((4, 3)), "y": jnp.ones(4)}
+        >>> state, metrics = step(state, batch)
+        >>> int(state.step), round(float(metrics["loss"]), 3)
+        (1, 1.0)
+    """
+    if not isinstance(optimizer, optax.GradientTransformation):
+        raise TypeError(
+            "optimizer must be an optax.GradientTransformation (e.g. optax.adam(1e-3)); "
+            f"got {type(optimizer).__name__}."
+        )
+    call_loss = _normalize_loss_fn(loss_fn)
+    compiled: CompiledStep | None = None
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        if compiled is not None:
+            compiled._count_trace()  # runs at trace time only, never per jitted call
+        rng = state.step_rng()
+
+        def objective(params):
+            return call_loss(params, batch, rng, state.model_state)
+
+        (loss, (aux, new_model_state)), grads = jax.value_and_grad(objective, has_aux=True)(
+            state.params
+        )
+        updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        if learning_rate_fn is not None:
+            metrics["learning_rate"] = jnp.asarray(learning_rate_fn(state.step), jnp.float32)
+        else:
+            lr = _find_learning_rate(new_opt_state)
+            if lr is not None:
+                metrics["learning_rate"] = lr
+        metrics.update({k: jnp.asarray(v) for k, v in aux.items()})
+        new_state = state.replace(
+            step=state.step + 1,
+            params=new_params,
+            opt_state=new_opt_state,
+            model_state=new_model_state,
+        )
+        return new_state, metrics
+
+    if not jit:
+        compiled = CompiledStep(train_step, train_step)
+        return compiled
+    out = _replicated(mesh)
+    jitted = jax.jit(
+        train_step,
+        donate_argnums=(0,) if donate else (),
+        out_shardings=None if out is None else (out, out),
+    )
+    compiled = CompiledStep(train_step, jitted)
+    return compiled
+
+
+def _normalize_eval_fn(eval_fn: Callable) -> Callable:
+    extra = _accepted_kwargs(eval_fn, (MODEL_STATE_KEY,))
+
+    def wrapped(params, batch, model_state):
+        kwargs = {MODEL_STATE_KEY: model_state} if MODEL_STATE_KEY in extra else {}
+        out = eval_fn(params, batch, **kwargs)
+        if not isinstance(out, Mapping):
+            raise TypeError(
+                f"eval_fn must return a dict of per-example metric values; got "
+                f"{type(out).__name__}. Fix: return {{'accuracy': correct}} with shape [batch]."
+            )
+        return out
+
+    return wrapped
+
+
+def make_eval_step(
+    eval_fn: Callable[..., Mapping[str, jax.Array]],
+    *,
+    mesh: Mesh | None = None,
+    jit: bool = True,
+) -> CompiledStep:
+    """Builds ``eval_step(state, batch) -> sums``, mask-weighted and exact.
+
+    Args:
+        eval_fn: pure ``eval_fn(params, batch)`` (optionally with keyword
+            ``model_state``) returning ``{name: values}`` with per-example values of
+            shape ``[B]`` (or per-token ``[B, T]``). The step weights them by
+            ``batch['mask']`` (when present) so padded examples never count.
+        mesh: as in `make_train_step`.
+        jit: False returns the pure function un-compiled.
+
+    Returns:
+        A `CompiledStep` returning ``{name: (weighted_sum, weight)}`` device scalars;
+        merge them over batches with `jaxtrain.metrics.merge` and read them once with
+        `jaxtrain.metrics.compute` (see `jaxtrain.evaluate`). The last, padded batch has
+        the same shape as the others, so the step compiles once.
+    """
+    call = _normalize_eval_fn(eval_fn)
+    compiled: CompiledStep | None = None
+
+    def eval_step(state: TrainState, batch: Batch) -> metrics_lib.Sums:
+        if compiled is not None:
+            compiled._count_trace()
+        values = call(state.params, batch, state.model_state)
+        return metrics_lib.sums_from_values(values, batch.get("mask"))
+
+    if not jit:
+        compiled = CompiledStep(eval_step, eval_step)
+        return compiled
+    compiled = CompiledStep(eval_step, jax.jit(eval_step, out_shardings=_replicated(mesh)))
+    return compiled
