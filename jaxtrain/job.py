@@ -36,17 +36,18 @@ TARGET_ACCURACY = 0.98
 class TrainConfig:
     """Everything the main job needs; plain values only (saved into summary.json).
 
-    The defaults are the documented digits run: small CNN, AdamW with warmup + cosine
-    decay, 40 epochs of batch 64 on the fixed 80/20 stratified split (seed 0).
+    The defaults are the documented digits run: the small CNN, AdamW (peak lr 2e-3,
+    one warmup epoch then cosine decay), label smoothing 0.1, 40 epochs of batch 64 on
+    the fixed 80/20 stratified split (seed 0).
     """
 
     model: str = "cnn"
     optimizer: str = "adamw"
-    lr: float = 3e-3
+    lr: float = 2e-3
     weight_decay: float = 1e-4
     schedule: str = "cosine"
     warmup_epochs: float = 1.0
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.1
     epochs: int = 40
     max_steps: int | None = None
     batch_size: int = 64

@@ -221,7 +221,8 @@ def fit(
     """Runs the training loop: epochs or a step budget, evaluation, logging, early stopping.
 
     Args:
-        state: the initial `TrainState` (replicated onto ``mesh``; donated to the step).
+        state: the initial `TrainState`. fit copies it onto ``mesh`` once, so the
+            caller's arrays stay valid although every step donates its input.
         train_step: from `make_train_step`.
         train_data: an `ArrayDataset`, a callable ``epoch -> iterable of batches``, or an
             iterable of dict batches (re-iterated each epoch if it can be).
@@ -257,7 +258,9 @@ def fit(
 
     start = DataPosition() if start is None else start
     mesh = data_mesh() if mesh is None else mesh
-    state = replicate(state, mesh)
+    # A private copy: the step donates its input, and the caller's state (and the
+    # params it was built from) must stay usable after fit returns.
+    state = replicate(state, mesh, copy=True)
     history = History()
     step = int(jax.device_get(state.step))  # one sync at the start, none per step
     start_step = step
@@ -371,5 +374,7 @@ def fit(
     finally:
         bar.close()
     history.wall_seconds = time.perf_counter() - t_start
+    if per_epoch is not None and index >= per_epoch:  # stopped right at an epoch end
+        epoch, index = epoch + 1, 0
     history.position = DataPosition(epoch, index)
     return state, history

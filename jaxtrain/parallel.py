@@ -33,9 +33,19 @@ def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     return Mesh(np.array(devices), (DATA_AXIS,))
 
 
-def replicate(tree: Any, mesh: Mesh) -> Any:
-    """Places every leaf of ``tree`` fully replicated on ``mesh``."""
-    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+def replicate(tree: Any, mesh: Mesh, copy: bool = False) -> Any:
+    """Places every leaf of ``tree`` fully replicated on ``mesh``.
+
+    Args:
+        tree: a pytree of arrays.
+        mesh: the mesh.
+        copy: always make new buffers, even where the leaves already live there, so
+            that donating the result never deletes the caller's arrays.
+    """
+    sharding = NamedSharding(mesh, PartitionSpec())
+    if copy:
+        return jax.device_put(tree, sharding, may_alias=False)
+    return jax.device_put(tree, sharding)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -106,7 +106,10 @@ def from_nnx(module: Any) -> Model:
     if not isinstance(module, nnx.Module):
         raise TypeError(f"from_nnx expects a flax.nnx.Module; got {type(module).__name__}.")
     graphdef, params, rest = nnx.split(module, nnx.Param, ...)
-    has_dropout_stream = any("dropout" in str(path) for path, _ in nnx.to_flat_state(rest))
+    # RNG stream variables carry their stream name as ``tag`` (paths need not say it).
+    has_dropout_stream = any(
+        getattr(v, "tag", None) == "dropout" for _, v in nnx.to_flat_state(rest)
+    )
 
     def init(rng, x):
         del rng, x  # NNX modules are initialised when constructed.
