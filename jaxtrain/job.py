@@ -196,7 +196,12 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     plot_curves(
         read_jsonl(metrics_path),
         os.path.join(cfg.out, "curves.png"),
-        title=f"{model.name} on digits",
+        title=f"{model.name} on digits"
+        + (
+            f" (train loss includes label smoothing {cfg.label_smoothing})"
+            if cfg.label_smoothing
+            else ""
+        ),
     )
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     final_test = {k: v for k, v in history.eval[-1].items() if k not in ("split",)}
