@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="jaxtrain",
         description="jaxtrain: the training cycle as pure JAX functions.",
+        allow_abbrev=False,  # a typo such as --epoch must fail, not silently mean --epochs
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
@@ -63,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
             "and write OUT/metrics.jsonl, OUT/summary.json and OUT/curves.png."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,
     )
     t.add_argument("--model", choices=MODELS, default=d.model, help="model to train")
     t.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer, help="optax optimizer")
