@@ -29,8 +29,9 @@ def _broadcast_mask(mask: jax.Array | None, shape: tuple[int, ...]) -> jax.Array
 def weighted_mean(values: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     """Mean of ``values`` over entries where ``mask`` is nonzero (0 when nothing counts)."""
     w = _broadcast_mask(mask, values.shape)
+    # where, not just *: padded rows may hold NaN/inf (NaN * 0 is NaN).
     # max(.., 1) keeps an all-padding batch at 0 instead of NaN.
-    return jnp.sum(values * w) / jnp.maximum(jnp.sum(w), 1.0)
+    return jnp.sum(jnp.where(w > 0, values * w, 0.0)) / jnp.maximum(jnp.sum(w), 1.0)
 
 
 def cross_entropy_per_example(
@@ -70,13 +71,17 @@ def softmax_cross_entropy(
         label_smoothing: see `cross_entropy_per_example`.
 
     Returns:
-        float32 scalar.
+        float32 scalar. Labels of masked-out positions are never read (they may be
+        anything, e.g. PyTorch's ``ignore_index`` -100).
 
     Example:
         >>> import jax.numpy as jnp
         >>> float(softmax_cross_entropy(jnp.zeros((2, 4)), jnp.array([0, 1])))  # log(4)
         1.3862943649291992
     """
+    if mask is not None:
+        # An out-of-range label in a padded row would give NaN values and gradients.
+        labels = jnp.where(_broadcast_mask(mask, labels.shape) > 0, labels, 0)
     return weighted_mean(cross_entropy_per_example(logits, labels, label_smoothing), mask)
 
 

@@ -38,7 +38,8 @@ def sums_from_values(values: Mapping[str, jax.Array], mask: jax.Array | None) ->
             out[name] = (v * w, w)
         else:
             w = _broadcast_mask(mask, v.shape)
-            out[name] = (jnp.sum(v * w), jnp.sum(w))
+            # where: a NaN in a padded row must not leak into the sum (NaN * 0 is NaN).
+            out[name] = (jnp.sum(jnp.where(w > 0, v * w, 0.0)), jnp.sum(w))
     return out
 
 

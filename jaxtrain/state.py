@@ -6,6 +6,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
 
@@ -18,8 +19,8 @@ def as_key_data(rng: jax.Array | int) -> jax.Array:
     The state stores raw key data rather than a typed key: it is a plain array, so it
     checkpoints and shards like every other leaf (typed keys cannot be saved directly).
     """
-    if isinstance(rng, int):
-        return jax.random.key_data(jax.random.key(rng))
+    if isinstance(rng, (int, np.integer)) and not isinstance(rng, bool):
+        return jax.random.key_data(jax.random.key(int(rng)))
     rng = jnp.asarray(rng) if not isinstance(rng, jax.Array) else rng
     if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
         return jax.random.key_data(rng)

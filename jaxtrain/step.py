@@ -46,7 +46,10 @@ class CompiledStep:
 
     @property
     def trace_count(self) -> int:
-        """Number of times the step body was traced (== compilations for jit)."""
+        """Times the step body ran in Python: traces (== compilations) when jitted.
+
+        With ``jit=False`` the body runs eagerly, so this counts calls instead.
+        """
         return self._traces
 
     def _count_trace(self) -> None:
@@ -253,9 +256,10 @@ def _normalize_eval_fn(eval_fn: Callable) -> Callable:
         kwargs = {MODEL_STATE_KEY: model_state} if MODEL_STATE_KEY in extra else {}
         out = eval_fn(params, batch, **kwargs)
         if not isinstance(out, Mapping):
+            what = f"an array of shape {out.shape}" if hasattr(out, "shape") else type(out).__name__
             raise TypeError(
-                f"eval_fn must return a dict of per-example metric values; got "
-                f"{type(out).__name__}. Fix: return {{'accuracy': correct}} with shape [batch]."
+                f"eval_fn must return a dict of per-example metric values; got {what}. "
+                "Fix: return {'accuracy': correct} with values of shape [batch]."
             )
         return out
 

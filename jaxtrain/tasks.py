@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxtrain import losses
 from jaxtrain.models.adapters import Model
@@ -81,6 +82,6 @@ def regression_eval(model: Model) -> Callable:
 
 def init_model(model: Model, rng: jax.Array | int, sample_x) -> tuple:
     """``model.init`` with an int seed or a key; returns ``(params, model_state)``."""
-    if isinstance(rng, int):
-        rng = jax.random.key(rng)
+    if isinstance(rng, (int, np.integer)):
+        rng = jax.random.key(int(rng))
     return model.init(rng, jnp.asarray(sample_x))

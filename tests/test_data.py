@@ -1,0 +1,254 @@
+"""ArrayDataset batching, shuffling and positions; load_digits."""
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+from jaxtrain import ArrayDataset, DataPosition, load_digits
+
+N, B = 10, 4
+
+
+def _arrays(n=N):
+    return {
+        "x": np.arange(n * 3, dtype=np.float32).reshape(n, 3) + 1.0,  # no zero rows
+        "id": np.arange(n, dtype=np.int32),
+    }
+
+
+def _ids(batch):
+    """The ids of the real (unpadded) examples of a batch."""
+    return batch["id"][batch["mask"] == 1].tolist()
+
+
+def _epoch_ids(ds, epoch):
+    return [i for b in ds.batches(epoch) for i in _ids(b)]
+
+
+def test_every_batch_has_the_same_shapes_and_dtypes():
+    ds = ArrayDataset(_arrays(), B, seed=0)
+    batches = list(ds.batches(0))
+    assert len(batches) == 3
+    for batch in batches:
+        assert set(batch) == {"x", "id", "mask"}
+        assert batch["x"].shape == (B, 3) and batch["x"].dtype == np.float32
+        assert batch["id"].shape == (B,) and batch["id"].dtype == np.int32
+        assert batch["mask"].shape == (B,) and batch["mask"].dtype == np.float32
+
+
+def test_padding_is_zero_and_masked():
+    ds = ArrayDataset(_arrays(), B, seed=0)
+    last = list(ds.batches(0))[-1]
+    np.testing.assert_array_equal(last["mask"], [1.0, 1.0, 0.0, 0.0])
+    np.testing.assert_array_equal(last["x"][2:], 0.0)
+    np.testing.assert_array_equal(last["id"][2:], 0)
+    assert np.all(last["x"][:2] > 0)  # real rows are real data
+    for batch in list(ds.batches(0))[:-1]:
+        np.testing.assert_array_equal(batch["mask"], 1.0)
+
+
+@pytest.mark.parametrize("n,b", [(10, 4), (12, 4), (1, 3), (7, 1), (100, 32)])
+def test_every_example_appears_exactly_once_per_epoch(n, b):
+    ds = ArrayDataset(_arrays(n), b, seed=3)
+    for epoch in range(3):
+        ids = _epoch_ids(ds, epoch)
+        assert sorted(ids) == list(range(n))
+    assert sum(float(b_["mask"].sum()) for b_ in ds.batches(0)) == n
+
+
+def test_rows_stay_together():
+    ds = ArrayDataset(_arrays(), B, seed=1)
+    for batch in ds.batches(2):
+        real = batch["mask"] == 1
+        np.testing.assert_array_equal(batch["x"][real], _arrays()["x"][batch["id"][real]])
+
+
+def test_epochs_have_different_orders_and_seeds_are_reproducible():
+    ds = ArrayDataset(_arrays(100), 32, seed=0)
+    orders = [_epoch_ids(ds, e) for e in range(3)]
+    assert orders[0] != orders[1] and orders[1] != orders[2] and orders[0] != orders[2]
+    assert orders[0] != list(range(100))  # actually shuffled
+    again = ArrayDataset(_arrays(100), 32, seed=0)
+    assert [_epoch_ids(again, e) for e in range(3)] == orders
+    other = ArrayDataset(_arrays(100), 32, seed=1)
+    assert _epoch_ids(other, 0) != orders[0]
+    np.testing.assert_array_equal(ds.order(1), orders[1])
+
+
+def test_no_shuffle_serves_stored_order_every_epoch():
+    ds = ArrayDataset(_arrays(), B, shuffle=False)
+    for epoch in range(3):
+        assert _epoch_ids(ds, epoch) == list(range(N))
+
+
+def test_drop_remainder_drops_the_tail():
+    ds = ArrayDataset(_arrays(), B, seed=0, drop_remainder=True)
+    batches = list(ds.batches(0))
+    assert len(batches) == ds.steps_per_epoch == len(ds) == 2
+    for batch in batches:
+        np.testing.assert_array_equal(batch["mask"], 1.0)
+    ids = _epoch_ids(ds, 0)
+    assert len(ids) == len(set(ids)) == 8
+    # The dropped examples are the last two of this epoch's order.
+    assert ids == ds.order(0)[:8].tolist()
+
+
+@pytest.mark.parametrize(
+    "n,b,drop,expected",
+    [(10, 4, False, 3), (10, 4, True, 2), (12, 4, False, 3), (12, 4, True, 3), (3, 5, False, 1)],
+)
+def test_steps_per_epoch(n, b, drop, expected):
+    ds = ArrayDataset(_arrays(n), b, drop_remainder=drop)
+    assert ds.steps_per_epoch == expected == len(ds) == len(list(ds.batches(0)))
+
+
+def test_batches_start_equals_skipping():
+    ds = ArrayDataset(_arrays(23), 4, seed=5)
+    full = list(ds.batches(1))
+    for k in range(len(full) + 1):
+        tail = list(ds.batches(1, start=k))
+        assert len(tail) == len(full) - k
+        for a, b in zip(tail, full[k:], strict=True):
+            for key in a:
+                np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_iterate_continues_across_epoch_boundaries():
+    ds = ArrayDataset(_arrays(), B, seed=2)
+    items = list(itertools.islice(ds.iterate(), 8))
+    positions = [p for p, _ in items]
+    assert positions == [
+        DataPosition(0, 0),
+        DataPosition(0, 1),
+        DataPosition(0, 2),
+        DataPosition(1, 0),
+        DataPosition(1, 1),
+        DataPosition(1, 2),
+        DataPosition(2, 0),
+        DataPosition(2, 1),
+    ]
+    expected = list(ds.batches(0)) + list(ds.batches(1)) + list(ds.batches(2))[:2]
+    for (_, got), want in zip(items, expected, strict=True):
+        np.testing.assert_array_equal(got["id"], want["id"])
+        np.testing.assert_array_equal(got["mask"], want["mask"])
+
+
+def test_iterate_resumes_from_a_position():
+    ds = ArrayDataset(_arrays(), B, seed=2)
+    reference = list(itertools.islice(ds.iterate(), 7))
+    resumed = list(itertools.islice(ds.iterate(DataPosition(epoch=1, index=1)), 3))
+    assert [p for p, _ in resumed] == [p for p, _ in reference[4:7]]
+    for (_, a), (_, b) in zip(resumed, reference[4:7], strict=True):
+        np.testing.assert_array_equal(a["id"], b["id"])
+    assert [p for p, _ in itertools.islice(ds.iterate(DataPosition(0, 3)), 1)] == [
+        DataPosition(1, 0)
+    ]
+
+
+def test_data_position_round_trips_through_json():
+    pos = DataPosition(epoch=3, index=17)
+    d = pos.to_dict()
+    assert d == {"epoch": 3, "index": 17}
+    assert DataPosition.from_dict(json.loads(json.dumps(d))) == pos
+    assert DataPosition.from_dict({"epoch": "2", "index": np.int64(5)}) == DataPosition(2, 5)
+    assert DataPosition() == DataPosition(0, 0)
+
+
+def test_iter_is_epoch_zero():
+    ds = ArrayDataset(_arrays(), B, seed=4)
+    assert [_ids(b) for b in ds] == [_ids(b) for b in ds.batches(0)]
+
+
+# -------------------------------------------------------------------------- errors
+
+
+def test_empty_dataset_errors():
+    with pytest.raises(ValueError, match="non-empty dict"):
+        ArrayDataset({}, 4)
+    with pytest.raises(ValueError, match=r"empty \(0 examples\)"):
+        ArrayDataset({"x": np.zeros((0, 3))}, 4)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True])
+def test_bad_batch_size_errors(bad):
+    with pytest.raises(ValueError) as exc:
+        ArrayDataset(_arrays(), bad)
+    msg = str(exc.value)
+    assert "batch_size must be an integer >= 1" in msg
+    assert repr(bad) in msg
+
+
+def test_mismatched_lengths_error_names_the_lengths():
+    with pytest.raises(ValueError) as exc:
+        ArrayDataset({"x": np.zeros((10, 3)), "y": np.zeros(9)}, 4)
+    msg = str(exc.value)
+    assert "same leading length" in msg
+    assert "'x': 10" in msg and "'y': 9" in msg
+
+
+def test_scalar_array_is_rejected():
+    with pytest.raises(ValueError, match="same leading length"):
+        ArrayDataset({"x": np.zeros((10, 3)), "s": np.float32(1.0)}, 4)
+
+
+def test_mask_key_is_reserved():
+    with pytest.raises(ValueError, match="'mask' is reserved"):
+        ArrayDataset({"x": np.zeros((10, 3)), "mask": np.ones(10)}, 4)
+
+
+def test_drop_remainder_with_batch_larger_than_dataset_errors():
+    with pytest.raises(ValueError) as exc:
+        ArrayDataset(_arrays(), 11, drop_remainder=True)
+    msg = str(exc.value)
+    assert "batch_size=11" in msg and "10 examples" in msg
+    assert "Fix" in msg
+    # Without drop_remainder it is fine: one padded batch.
+    assert ArrayDataset(_arrays(), 11).steps_per_epoch == 1
+
+
+def test_negative_seed_errors():
+    with pytest.raises(ValueError, match="seed must be an integer >= 0"):
+        ArrayDataset(_arrays(), 4, seed=-1)
+
+
+# -------------------------------------------------------------------------- digits
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits()
+
+
+def test_load_digits_shapes_and_dtypes(digits):
+    train, test = digits
+    assert set(train) == set(test) == {"x", "y"}
+    assert train["x"].shape == (1437, 8, 8, 1)
+    assert test["x"].shape == (360, 8, 8, 1)
+    assert train["y"].shape == (1437,) and test["y"].shape == (360,)
+    for split in digits:
+        assert split["x"].dtype == np.float32
+        assert split["y"].dtype == np.int32
+        assert split["x"].min() == 0.0 and split["x"].max() == 1.0
+        assert set(np.unique(split["y"]).tolist()) == set(range(10))
+
+
+def test_load_digits_is_stratified(digits):
+    train, test = digits
+    p_train = np.bincount(train["y"], minlength=10) / len(train["y"])
+    p_test = np.bincount(test["y"], minlength=10) / len(test["y"])
+    np.testing.assert_allclose(p_train, p_test, atol=0.005)
+
+
+def test_load_digits_is_deterministic(digits):
+    train, test = digits
+    train2, test2 = load_digits()
+    for a, b in ((train, train2), (test, test2)):
+        np.testing.assert_array_equal(a["x"], b["x"])
+        np.testing.assert_array_equal(a["y"], b["y"])
+    # Train and test are disjoint (no test image appears in train).
+    train_set = {row.tobytes() for row in train["x"]}
+    assert not any(row.tobytes() in train_set for row in test["x"])
+    # Another seed gives another split.
+    assert not np.array_equal(load_digits(seed=1)[0]["y"], train["y"])
