@@ -25,6 +25,7 @@ from jaxtrain.plots import plot_curves
 from jaxtrain.state import TrainState
 from jaxtrain.step import make_eval_step, make_train_step
 from jaxtrain.tasks import classification_eval, classification_loss, init_model
+from jaxtrain.versions import versions
 
 MODELS = ("cnn", "mlp")
 OPTIMIZERS = ("adamw", "adam", "sgd", "momentum")
@@ -110,24 +111,6 @@ def _optimizer(cfg: TrainConfig, steps_per_epoch: int):
 
 def _model(cfg: TrainConfig):
     return from_linen(CNN() if cfg.model == "cnn" else MLP(hidden=(256, 256), dropout=0.1))
-
-
-def versions() -> dict[str, str]:
-    """Versions of jaxtrain and the JAX stack, for summaries and checkpoints."""
-    import flax
-    import jaxlib
-    import orbax.checkpoint
-
-    from jaxtrain import __version__
-
-    return {
-        "jaxtrain": __version__,
-        "jax": jax.__version__,
-        "jaxlib": jaxlib.__version__,
-        "flax": flax.__version__,
-        "optax": optax.__version__,
-        "orbax-checkpoint": orbax.checkpoint.__version__,
-    }
 
 
 def _prepare_out(out: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
@@ -191,13 +192,61 @@ def evaluate(
 _merge = jax.jit(metrics_lib.merge)
 
 
-def _mean_records(pending: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+_LAST_VALUE_METRICS = ("learning_rate", "skipped_steps")
+
+
+def _mean_records(
+    pending: Sequence[Mapping[str, Any]], first_step: int, train_step: Any
+) -> dict[str, float]:
+    """Means over a logging interval (one host transfer); checks the non-finite guard."""
     host = jax.device_get(list(pending))  # the one host sync of a logging interval
+    if getattr(train_step, "nonfinite_policy", None) == "raise":
+        for i, m in enumerate(host):
+            idx = int(m.get("nonfinite", -1))
+            if idx >= 0:
+                names = getattr(train_step, "nonfinite_names", [])
+                where = names[idx] if idx < len(names) else f"value #{idx}"
+                raise FloatingPointError(
+                    f"non-finite value at training step {first_step + i + 1} (update skipped): "
+                    f"first non-finite leaf is {where}. Fix: lower the learning rate, clip "
+                    "gradients, or check the batch for NaN/Inf inputs; nonfinite='skip' skips "
+                    "such steps instead of stopping."
+                )
     out = {}
     for k in host[0]:
+        if k == "nonfinite":
+            continue
         vals = [float(np.asarray(m[k])) for m in host]
-        out[k] = vals[-1] if k == "learning_rate" else float(np.mean(vals))
+        out[k] = vals[-1] if k in _LAST_VALUE_METRICS else float(np.mean(vals))
     return out
+
+
+_DEBUG_PAUSE = os.environ.get("JAXTRAIN_DEBUG_PAUSE_AT")  # e.g. "save:2"; fault-injection tests
+_debug_counts: collections.Counter = collections.Counter()
+
+
+def _debug_pause(event: str) -> None:
+    """For kill tests only: at the n-th ``event``, say so and wait to be killed."""
+    if not _DEBUG_PAUSE:
+        return
+    _debug_counts[event] += 1
+    name, _, n = _DEBUG_PAUSE.partition(":")
+    if name == event and _debug_counts[event] == int(n or 1):
+        print(f"JAXTRAIN_PAUSED {event} {_debug_counts[event]}", flush=True)
+        time.sleep(3600)
+
+
+def _data_signature(data: Any) -> dict[str, Any] | None:
+    """What must match for a resumed run to see the same batches in the same order."""
+    if not isinstance(data, ArrayDataset):
+        return None
+    return {
+        "seed": data.seed,
+        "shuffle": data.shuffle,
+        "batch_size": data.batch_size,
+        "num_examples": data.num_examples,
+        "drop_remainder": data.drop_remainder,
+    }
 
 
 def fit(
@@ -217,8 +266,17 @@ def fit(
     writers: Sequence[Writer] = (),
     progress: bool = True,
     start: DataPosition | None = None,
+    checkpointer: Any = None,
+    save_every: int | None = None,
+    save_at_epoch_end: bool = True,
+    resume: bool | str = False,
+    config: Mapping[str, Any] | None = None,
 ) -> tuple[TrainState, History]:
-    """Runs the training loop: epochs or a step budget, evaluation, logging, early stopping.
+    """Runs the training loop: epochs or a step budget, evaluation, logging, checkpoints.
+
+    ``epochs`` and ``num_steps`` are totals for the run, as in Keras and Lightning:
+    training stops after epoch ``epochs - 1`` or once ``state.step`` reaches
+    ``num_steps``, so a resumed run stops exactly where the uninterrupted one would.
 
     Args:
         state: the initial `TrainState`. fit copies it onto ``mesh`` once, so the
@@ -226,20 +284,33 @@ def fit(
         train_step: from `make_train_step`.
         train_data: an `ArrayDataset`, a callable ``epoch -> iterable of batches``, or an
             iterable of dict batches (re-iterated each epoch if it can be).
-        epochs: number of epochs (counted from ``start.epoch``).
-        num_steps: a step budget; with ``epochs`` too, whichever ends first.
+        epochs: train until this many epochs are complete (counted from epoch 0).
+        num_steps: train until ``state.step == num_steps``; with ``epochs`` too,
+            whichever comes first.
         eval_step: from `make_eval_step`; needs ``eval_data``.
-        eval_data: evaluated at the end of each epoch, every ``eval_every`` steps if
-            given, and at the end.
-        eval_every: evaluate every this many steps (default: at epoch ends only).
-        log_every: read training metrics back every this many steps (the only
-            per-interval host sync); also at epoch ends.
+        eval_data: evaluated at the end of each epoch (or every ``eval_every`` steps
+            if given) and at the end.
+        eval_every: evaluate every this many global steps (default: at epoch ends).
+        log_every: read training metrics back every this many global steps (the only
+            periodic host sync); also at epoch ends and before each checkpoint.
         mesh: the data mesh; default all devices (`jaxtrain.data_mesh`).
         hooks: `PeriodicHook` callbacks.
         early_stopping: stop on an eval metric; needs ``eval_step``.
         writers: log sinks, each gets every train and eval record.
         progress: show a tqdm bar with loss and examples/s.
-        start: data position to start from (epoch, batch index); default the beginning.
+        start: data position to start from; default the beginning (or, when
+            resuming, the checkpoint's position).
+        checkpointer: a `jaxtrain.checkpoint.Checkpointer`; saves every
+            ``save_every`` steps, at epoch ends (``save_at_epoch_end``) and at the end.
+            fit waits for pending asynchronous saves before returning, also when an
+            exception or Ctrl-C ends it.
+        save_every: save every this many global steps (None: only epoch ends and end).
+        save_at_epoch_end: save after each epoch's evaluation.
+        resume: True continues from the newest committed checkpoint (restoring state,
+            data position, metrics history and early-stopping counters; error if
+            there is none); ``"auto"`` does so when one exists and starts afresh
+            otherwise.
+        config: JSON-ready run configuration stored in every checkpoint.
 
     Returns:
         ``(final_state, history)``.
@@ -249,43 +320,79 @@ def fit(
     for name, v in (("epochs", epochs), ("num_steps", num_steps), ("log_every", log_every)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise ValueError(f"{name} must be a positive integer; got {v!r}.")
-    if eval_every is not None and (not isinstance(eval_every, int) or eval_every < 1):
-        raise ValueError(f"eval_every must be a positive integer or None; got {eval_every!r}.")
+    for name, v in (("eval_every", eval_every), ("save_every", save_every)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"{name} must be a positive integer or None; got {v!r}.")
     if (eval_step is None) != (eval_data is None):
         raise ValueError("eval_step and eval_data go together: give both or neither.")
     if early_stopping is not None and eval_step is None:
         raise ValueError("early_stopping watches an eval metric: give eval_step and eval_data.")
+    if resume not in (False, True, "auto"):
+        raise ValueError(f"resume must be True, False or 'auto'; got {resume!r}.")
+    if (resume or save_every) and checkpointer is None:
+        raise ValueError(
+            "resume and save_every need a checkpointer: pass "
+            "checkpointer=jaxtrain.checkpoint.Checkpointer(directory)."
+        )
 
-    start = DataPosition() if start is None else start
     mesh = data_mesh() if mesh is None else mesh
-    # A private copy: the step donates its input, and the caller's state (and the
-    # params it was built from) must stay usable after fit returns.
-    state = replicate(state, mesh, copy=True)
     history = History()
+    best_value, bad_evals = None, 0
+    signature = _data_signature(train_data)
+    if resume and (resume is True or checkpointer.latest_step() is not None):
+        restored = checkpointer.restore(state, mesh=mesh)
+        meta = restored.meta
+        if signature is not None and meta.get("data") not in (None, signature):
+            raise ValueError(
+                f"cannot resume exactly: the checkpoint at step {restored.step} was trained on "
+                f"data {meta.get('data')} but train_data is {signature}. Fix: resume with the "
+                "same data set, batch size and seed."
+            )
+        state = restored.state
+        start = DataPosition.from_dict(meta["position"])
+        saved = meta.get("history", {})
+        history.train, history.eval = list(saved.get("train", [])), list(saved.get("eval", []))
+        history.best_eval = saved.get("best_eval")
+        es = meta.get("early_stopping") or {}
+        best_value, bad_evals = es.get("best"), int(es.get("bad_evals", 0))
+    else:
+        # A private copy: the step donates its input, and the caller's state (and the
+        # params it was built from) must stay usable after fit returns.
+        state = replicate(state, mesh, copy=True)
+    start = DataPosition() if start is None else start
+
     step = int(jax.device_get(state.step))  # one sync at the start, none per step
-    start_step = step
     per_epoch = train_data.steps_per_epoch if isinstance(train_data, ArrayDataset) else None
-    total = num_steps
+    if per_epoch is not None and start.index >= per_epoch:
+        start = DataPosition(start.epoch + 1, 0)
+    total = None if num_steps is None else max(num_steps - step, 0)
     if epochs is not None and per_epoch is not None:
-        by_epochs = epochs * per_epoch - start.index
+        by_epochs = max((epochs - start.epoch) * per_epoch - start.index, 0)
         total = by_epochs if total is None else min(total, by_epochs)
-    last_epoch = math.inf if epochs is None else start.epoch + epochs
+    last_epoch = math.inf if epochs is None else epochs
 
     bar = tqdm(total=total, disable=not progress, unit="step", dynamic_ncols=True, leave=True)
     pending: list = []
     interval_examples, interval_t0 = 0, time.perf_counter()
     t_start = interval_t0
-    best_value, bad_evals = None, 0
+    epoch, index = start.epoch, start.index
+    last_eval_step = history.eval[-1]["step"] if history.eval else None
+    last_save_step = None
 
     def emit(record: dict) -> None:
         for w in writers:
             w.write(record)
 
-    def log_train(epoch: int) -> None:
+    def log_train() -> None:
         nonlocal pending, interval_examples, interval_t0
         if not pending:
             return
-        record = {"step": step, "epoch": epoch, "split": "train", **_mean_records(pending)}
+        record = {
+            "step": step,
+            "epoch": epoch,
+            "split": "train",
+            **_mean_records(pending, step - len(pending), train_step),
+        }
         now = time.perf_counter()
         record["examples_per_second"] = interval_examples / max(now - interval_t0, 1e-9)
         pending, interval_examples, interval_t0 = [], 0, now
@@ -295,14 +402,17 @@ def fit(
             loss=f"{record['loss']:.4f}", ex_s=f"{record['examples_per_second']:.0f}", refresh=False
         )
 
-    def run_eval(epoch: int) -> bool:
+    def run_eval(record_epoch: int) -> bool:
         """Evaluates, logs; returns True when early stopping says stop."""
-        nonlocal best_value, bad_evals
+        nonlocal best_value, bad_evals, last_eval_step
         if eval_step is None:
             return False
-        record = {"step": step, "epoch": epoch, "split": "eval"}
+        log_train()
+        record = {"step": step, "epoch": record_epoch, "split": "eval"}
+        _debug_pause("eval")
         record.update(evaluate(eval_step, state, eval_data, mesh))
         history.eval.append(record)
+        last_eval_step = step
         emit(record)
         if early_stopping is None:
             return False
@@ -319,11 +429,35 @@ def fit(
             bad_evals += 1
         return bad_evals >= early_stopping.patience
 
-    epoch, index = start.epoch, start.index
+    def save() -> None:
+        nonlocal last_save_step
+        if checkpointer is None or last_save_step == step:
+            return
+        log_train()  # so a resumed run's history lines up with an uninterrupted one
+        pos = DataPosition(epoch, index)
+        if per_epoch is not None and index >= per_epoch:
+            pos = DataPosition(epoch + 1, 0)
+        latest_eval = (
+            history.eval[-1] if history.eval and history.eval[-1]["step"] == step else None
+        )
+        meta = {
+            "position": pos.to_dict(),
+            "data": signature,
+            "history": {
+                "train": history.train,
+                "eval": history.eval,
+                "best_eval": history.best_eval,
+            },
+            "early_stopping": {"best": best_value, "bad_evals": bad_evals},
+            "config": dict(config) if config else None,
+        }
+        checkpointer.save(step, state, meta=meta, eval_metrics=latest_eval)
+        last_save_step = step
+        _debug_pause("save")
+
     stop = False
-    last_eval_step = None
     try:
-        while epoch < last_epoch and not stop:
+        while epoch < last_epoch and not stop and (num_steps is None or step < num_steps):
             ran_in_epoch = 0
             for n_real, batch in _prefetch(_epoch_batches(train_data, epoch, index), mesh):
                 t0 = time.perf_counter()
@@ -343,36 +477,41 @@ def fit(
                 history.examples += n_real
                 interval_examples += n_real
                 bar.update(1)
-                if (step - start_step) % log_every == 0:
-                    log_train(epoch)
-                if eval_every is not None and (step - start_step) % eval_every == 0:
-                    log_train(epoch)
-                    last_eval_step = step
+                _debug_pause("step")
+                if step % log_every == 0:
+                    log_train()
+                if eval_every is not None and step % eval_every == 0:
                     stop = run_eval(epoch)
                 for hook in hooks:
-                    if (step - start_step) % hook.every_steps == 0:
+                    if step % hook.every_steps == 0:
                         hook.fn(state, history)
-                if stop or (num_steps is not None and history.steps >= num_steps):
+                if save_every is not None and step % save_every == 0:
+                    save()
+                if stop or (num_steps is not None and step >= num_steps):
                     stop = True
                     break
             if ran_in_epoch == 0 and index == 0:
                 raise ValueError(f"train_data yielded no batches in epoch {epoch}.")
             if stop:
                 break
-            log_train(epoch)
+            log_train()
             epoch, index = epoch + 1, 0
             if eval_every is None:
-                last_eval_step = step
                 stop = run_eval(epoch - 1)
+            if save_at_epoch_end:
+                save()
         history.stopped_early = bool(
             stop and early_stopping is not None and bad_evals >= early_stopping.patience
         )
-        log_train(epoch)
+        log_train()
         if eval_step is not None and last_eval_step != step:
-            run_eval(epoch)
+            run_eval(epoch - 1 if index == 0 else epoch)
+        save()
         jax.block_until_ready(state)
     finally:
         bar.close()
+        if checkpointer is not None:
+            checkpointer.wait()  # never leave an asynchronous save behind
     history.wall_seconds = time.perf_counter() - t_start
     if per_epoch is not None and index >= per_epoch:  # stopped right at an epoch end
         epoch, index = epoch + 1, 0

@@ -49,6 +49,8 @@ class TrainState:
             ``jax.random.fold_in(rng, step)``, so no key is ever reused.
         model_state: mutable non-trainable collections (e.g. BatchNorm statistics);
             an empty dict when the model has none.
+        skipped_steps: int32 scalar, steps whose update the non-finite guard skipped
+            (see ``make_train_step(nonfinite=...)``).
     """
 
     step: jax.Array
@@ -56,6 +58,7 @@ class TrainState:
     opt_state: PyTree
     rng: jax.Array
     model_state: PyTree = struct.field(default_factory=dict)
+    skipped_steps: jax.Array = struct.field(default_factory=lambda: jnp.zeros((), jnp.int32))
 
     @classmethod
     def create(
@@ -104,6 +107,7 @@ class TrainState:
             opt_state=optimizer.init(params),
             rng=as_key_data(rng),
             model_state={} if model_state is None else model_state,
+            skipped_steps=jnp.zeros((), jnp.int32),
         )
 
     def step_rng(self) -> jax.Array:

@@ -43,6 +43,10 @@ class CompiledStep:
         self.fn = fn
         self.jitted = jitted
         self._traces = 0
+        # Set by make_train_step: the guard policy and, once traced, the names of the
+        # values it checks ("loss", then each gradient leaf) for error messages.
+        self.nonfinite_policy: str | None = None
+        self.nonfinite_names: list[str] = []
 
     @property
     def trace_count(self) -> int:
@@ -157,6 +161,7 @@ def make_train_step(
     mesh: Mesh | None = None,
     donate: bool = True,
     jit: bool = True,
+    nonfinite: str | None = None,
 ) -> CompiledStep:
     """Builds ``train_step(state, batch) -> (new_state, metrics)``.
 
@@ -180,6 +185,13 @@ def make_train_step(
         donate: donate the input state's buffers to the output (the caller must not
             reuse the old state). Halves the state's memory.
         jit: False returns the pure function un-compiled (for debugging and tests).
+        nonfinite: guard against a non-finite loss or gradient, inside the compiled
+            step (no host sync): ``"skip"`` leaves params, optimizer state and model
+            state bitwise unchanged for that step and counts it in
+            ``state.skipped_steps`` (also reported as the ``skipped_steps`` metric);
+            ``"raise"`` does the same and makes `fit` raise ``FloatingPointError``
+            at the next logging point, naming the step and the first non-finite
+            leaf; None (default) applies every update as computed.
 
     Returns:
         A `CompiledStep`. ``metrics`` holds device scalars: ``loss``, ``grad_norm``
@@ -203,12 +215,15 @@ def make_train_step(
             "optimizer must be an optax.GradientTransformation (e.g. optax.adam(1e-3)); "
             f"got {type(optimizer).__name__}."
         )
+    if nonfinite not in (None, "skip", "raise"):
+        raise ValueError(f"nonfinite must be 'skip', 'raise' or None; got {nonfinite!r}.")
     call_loss = _normalize_loss_fn(loss_fn)
     compiled: CompiledStep | None = None
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         if compiled is not None:
             compiled._count_trace()  # runs at trace time only, never per jitted call
+        _check_opt_state(optimizer, state)
         rng = state.step_rng()
 
         def objective(params):
@@ -228,16 +243,38 @@ def make_train_step(
             if lr is not None:
                 metrics["learning_rate"] = lr
         metrics.update({k: jnp.asarray(v) for k, v in aux.items()})
+        skipped = state.skipped_steps
+        if nonfinite is not None:
+            named = jax.tree_util.tree_leaves_with_path(grads)
+            if compiled is not None:
+                compiled.nonfinite_names = ["loss"] + [
+                    "grads" + jax.tree_util.keystr(p) for p, _ in named
+                ]
+            flags = jnp.stack([~jnp.isfinite(loss)] + [~jnp.all(jnp.isfinite(g)) for _, g in named])
+            bad = jnp.any(flags)
+
+            def keep_old(new, old):
+                return jax.tree.map(lambda n, o: jnp.where(bad, o, n), new, old)
+
+            # A select, not a branch: bitwise the old values when bad, no host sync.
+            new_params = keep_old(new_params, state.params)
+            new_opt_state = keep_old(new_opt_state, state.opt_state)
+            new_model_state = keep_old(new_model_state, state.model_state)
+            skipped = skipped + bad.astype(skipped.dtype)
+            metrics["skipped_steps"] = skipped
+            metrics["nonfinite"] = jnp.where(bad, jnp.argmax(flags), -1).astype(jnp.int32)
         new_state = state.replace(
             step=state.step + 1,
             params=new_params,
             opt_state=new_opt_state,
             model_state=new_model_state,
+            skipped_steps=skipped,
         )
         return new_state, metrics
 
     if not jit:
         compiled = CompiledStep(train_step, train_step)
+        compiled.nonfinite_policy = nonfinite
         return compiled
     out = _replicated(mesh)
     jitted = jax.jit(
@@ -246,7 +283,33 @@ def make_train_step(
         out_shardings=None if out is None else (out, out),
     )
     compiled = CompiledStep(train_step, jitted)
+    compiled.nonfinite_policy = nonfinite
     return compiled
+
+
+def _check_opt_state(optimizer: optax.GradientTransformation, state: TrainState) -> None:
+    """Trace-time check that ``state.opt_state`` was built for ``state.params``.
+
+    Costs one abstract evaluation of ``optimizer.init`` per trace, nothing per step.
+    """
+    expected = jax.eval_shape(optimizer.init, state.params)
+    exp_leaves = jax.tree_util.tree_leaves_with_path(expected)
+    got_leaves = jax.tree_util.tree_leaves_with_path(state.opt_state)
+    fix = "Fix: rebuild the state with TrainState.create(params, optimizer, rng)."
+    if jax.tree.structure(expected) != jax.tree.structure(state.opt_state):
+        raise ValueError(
+            "params do not match the optimizer state: opt_state has the structure "
+            f"{jax.tree.structure(state.opt_state)} but optimizer.init(params) gives "
+            f"{jax.tree.structure(expected)}. {fix}"
+        )
+    for (path, e), (_, g) in zip(exp_leaves, got_leaves, strict=True):
+        if tuple(e.shape) != tuple(jnp.shape(g)) or e.dtype != jnp.result_type(g):
+            raise ValueError(
+                "params do not match the optimizer state at opt_state"
+                f"{jax.tree_util.keystr(path)}: expected shape {tuple(e.shape)} dtype "
+                f"{e.dtype} for these params, got shape {tuple(jnp.shape(g))} dtype "
+                f"{jnp.result_type(g)}. {fix}"
+            )
 
 
 def _normalize_eval_fn(eval_fn: Callable) -> Callable:

@@ -1,0 +1,431 @@
+"""Checkpoints with orbax: asynchronous saves, exact resume, and loads that never lie.
+
+A checkpoint step folder holds two orbax items:
+
+* ``state``: the `TrainState` arrays (orbax's array format, no pickle anywhere);
+* ``meta``: JSON — data position, run configuration, metrics history, loop counters,
+  library versions, and a SHA-256 of every array of the state.
+
+Restoring checks the saved array metadata against the expected state (leaf paths,
+shapes, dtypes) *before* reading any data, and checks the SHA-256 *after*, so a
+checkpoint of another model, a truncated file or flipped bytes is an error naming the
+checkpoint step and the problem, never a silent load of wrong values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxtrain.versions import versions
+
+FORMAT_VERSION = 1
+_log = logging.getLogger(__name__)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be restored (missing, corrupt, or of a different model)."""
+
+
+@dataclasses.dataclass
+class Restored:
+    """What `Checkpointer.restore` returns.
+
+    Attributes:
+        state: the restored state, with the target's pytree structure, shapes, dtypes
+            and shardings.
+        meta: the JSON metadata saved with it (position, config, history, ...).
+        step: the checkpoint step that was restored.
+        skipped: ``{step: reason}`` for newer checkpoints passed over by ``fallback``.
+    """
+
+    state: Any
+    meta: dict
+    step: int
+    skipped: dict[int, str] = dataclasses.field(default_factory=dict)
+
+
+def _key_name(k: Any) -> str:
+    for attr in ("name", "key", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def leaf_name(path: Sequence[Any]) -> str:
+    """A dotted leaf name as orbax writes it (``opt_state.0.mu.Dense_0.kernel``)."""
+    return ".".join(_key_name(k) for k in path)
+
+
+def _is_key(x: Any) -> bool:
+    return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _to_host(state: Any) -> Any:
+    """A host (numpy) copy of ``state``; typed PRNG keys become their uint32 key data.
+
+    The copy is what orbax writes in the background, so the training loop is free to
+    donate and overwrite the device buffers right after `Checkpointer.save` returns.
+    """
+    state = jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, state)
+    return jax.tree.map(np.asarray, jax.device_get(state))
+
+
+def state_digest(host_state: Any) -> str:
+    """SHA-256 over every leaf's dtype, shape and bytes, in pytree order."""
+    h = hashlib.sha256()
+    for leaf in jax.tree.leaves(host_state):
+        a = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _abstract(target: Any, mesh: Mesh | None) -> Any:
+    """ShapeDtypeStructs with shardings to restore into (typed keys as key data)."""
+    replicated = None if mesh is None else NamedSharding(mesh, PartitionSpec())
+
+    def leaf(x):
+        if _is_key(x):
+            x = jax.random.key_data(x)
+        sharding = replicated
+        if sharding is None:
+            sharding = getattr(x, "sharding", None) or jax.sharding.SingleDeviceSharding(
+                jax.devices()[0]
+            )
+        return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
+
+    return jax.tree.map(leaf, target)
+
+
+class Checkpointer:
+    """Saves and restores training checkpoints with ``orbax.checkpoint.CheckpointManager``.
+
+    Args:
+        directory: where step folders go (created if missing).
+        keep_last: keep the newest this many checkpoints.
+        best_metric: also keep the best checkpoint by this eval metric (from the
+            ``eval_metrics`` given to `save`), e.g. ``"accuracy"``.
+        best_mode: ``"max"`` or ``"min"`` for ``best_metric``.
+        async_save: write in a background thread (the device→host copy happens
+            before `save` returns). `wait`/`close` (and `fit`, also on an exception
+            or Ctrl-C) wait for it.
+
+    Example:
+        >>> with Checkpointer("/tmp/ckpt", keep_last=2) as ckpt:  # doctest: +SKIP
+        ...     ckpt.save(100, state, meta={"note": "hello"})
+        ...     restored = ckpt.restore(state)
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        keep_last: int = 3,
+        best_metric: str | None = None,
+        best_mode: str = "max",
+        async_save: bool = True,
+    ):
+        if not isinstance(keep_last, int) or keep_last < 1:
+            raise ValueError(f"keep_last must be an integer >= 1; got {keep_last!r}.")
+        if best_mode not in ("max", "min"):
+            raise ValueError(f"best_mode must be 'max' or 'min'; got {best_mode!r}.")
+        self.directory = os.path.abspath(os.fspath(directory))
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+        except OSError as e:
+            raise ValueError(
+                f"checkpoint directory {self.directory!r} cannot be created ({e.strerror}). "
+                "Fix: choose a writable folder."
+            ) from None
+        from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+        policies = [pp.LatestN(n=keep_last)]
+        if best_metric is not None:
+            policies.append(
+                pp.BestN(
+                    get_metric_fn=lambda m: m[best_metric],
+                    reverse=best_mode == "min",  # BestN keeps the last n after sorting
+                    n=1,
+                    keep_checkpoints_without_metrics=False,
+                )
+            )
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=pp.AnyPreservationPolicy(policies),
+            enable_async_checkpointing=async_save,
+            create=True,
+            cleanup_tmp_directories=True,  # a save killed half-way leaves only a tmp folder
+        )
+        self.best_metric = best_metric
+        self.best_mode = best_mode
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "meta")
+        )
+
+    # -- saving ---------------------------------------------------------------------
+
+    def save(
+        self,
+        step: int,
+        state: Any,
+        *,
+        meta: Mapping[str, Any] | None = None,
+        eval_metrics: Mapping[str, float] | None = None,
+    ) -> bool:
+        """Starts saving ``state`` (and JSON ``meta``) as checkpoint ``step``.
+
+        Returns once the state is copied to the host; the write continues in the
+        background. A checkpoint becomes visible to `restore` only once fully
+        written (orbax writes to a temporary folder and renames it on commit).
+
+        Args:
+            step: the training step (the folder name).
+            state: the `TrainState` (any pytree of arrays).
+            meta: JSON-serialisable extras (position, config, history, ...).
+            eval_metrics: metrics used to rank checkpoints for ``best_metric``.
+
+        Returns:
+            Whether a save was started (False if ``step`` is already saved).
+        """
+        if step in self._manager.all_steps():
+            return False
+        host = _to_host(state)
+        full_meta = {
+            "format": FORMAT_VERSION,
+            "step": int(step),
+            "state_sha256": state_digest(host),
+            **_versions(),
+            "eval_metrics": dict(eval_metrics) if eval_metrics else None,
+            **(dict(meta) if meta else {}),
+        }
+        json.dumps(full_meta)  # fail here, in the caller, if meta is not JSON-ready
+        metrics = None
+        if self.best_metric is not None and eval_metrics and self.best_metric in eval_metrics:
+            metrics = {self.best_metric: float(eval_metrics[self.best_metric])}
+        return self._manager.save(
+            int(step),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(host), meta=ocp.args.JsonSave(full_meta)
+            ),
+            metrics=metrics,
+        )
+
+    def wait(self) -> None:
+        """Blocks until every started save is committed; raises its error if one failed."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for pending saves and releases orbax's resources."""
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- inspecting ------------------------------------------------------------------
+
+    def all_steps(self) -> list[int]:
+        """Committed checkpoint steps, oldest first."""
+        self._manager.reload()
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        """The newest committed step, or None when there is none."""
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def best_step(self) -> int | None:
+        """The kept step with the best ``best_metric`` (None without one or any metrics)."""
+        if self.best_metric is None:
+            return None
+        scored = []
+        for s in self.all_steps():
+            try:
+                m = (self.read_meta(s).get("eval_metrics") or {}).get(self.best_metric)
+            except CheckpointError:
+                continue
+            if m is not None:
+                scored.append((m if self.best_mode == "max" else -m, s))
+        return max(scored)[1] if scored else None
+
+    # -- restoring -------------------------------------------------------------------
+
+    def read_meta(self, step: int) -> dict:
+        """The JSON metadata of checkpoint ``step`` (raises `CheckpointError`)."""
+        path = os.path.join(self.directory, str(step), "meta", "metadata")
+        try:
+            with open(path, encoding="utf-8") as f:
+                meta = json.load(f)
+        except FileNotFoundError:
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.directory}: its metadata file {path} is "
+                "missing, so the checkpoint is incomplete or not a jaxtrain checkpoint."
+            ) from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.directory}: its metadata {path} is not "
+                f"valid JSON ({type(e).__name__}: {e}); the checkpoint is corrupt."
+            ) from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.directory}: metadata has no jaxtrain "
+                f"format {FORMAT_VERSION} marker (got format={_get(meta, 'format')!r})."
+            )
+        return meta
+
+    def _check_layout(self, step: int, target: Any) -> None:
+        """Compares saved leaf names/shapes/dtypes with the target before reading data."""
+        try:
+            saved_tree = self._manager.item_metadata(step)["state"]
+            saved_tree = getattr(saved_tree, "tree", saved_tree)
+        except Exception as e:  # orbax raises many kinds for unreadable metadata
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.directory}: the array metadata cannot be "
+                f"read ({type(e).__name__}: {_short(e)}); the checkpoint is corrupt."
+            ) from None
+        if saved_tree is None:
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.directory}: the array metadata is missing; "
+                "the checkpoint is corrupt."
+            )
+        saved = {
+            m.name: m
+            for m in jax.tree.leaves(saved_tree, is_leaf=lambda x: hasattr(x, "shape"))
+            if hasattr(m, "shape") and hasattr(m, "name")
+        }
+        expected = {
+            leaf_name(p): x for p, x in jax.tree_util.tree_leaves_with_path(_abstract(target, None))
+        }
+        missing = sorted(set(expected) - set(saved))
+        extra = sorted(set(saved) - set(expected))
+        if missing or extra:
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.directory} was saved from a different state "
+                f"structure: missing leaves {missing[:5]}, unexpected leaves {extra[:5]}. "
+                "Fix: restore it with the model and optimizer it was trained with."
+            )
+        for name, want in expected.items():
+            got = saved[name]
+            if tuple(got.shape) != tuple(want.shape) or np.dtype(got.dtype) != np.dtype(want.dtype):
+                raise CheckpointError(
+                    f"checkpoint step {step} in {self.directory} does not match the expected "
+                    f"state at leaf '{name}': saved shape {tuple(got.shape)} dtype "
+                    f"{np.dtype(got.dtype)}, expected shape {tuple(want.shape)} dtype "
+                    f"{np.dtype(want.dtype)}. Fix: restore it with the model it was trained "
+                    "with, or start a new run in another directory."
+                )
+
+    def _restore_one(self, step: int, target: Any, mesh: Mesh | None) -> Restored:
+        meta = self.read_meta(step)
+        self._check_layout(step, target)
+        abstract = _abstract(target, mesh)
+        try:
+            state = self._manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+            )["state"]
+        except Exception as e:
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.directory}: the array data cannot be read "
+                f"({type(e).__name__}: {_short(e)}); a file is missing or truncated."
+            ) from None
+        digest = state_digest(jax.tree.map(np.asarray, jax.device_get(state)))
+        if digest != meta.get("state_sha256"):
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.directory}: the array data does not match "
+                "the SHA-256 saved with it; the files were changed or damaged after saving."
+            )
+        # Typed keys in the target come back as typed keys.
+        state = jax.tree.map(
+            lambda t, x: jax.random.wrap_key_data(x) if _is_key(t) else x, target, state
+        )
+        return Restored(state=state, meta=meta, step=step)
+
+    def restore(
+        self,
+        target: Any,
+        step: int | None = None,
+        *,
+        fallback: bool = False,
+        mesh: Mesh | None = None,
+    ) -> Restored:
+        """Restores checkpoint ``step`` (default: the newest) into the shape of ``target``.
+
+        Args:
+            target: a state with the expected structure, shapes and dtypes (e.g. a
+                freshly created `TrainState`); its values are not used.
+            step: which checkpoint; None for the newest committed one.
+            fallback: if the chosen checkpoint cannot be restored, try older ones and
+                warn about each one passed over.
+            mesh: place the restored state replicated on this mesh (any device
+                count, whatever the saving run used). None: the target's shardings.
+
+        Returns:
+            A `Restored`.
+
+        Raises:
+            CheckpointError: no checkpoint, or none that restores cleanly; the message
+                names each checkpoint step tried and its problem.
+        """
+        steps = self.all_steps()
+        if not steps:
+            raise CheckpointError(
+                f"no checkpoint to restore in {self.directory}: the folder has no committed "
+                "checkpoint step. Fix: point to the run's checkpoint folder, or start a new run."
+            )
+        if step is not None and step not in steps:
+            raise CheckpointError(
+                f"checkpoint step {step} is not in {self.directory}; available steps: {steps}."
+            )
+        candidates = [step] if step is not None else sorted(steps, reverse=True)
+        if fallback and step is not None:
+            candidates += sorted((s for s in steps if s < step), reverse=True)
+        problems: dict[int, str] = {}
+        for s in candidates:
+            try:
+                restored = self._restore_one(s, target, mesh)
+            except CheckpointError as e:
+                if not fallback:
+                    raise
+                problems[s] = str(e)
+                continue
+            if problems:
+                msg = (
+                    f"restored checkpoint step {s} instead of newer step(s) "
+                    f"{sorted(problems, reverse=True)}, which could not be restored: "
+                    + " | ".join(problems.values())
+                )
+                warnings.warn(msg, RuntimeWarning, stacklevel=2)
+                _log.warning(msg)
+            restored.skipped = problems
+            return restored
+        raise CheckpointError(
+            f"no checkpoint in {self.directory} restores cleanly: " + " | ".join(problems.values())
+        )
+
+
+def _get(d: Any, key: str) -> Any:
+    return d.get(key) if isinstance(d, dict) else None
+
+
+def _short(e: Exception, limit: int = 300) -> str:
+    s = str(e).replace("\n", " ")
+    return s if len(s) <= limit else s[:limit] + "..."
+
+
+def _versions() -> dict[str, Any]:
+    return {"versions": versions()}
