@@ -170,8 +170,14 @@ class Checkpointer:
         )
         self.best_metric = best_metric
         self.best_mode = best_mode
+        # Handlers named up front, so a fresh process can read metadata before any save.
         self._manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "meta")
+            self.directory,
+            options=options,
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler(),
+            },
         )
 
     # -- saving ---------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
 
@@ -139,6 +140,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="use the first N devices for data parallelism (default: all)",
     )
     t.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    t.add_argument(
+        "--save-every",
+        type=_positive_int,
+        default=None,
+        help="also checkpoint every N steps (checkpoints are always written at "
+        "epoch ends and at the end, to OUT/checkpoints)",
+    )
+    t.add_argument(
+        "--keep",
+        type=_positive_int,
+        default=d.keep,
+        help="keep the newest K checkpoints (plus the best by test accuracy)",
+    )
+    t.add_argument("--no-checkpoint", action="store_true", help="write no checkpoints")
+    t.add_argument(
+        "--nonfinite",
+        choices=("skip", "raise", "off"),
+        default="off",
+        help="non-finite loss/gradient guard: skip the update, stop with an error, or off",
+    )
+    t.add_argument(
+        "--resume",
+        metavar="OUT",
+        default=None,
+        help="continue the run in folder OUT from its newest checkpoint, with the "
+        "configuration it was started with (other options are not allowed)",
+    )
     return parser
 
 
@@ -149,8 +177,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2  # pragma: no cover - argparse rejects unknown commands first
 
 
+_RESUME_ALLOWED = {"command", "resume", "no_progress"}
+
+
 def _train(args: argparse.Namespace) -> int:
     from jaxtrain import job
+
+    if args.resume is not None:
+        defaults = vars(build_parser().parse_args(["train"]))
+        changed = sorted(
+            "--" + k.replace("_", "-")
+            for k, v in vars(args).items()
+            if k not in _RESUME_ALLOWED and v != defaults.get(k)
+        )
+        if changed:
+            print(
+                f"jaxtrain train: error: --resume continues the saved configuration of "
+                f"{args.resume}; remove {', '.join(changed)} (or start a new run with --out).",
+                file=sys.stderr,
+            )
+            return 2
+        try:
+            cfg = job.load_config(args.resume)
+            cfg = dataclasses.replace(cfg, out=args.resume, progress=not args.no_progress)
+            summary = job.run(cfg, resume=True)
+        except ValueError as e:
+            print(f"jaxtrain train: error: {e}", file=sys.stderr)
+            return 2
+        return _report(cfg, summary)
 
     cfg = TrainConfig(
         model=args.model,
@@ -171,12 +225,20 @@ def _train(args: argparse.Namespace) -> int:
         patience=args.patience,
         devices=args.devices,
         progress=not args.no_progress,
+        checkpoint=not args.no_checkpoint,
+        save_every=args.save_every,
+        keep=args.keep,
+        nonfinite=None if args.nonfinite == "off" else args.nonfinite,
     )
     try:
         summary = job.run(cfg)
     except ValueError as e:
         print(f"jaxtrain train: error: {e}", file=sys.stderr)
         return 2
+    return _report(cfg, summary)
+
+
+def _report(cfg: TrainConfig, summary: dict) -> int:
     acc = summary["test_accuracy"]
     print(
         f"wrote {cfg.out}/metrics.jsonl, {cfg.out}/summary.json, {cfg.out}/curves.png "

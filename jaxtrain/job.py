@@ -17,6 +17,7 @@ import jax
 import optax
 
 from jaxtrain import data as data_lib
+from jaxtrain.checkpoint import Checkpointer, state_digest
 from jaxtrain.logging import JsonlWriter, read_jsonl
 from jaxtrain.loop import EarlyStopping, fit
 from jaxtrain.models import CNN, MLP, from_linen
@@ -61,6 +62,10 @@ class TrainConfig:
     patience: int | None = None
     devices: int | None = None
     progress: bool = True
+    checkpoint: bool = True
+    save_every: int | None = None
+    keep: int = 3
+    nonfinite: str | None = None
 
     def validate(self) -> None:
         """Raises ValueError naming the field, the allowed values and the given one."""
@@ -83,7 +88,11 @@ class TrainConfig:
         for f in ("epochs", "batch_size", "eval_batch_size", "log_every"):
             if not isinstance(getattr(self, f), int) or getattr(self, f) < 1:
                 raise bad(f, "an integer >= 1")
-        for f in ("max_steps", "eval_every", "patience", "devices"):
+        if self.nonfinite not in (None, "skip", "raise"):
+            raise bad("nonfinite", "'skip', 'raise' or unset")
+        if not isinstance(self.keep, int) or self.keep < 1:
+            raise bad("keep", "an integer >= 1")
+        for f in ("max_steps", "eval_every", "patience", "devices", "save_every"):
             v = getattr(self, f)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise bad(f, "an integer >= 1 or unset")
@@ -127,11 +136,36 @@ def _prepare_out(out: str) -> None:
         ) from None
 
 
-def run(cfg: TrainConfig) -> dict[str, Any]:
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"
+
+
+def load_config(out: str) -> TrainConfig:
+    """The configuration a run in ``out`` was started with (``OUT/config.json``)."""
+    path = os.path.join(out, CONFIG_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(
+            f"resume: {out!r} has no {CONFIG_FILE}, so it is not a jaxtrain run folder "
+            "(or the run never started). Fix: pass the --out folder of an earlier run."
+        ) from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"resume: {path} is not valid JSON ({e}).") from None
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(saved) - known)
+    if unknown:
+        raise ValueError(f"resume: {path} has unknown keys {unknown}; was it written by jaxtrain?")
+    return TrainConfig(**saved)
+
+
+def run(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     """Trains, evaluates and writes the run folder.
 
     Args:
         cfg: the configuration (validated here).
+        resume: continue the run in ``cfg.out`` from its newest committed checkpoint.
 
     Returns:
         The summary dict (also written to ``OUT/summary.json``).
@@ -154,12 +188,29 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         optimizer,
         learning_rate_fn=schedule,
         mesh=mesh,
+        nonfinite=cfg.nonfinite,
     )
     eval_step = make_eval_step(classification_eval(model), mesh=mesh)
 
+    config = dataclasses.asdict(cfg)
+    ckpt_dir = os.path.join(cfg.out, CHECKPOINT_DIR)
+    checkpointer = None
+    if cfg.checkpoint or resume:
+        checkpointer = Checkpointer(ckpt_dir, keep_last=cfg.keep, best_metric="accuracy")
+        if resume and checkpointer.latest_step() is None:
+            checkpointer.close()
+            raise ValueError(
+                f"resume: no checkpoint in {ckpt_dir}: the run in {cfg.out!r} saved none yet. "
+                "Fix: start it again without --resume."
+            )
+    if not resume:
+        with open(os.path.join(cfg.out, CONFIG_FILE), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2)
+    resumed_from = checkpointer.latest_step() if resume else None
+
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
     t0 = time.perf_counter()
-    with JsonlWriter(metrics_path) as writer:
+    with JsonlWriter(metrics_path, mode="a" if resume else "w") as writer:
         state, history = fit(
             state,
             train_step,
@@ -174,8 +225,20 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             early_stopping=EarlyStopping("accuracy", "max", cfg.patience) if cfg.patience else None,
             writers=[writer],
             progress=cfg.progress,
+            checkpointer=checkpointer,
+            save_every=cfg.save_every,
+            save_at_epoch_end=cfg.checkpoint,
+            resume=resume,
+            config=config,
         )
+    if checkpointer is not None:
+        checkpointer.close()
     wall = time.perf_counter() - t0
+    # The whole history (restored part included), in the order it was logged.
+    records = sorted(history.train + history.eval, key=lambda r: (r["step"], r["split"] != "train"))
+    with JsonlWriter(metrics_path) as writer:
+        for r in records:
+            writer.write(r)
     plot_curves(
         read_jsonl(metrics_path),
         os.path.join(cfg.out, "curves.png"),
@@ -198,6 +261,9 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         "target_accuracy": TARGET_ACCURACY,
         "target_reached": final_test["accuracy"] >= TARGET_ACCURACY,
         "steps": int(jax.device_get(state.step)),
+        "resumed_from_step": resumed_from,
+        "skipped_steps": int(jax.device_get(state.skipped_steps)),
+        "params_sha256": state_digest(jax.device_get(state.params)),
         "epochs_completed": history.position.epoch,
         "stopped_early": history.stopped_early,
         "wall_seconds": wall,
@@ -209,7 +275,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         "device_count": mesh.size,
         "devices": [str(d) for d in mesh.devices.flat],
         "versions": versions(),
-        "config": dataclasses.asdict(cfg),
+        "config": config,
     }
     with open(os.path.join(cfg.out, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)

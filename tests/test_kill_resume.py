@@ -1,0 +1,123 @@
+"""Real kills: SIGKILL the CLI mid-epoch, right after a save began and during evaluation,
+resume it, and get bitwise the same final parameters as an uninterrupted run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+ARGS = [
+    "--model",
+    "mlp",
+    "--epochs",
+    "3",
+    "--save-every",
+    "10",
+    "--log-every",
+    "5",
+    "--no-progress",
+]  # 23 steps per epoch: saves at 10, 20, 23, 30, 40, 46, 50, 60, 69
+CLI = [sys.executable, "-m", "jaxtrain.cli", "train"]
+
+
+def _env(pause=None):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    env.pop("JAXTRAIN_DEBUG_PAUSE_AT", None)
+    if pause:
+        env["JAXTRAIN_DEBUG_PAUSE_AT"] = pause
+    return env
+
+
+def _run(args, pause=None, timeout=180):
+    res = subprocess.run(
+        CLI + args, capture_output=True, text=True, env=_env(pause), timeout=timeout
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    return res
+
+
+def _start_and_kill(out, pause, timeout=180):
+    """Starts a run that pauses at ``pause``, waits for that moment, then SIGKILLs it."""
+    proc = subprocess.Popen(
+        CLI + [*ARGS, "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=_env(pause),
+    )
+    deadline = time.monotonic() + timeout
+    try:
+        for line in proc.stdout:
+            if line.startswith("JAXTRAIN_PAUSED"):
+                break
+            assert time.monotonic() < deadline, "the run never reached its pause point"
+        else:
+            pytest.fail(f"run ended (code {proc.wait()}) without reaching {pause}")
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    _run([*ARGS, "--out", str(out)])
+    return json.loads((out / "summary.json").read_text()), out
+
+
+def _metrics_without_timing(out):
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    for r in recs:
+        r.pop("examples_per_second", None)
+    return recs
+
+
+SAVE_STEPS = {10, 20, 23, 30, 40, 46, 50, 60, 69}
+
+
+@pytest.mark.parametrize(
+    ("pause", "killed_at"),
+    [
+        ("step:37", 37),  # mid-epoch, between saves
+        ("save:5", 40),  # right after the 5th save (step 40) began, its write maybe in flight
+        ("eval:2", 46),  # during the evaluation at the end of epoch 2 (step 46)
+    ],
+)
+def test_sigkill_then_resume_is_bitwise_identical(tmp_path, uninterrupted, pause, killed_at):
+    full, full_out = uninterrupted
+    out = tmp_path / "run"
+    _start_and_kill(out, pause)
+    res = _run(["--resume", str(out), "--no-progress"])
+    resumed = json.loads((out / "summary.json").read_text())
+    # The newest *committed* checkpoint: an asynchronous write still in flight when the
+    # kill came is never used (orbax commits by renaming a finished temporary folder).
+    assert resumed["resumed_from_step"] in SAVE_STEPS
+    assert resumed["resumed_from_step"] <= killed_at
+    assert resumed["steps"] == full["steps"] == 69
+    assert resumed["params_sha256"] == full["params_sha256"]
+    assert resumed["test"] == full["test"]
+    assert _metrics_without_timing(out) == _metrics_without_timing(full_out)
+    assert "test accuracy:" in res.stdout.splitlines()[-1]
+
+
+def test_resume_rejects_new_options_and_missing_checkpoints(tmp_path):
+    res = subprocess.run(
+        CLI + ["--resume", str(tmp_path), "--epochs", "5"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=120,
+    )
+    assert res.returncode == 2
+    assert "--resume continues the saved configuration" in res.stderr and "--epochs" in res.stderr
+    res = subprocess.run(
+        CLI + ["--resume", str(tmp_path)], capture_output=True, text=True, env=_env(), timeout=120
+    )
+    assert res.returncode == 2
+    assert f"resume: {str(tmp_path)!r} has no config.json" in res.stderr
