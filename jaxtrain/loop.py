@@ -338,6 +338,7 @@ def fit(
     mesh = data_mesh() if mesh is None else mesh
     history = History()
     best_value, bad_evals = None, 0
+    restored_pending: list = []
     signature = _data_signature(train_data)
     if resume and (resume is True or checkpointer.latest_step() is not None):
         restored = checkpointer.restore(state, mesh=mesh)
@@ -355,6 +356,7 @@ def fit(
         history.best_eval = saved.get("best_eval")
         es = meta.get("early_stopping") or {}
         best_value, bad_evals = es.get("best"), int(es.get("bad_evals", 0))
+        restored_pending = list(meta.get("pending_metrics") or [])
     else:
         # A private copy: the step donates its input, and the caller's state (and the
         # params it was built from) must stay usable after fit returns.
@@ -372,7 +374,7 @@ def fit(
     last_epoch = math.inf if epochs is None else epochs
 
     bar = tqdm(total=total, disable=not progress, unit="step", dynamic_ncols=True, leave=True)
-    pending: list = []
+    pending: list = restored_pending
     interval_examples, interval_t0 = 0, time.perf_counter()
     t_start = interval_t0
     epoch, index = start.epoch, start.index
@@ -433,7 +435,6 @@ def fit(
         nonlocal last_save_step
         if checkpointer is None or last_save_step == step:
             return
-        log_train()  # so a resumed run's history lines up with an uninterrupted one
         pos = DataPosition(epoch, index)
         if per_epoch is not None and index >= per_epoch:
             pos = DataPosition(epoch + 1, 0)
@@ -449,6 +450,12 @@ def fit(
                 "best_eval": history.best_eval,
             },
             "early_stopping": {"best": best_value, "bad_evals": bad_evals},
+            # Metrics of steps since the last log record: a resumed run folds them into
+            # its next record exactly as the uninterrupted run would (a host read, but
+            # only at save time).
+            "pending_metrics": [
+                {k: np.asarray(v).item() for k, v in m.items()} for m in jax.device_get(pending)
+            ],
             "config": dict(config) if config else None,
         }
         checkpointer.save(step, state, meta=meta, eval_metrics=latest_eval)
@@ -503,10 +510,12 @@ def fit(
         history.stopped_early = bool(
             stop and early_stopping is not None and bad_evals >= early_stopping.patience
         )
+        # Save before this call's closing log record and evaluation: they belong to this
+        # call, and a run resumed from here must log exactly what an uninterrupted one does.
+        save()
         log_train()
         if eval_step is not None and last_eval_step != step:
             run_eval(epoch - 1 if index == 0 else epoch)
-        save()
         jax.block_until_ready(state)
     finally:
         bar.close()

@@ -1,0 +1,351 @@
+"""Checkpointer: exact round trips, keep-last + best, exact resume, corrupt and foreign
+checkpoints, no pickle, and restoring onto another device count."""
+
+import json
+import os
+import pathlib
+import pickle
+import subprocess
+import sys
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxtrain as jt
+from jaxtrain.checkpoint import Checkpointer, CheckpointError
+
+HERE = pathlib.Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def setup():
+    train, test = jt.load_digits()
+    train = {k: v[:320] for k, v in train.items()}  # 5 steps of 64 per epoch
+    model = jt.from_linen(jt.MLP(hidden=(32,), dropout=0.1))
+    params, _ = model.init(jax.random.key(0), train["x"][:1])
+    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(3e-3))
+    return {
+        "model": model,
+        "params": params,
+        "opt": opt,
+        "train_ds": jt.ArrayDataset(train, 64, seed=1),
+        "test_ds": jt.ArrayDataset(test, 120, shuffle=False),
+        "step": jt.make_train_step(jt.classification_loss(model), opt),
+        "eval": jt.make_eval_step(jt.classification_eval(model)),
+    }
+
+
+def _fresh(s):
+    return jt.TrainState.create(jax.tree.map(jnp.copy, s["params"]), s["opt"], 7)
+
+
+def _leaves_equal(a, b):
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb, strict=True):
+        assert np.asarray(x).dtype == np.asarray(y).dtype
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_round_trip_keeps_structure_dtypes_shapes_and_values(tmp_path, setup):
+    """Optax NamedTuple states, inject_hyperparams and a typed key come back as they were."""
+    opt = optax.chain(
+        optax.clip_by_global_norm(1.0),
+        optax.inject_hyperparams(optax.adamw)(learning_rate=1e-3),
+    )
+    state = jt.TrainState.create(
+        setup["params"], opt, 3, model_state={"key": jax.random.key(5), "n": jnp.arange(3)}
+    )
+    with Checkpointer(tmp_path) as ckpt:
+        assert ckpt.save(0, state, meta={"note": "hi"})
+        ckpt.wait()
+        target = jt.TrainState.create(
+            jax.tree.map(jnp.zeros_like, setup["params"]),
+            opt,
+            0,
+            model_state={"key": jax.random.key(0), "n": jnp.zeros(3, jnp.int32)},
+        )
+        r = ckpt.restore(target)
+    assert jax.tree.structure(r.state) == jax.tree.structure(state)
+    assert type(r.state.opt_state[1]).__name__ == type(state.opt_state[1]).__name__
+    assert jnp.issubdtype(r.state.model_state["key"].dtype, jax.dtypes.prng_key)
+    np.testing.assert_array_equal(
+        jax.random.key_data(r.state.model_state["key"]),
+        jax.random.key_data(state.model_state["key"]),
+    )
+    plain = lambda t: jax.tree.map(  # noqa: E731
+        lambda x: jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x, t
+    )
+    _leaves_equal(plain(r.state), plain(state))
+    assert r.meta["note"] == "hi" and r.step == 0
+    assert {"jax", "flax", "optax", "jaxtrain"} <= set(r.meta["versions"])
+
+
+def test_keep_last_k_plus_best(tmp_path, setup):
+    state = _fresh(setup)
+    with Checkpointer(tmp_path, keep_last=2, best_metric="accuracy") as ckpt:
+        for step, acc in [(1, 0.5), (2, 0.9), (3, 0.6), (4, 0.7), (5, 0.65)]:
+            ckpt.save(step, state.replace(step=jnp.int32(step)), eval_metrics={"accuracy": acc})
+        ckpt.wait()
+        assert ckpt.all_steps() == [2, 4, 5]
+        assert ckpt.best_step() == 2 and ckpt.latest_step() == 5
+    with Checkpointer(tmp_path / "min", keep_last=1, best_metric="loss", best_mode="min") as c:
+        for step, loss in [(1, 0.5), (2, 0.2), (3, 0.6)]:
+            c.save(step, state, eval_metrics={"loss": loss})
+        c.wait()
+        assert c.all_steps() == [2, 3] and c.best_step() == 2
+
+
+def test_resume_is_bitwise_identical_with_same_history(tmp_path, setup):
+    s = setup
+    common = dict(
+        eval_step=s["eval"], eval_data=s["test_ds"], log_every=2, progress=False, save_every=3
+    )
+    with Checkpointer(tmp_path / "a") as ca:
+        full, hist_full = jt.fit(
+            _fresh(s), s["step"], s["train_ds"], epochs=4, checkpointer=ca, **common
+        )
+    with Checkpointer(tmp_path / "b") as cb:
+        _, h1 = jt.fit(
+            _fresh(s), s["step"], s["train_ds"], epochs=4, num_steps=8, checkpointer=cb, **common
+        )
+        assert cb.latest_step() == 8
+        # A different starting state to prove everything comes from the checkpoint.
+        other = jt.TrainState.create(jax.tree.map(jnp.ones_like, s["params"]), s["opt"], 99)
+        resumed, hist = jt.fit(
+            other, s["step"], s["train_ds"], epochs=4, checkpointer=cb, resume=True, **common
+        )
+    assert int(resumed.step) == int(full.step) == 20
+    _leaves_equal(resumed.params, full.params)
+    _leaves_equal(resumed.opt_state, full.opt_state)
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "examples_per_second"} for r in rs]  # noqa: E731
+    assert strip(hist.train) == strip(hist_full.train)
+    assert hist.eval == hist_full.eval
+    assert hist.position == hist_full.position == jt.DataPosition(4, 0)
+    assert s["step"].trace_count == 1
+
+
+def test_resume_needs_a_checkpoint_and_the_same_data(tmp_path, setup):
+    s = setup
+    with Checkpointer(tmp_path) as c:
+        with pytest.raises(CheckpointError, match="no checkpoint to restore in .*no committed"):
+            jt.fit(
+                _fresh(s),
+                s["step"],
+                s["train_ds"],
+                epochs=1,
+                checkpointer=c,
+                resume=True,
+                progress=False,
+            )
+        # resume="auto" starts afresh when there is none.
+        st, _ = jt.fit(
+            _fresh(s),
+            s["step"],
+            s["train_ds"],
+            epochs=1,
+            checkpointer=c,
+            resume="auto",
+            progress=False,
+        )
+        assert c.latest_step() == 5
+        other_ds = jt.ArrayDataset(s["train_ds"].arrays, 64, seed=2)
+        with pytest.raises(ValueError, match="cannot resume exactly: the checkpoint at step 5"):
+            jt.fit(
+                _fresh(s),
+                s["step"],
+                other_ds,
+                epochs=2,
+                checkpointer=c,
+                resume=True,
+                progress=False,
+            )
+    with pytest.raises(ValueError, match="resume and save_every need a checkpointer"):
+        jt.fit(_fresh(s), s["step"], s["train_ds"], epochs=1, resume=True, progress=False)
+
+
+def test_pending_save_is_committed_when_fit_raises(tmp_path, setup):
+    s = setup
+
+    def boom(state, history):
+        raise KeyboardInterrupt  # what Ctrl-C raises
+
+    with Checkpointer(tmp_path) as c:
+        with pytest.raises(KeyboardInterrupt):
+            jt.fit(
+                _fresh(s),
+                s["step"],
+                s["train_ds"],
+                num_steps=20,
+                save_every=4,
+                hooks=[jt.PeriodicHook(6, boom)],
+                checkpointer=c,
+                progress=False,
+            )
+        assert c.all_steps() == [4, 5]  # every 4 steps and at the epoch end (5 steps)
+        assert int(c.restore(_fresh(s)).state.step) == 5
+
+
+# -- corrupt and foreign checkpoints -------------------------------------------------
+
+
+@pytest.fixture
+def three_checkpoints(tmp_path, setup):
+    state = _fresh(setup)
+    with Checkpointer(tmp_path, keep_last=5) as c:
+        for step in (10, 20, 30):
+            c.save(step, state.replace(step=jnp.int32(step)))
+    return tmp_path, state
+
+
+def _array_files(step_dir):
+    return [p for p in (step_dir / "state").rglob("*") if p.is_file() and "/d/" in str(p)]
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("truncate", "step 30 .*(cannot be read|does not match the SHA-256)"),
+        ("delete", "step 30 .*(cannot be read|missing)"),
+        ("garbage_meta", "step 30 .*metadata .* is not valid JSON"),
+        ("missing_meta", "step 30 .*metadata file .* is missing"),
+        ("garbage_array_metadata", "step 30 .*array metadata cannot be read"),
+        ("flip_bytes", "step 30 .*(does not match the SHA-256|cannot be read)"),
+    ],
+)
+def test_corrupt_checkpoint_is_an_error_and_fallback_says_so(three_checkpoints, damage, message):
+    root, state = three_checkpoints
+    step_dir = root / "30"
+    if damage == "truncate":
+        for f in _array_files(step_dir):
+            f.write_bytes(f.read_bytes()[: max(1, f.stat().st_size // 3)])
+    elif damage == "delete":
+        for f in _array_files(step_dir):
+            f.unlink()
+    elif damage == "garbage_meta":
+        (step_dir / "meta" / "metadata").write_bytes(b"\x00\xffnot json")
+    elif damage == "missing_meta":
+        (step_dir / "meta" / "metadata").unlink()
+    elif damage == "garbage_array_metadata":
+        (step_dir / "state" / "_METADATA").write_text("{garbage")
+    elif damage == "flip_bytes":
+        for f in _array_files(step_dir):
+            b = bytearray(f.read_bytes())
+            b[len(b) // 2] ^= 0xFF
+            f.write_bytes(bytes(b))
+    with Checkpointer(root, keep_last=5) as c:
+        with pytest.raises(CheckpointError, match=message):
+            c.restore(state)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            r = c.restore(state, fallback=True)
+        assert r.step == 20 and list(r.skipped) == [30]
+        assert int(r.state.step) == 20
+        said = " ".join(str(w.message) for w in caught)
+        assert "restored checkpoint step 20 instead of newer step(s) [30]" in said
+
+
+def test_checkpoint_of_another_model_names_leaf_and_shapes(tmp_path, setup):
+    with Checkpointer(tmp_path) as c:
+        c.save(5, _fresh(setup))
+        c.wait()
+        bigger = jt.from_linen(jt.MLP(hidden=(48,)))
+        p, _ = bigger.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
+        target = jt.TrainState.create(p, setup["opt"], 0)
+        with pytest.raises(CheckpointError) as e:
+            c.restore(target)
+    msg = str(e.value)
+    assert "checkpoint step 5" in msg
+    assert (
+        "leaf 'params.Dense_0.bias': saved shape (32,) dtype float32, expected shape (48,)" in msg
+    )
+    with Checkpointer(tmp_path) as c:
+        other_opt = jt.TrainState.create(setup["params"], optax.sgd(0.1), 0)
+        with pytest.raises(CheckpointError, match="different state structure: missing leaves"):
+            c.restore(other_opt)
+        fresh = _fresh(setup)
+        f16 = fresh.replace(params=jax.tree.map(lambda x: x.astype(jnp.float16), fresh.params))
+        with pytest.raises(
+            CheckpointError, match="saved shape .* dtype float32, expected .* float16"
+        ):
+            c.restore(f16)
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, (f"touch {_Exploit.marker}",))
+
+
+def test_pickle_where_a_checkpoint_is_expected_is_never_executed(tmp_path, setup):
+    marker = tmp_path / "pwned"
+    _Exploit.marker = marker
+    payload = pickle.dumps(_Exploit())
+    root = tmp_path / "ckpts"
+    with Checkpointer(root) as c:
+        c.save(10, _fresh(setup))
+    # A "newer checkpoint" made of pickles, under every name a loader might open.
+    evil = root / "40"
+    for rel in (
+        "meta/metadata",
+        "state/_METADATA",
+        "state/checkpoint",
+        "_CHECKPOINT_METADATA",
+        "state/manifest.ocdbt",
+        "checkpoint.pkl",
+    ):
+        (evil / rel).parent.mkdir(parents=True, exist_ok=True)
+        (evil / rel).write_bytes(payload)
+    with Checkpointer(root) as c:
+        with pytest.raises(CheckpointError, match="step 40"):
+            c.restore(_fresh(setup), step=40)
+        r = c.restore(_fresh(setup), fallback=True)
+        assert r.step == 10
+    assert not marker.exists()
+
+
+def test_no_pickle_import_in_the_library():
+    import ast
+
+    for path in (HERE.parent / "jaxtrain").rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            for n in names:
+                assert n.split(".")[0] not in {"pickle", "cloudpickle", "dill", "joblib"}, path
+
+
+def test_partial_save_is_never_the_latest(tmp_path, setup):
+    """A save killed mid-write leaves orbax's temporary folder, which is not a checkpoint."""
+    with Checkpointer(tmp_path) as c:
+        c.save(10, _fresh(setup))
+    partial = tmp_path / "20.orbax-checkpoint-tmp-1234567"
+    partial.mkdir()
+    (partial / "state").mkdir()
+    with Checkpointer(tmp_path) as c:
+        assert c.all_steps() == [10]
+        assert c.restore(_fresh(setup)).step == 10
+
+
+def test_restore_onto_another_device_count():
+    """8 virtual CPU devices -> 1 and 1 -> 8, bitwise (subprocess: the flag needs a fresh jax)."""
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"
+    )
+    res = subprocess.run(
+        [sys.executable, str(HERE / "_reshard_script.py")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out == {"devices": 8, "8_to_1": [1, True], "1_to_8": [8, True]}
