@@ -57,6 +57,14 @@ class ArrayDataset:
         seed: int seed of the shuffle.
         drop_remainder: drop the last partial batch instead of padding it (training
             only; never for evaluation).
+        num_classes: when given, ``arrays[label_key]`` must hold integers in
+            ``[0, num_classes)`` (checked once here, not in the compiled step).
+        label_key: the labels' entry for that check.
+
+    Raises:
+        ValueError: for an empty data set, unequal lengths, a bad batch size, NaN or
+            Inf in floating-point arrays, or labels out of range — each message names
+            the entry, the offending value and the fix.
 
     Example:
         >>> import numpy as np
@@ -73,6 +81,8 @@ class ArrayDataset:
         shuffle: bool = True,
         seed: int = 0,
         drop_remainder: bool = False,
+        num_classes: int | None = None,
+        label_key: str = "y",
     ):
         if not isinstance(arrays, Mapping) or not arrays:
             raise ValueError(
@@ -98,6 +108,15 @@ class ArrayDataset:
         self.shuffle = bool(shuffle)
         self.seed = _check_int("seed", seed, 0)
         self.drop_remainder = bool(drop_remainder)
+        for k, v in self.arrays.items():
+            if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all():
+                bad = np.argwhere(~np.isfinite(v))[0]
+                raise ValueError(
+                    f"arrays[{k!r}] contains NaN or Inf (first at index {tuple(int(i) for i in bad)}: "
+                    f"{v[tuple(bad)]}). Fix: clean or impute the data before training."
+                )
+        if num_classes is not None:
+            check_labels(self.arrays.get(label_key), num_classes, label_key)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -152,6 +171,25 @@ class ArrayDataset:
 
     def __len__(self) -> int:
         return self.steps_per_epoch
+
+
+def check_labels(labels: Any, num_classes: int, name: str = "y") -> None:
+    """Raises a clear error unless ``labels`` are integers in ``[0, num_classes)``."""
+    if labels is None:
+        raise ValueError(f"labels {name!r} are missing from the data set.")
+    labels = np.asarray(labels)
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise TypeError(
+            f"labels {name!r} must be integers (class indices); got dtype {labels.dtype}. "
+            f"Fix: {name} = {name}.astype(np.int32)."
+        )
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        bad = labels[(labels < 0) | (labels >= num_classes)][0]
+        raise ValueError(
+            f"labels {name!r} must be in [0, {num_classes}) for {num_classes} classes; "
+            f"found {int(bad)} (min {int(labels.min())}, max {int(labels.max())}). "
+            "Fix: remap the labels or raise num_classes."
+        )
 
 
 def train_test_split_stratified(

@@ -177,7 +177,7 @@ def run(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     _prepare_out(cfg.out)
 
     train, test = data_lib.load_digits(seed=cfg.split_seed)
-    train_ds = data_lib.ArrayDataset(train, cfg.batch_size, seed=cfg.seed)
+    train_ds = data_lib.ArrayDataset(train, cfg.batch_size, seed=cfg.seed, num_classes=10)
     test_ds = data_lib.ArrayDataset(test, cfg.eval_batch_size, shuffle=False)
     model = _model(cfg)
     params, model_state = init_model(model, cfg.seed, train["x"][:1])

@@ -145,12 +145,44 @@ def _num_real(batch: Mapping[str, Any]) -> int:
     return int(np.shape(first)[0])
 
 
-def _prefetch(batches: Iterable[Mapping[str, Any]], mesh: Mesh, depth: int = 2):
+class _SameShapes:
+    """Host-side check that every batch has the first batch's entries, shapes and dtypes.
+
+    A batch of another shape would silently recompile the step (the classic JAX loop
+    bug); here it is an error that says which entry differs.
+    """
+
+    def __init__(self):
+        self.spec: dict[str, tuple] | None = None
+
+    def __call__(self, batch: Mapping[str, Any]) -> None:
+        spec = {
+            k: (tuple(np.shape(v)), str(getattr(v, "dtype", type(v).__name__)))
+            for k, v in batch.items()
+        }
+        if self.spec is None:
+            self.spec = spec
+        elif spec != self.spec:
+            diff = {
+                k: (self.spec.get(k), spec.get(k))
+                for k in set(spec) | set(self.spec)
+                if self.spec.get(k) != spec.get(k)
+            }
+            raise ValueError(
+                "every batch must have the same entries, shapes and dtypes (a new shape "
+                f"recompiles the step); (first batch, this batch) differ for {diff}. Fix: "
+                "pad the last batch and mask it (ArrayDataset does this)."
+            )
+
+
+def _prefetch(batches: Iterable[Mapping[str, Any]], mesh: Mesh, depth: int = 2, check: Any = None):
     """Puts batches on the devices ``depth - 1`` ahead so transfer overlaps compute."""
     queue: collections.deque = collections.deque()
     for b in batches:
         if not isinstance(b, Mapping):
             raise TypeError(f"each batch must be a dict of arrays; got {type(b).__name__}.")
+        if check is not None:
+            check(b)
         queue.append((_num_real(b), shard_batch(b, mesh)))
         if len(queue) >= depth:
             yield queue.popleft()
@@ -463,10 +495,12 @@ def fit(
         _debug_pause("save")
 
     stop = False
+    same_shapes = _SameShapes()
     try:
         while epoch < last_epoch and not stop and (num_steps is None or step < num_steps):
             ran_in_epoch = 0
-            for n_real, batch in _prefetch(_epoch_batches(train_data, epoch, index), mesh):
+            batches = _epoch_batches(train_data, epoch, index)
+            for n_real, batch in _prefetch(batches, mesh, check=same_shapes):
                 t0 = time.perf_counter()
                 state, step_metrics = train_step(state, batch)
                 if history.steps == 0:

@@ -16,6 +16,30 @@ from jaxtrain import losses
 from jaxtrain.models.adapters import Model
 
 
+def _get(batch, key: str, what: str):
+    """``batch[key]``, or an error that lists what the batch has (trace time)."""
+    if key not in batch:
+        raise KeyError(
+            f"the batch has no {key!r} entry ({what}); it has {sorted(batch)}. Fix: "
+            f"yield dict batches with {key!r} (e.g. ArrayDataset({{'x': inputs, 'y': labels}}, ...))."
+        )
+    return batch[key]
+
+
+def _check_labels(logits, labels) -> None:
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise TypeError(
+            f"batch['y'] must hold integer class indices; got dtype {labels.dtype}. "
+            "Fix: labels.astype(np.int32)."
+        )
+    if tuple(labels.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"batch['y'] has shape {tuple(labels.shape)} but the model's logits have shape "
+            f"{tuple(logits.shape)}: labels must have the logits' shape without the last "
+            "(class) axis."
+        )
+
+
 def classification_loss(model: Model, label_smoothing: float = 0.0) -> Callable:
     """``loss_fn(params, batch, *, rng, model_state) -> (loss, aux)`` for classification.
 
@@ -31,10 +55,12 @@ def classification_loss(model: Model, label_smoothing: float = 0.0) -> Callable:
     """
 
     def loss_fn(params, batch, *, rng, model_state):
-        logits, new_model_state = model.apply(params, model_state, batch["x"], train=True, rng=rng)
+        x, y = _get(batch, "x", "model inputs"), _get(batch, "y", "integer labels")
+        logits, new_model_state = model.apply(params, model_state, x, train=True, rng=rng)
+        _check_labels(logits, y)
         mask = batch.get("mask")
-        loss = losses.softmax_cross_entropy(logits, batch["y"], mask, label_smoothing)
-        acc = losses.accuracy(logits, batch["y"], mask)
+        loss = losses.softmax_cross_entropy(logits, y, mask, label_smoothing)
+        acc = losses.accuracy(logits, y, mask)
         return loss, {"accuracy": acc, "model_state": new_model_state}
 
     return loss_fn
@@ -49,10 +75,12 @@ def classification_eval(model: Model) -> Callable:
     """
 
     def eval_fn(params, batch, *, model_state):
-        logits, _ = model.apply(params, model_state, batch["x"], train=False)
+        x, y = _get(batch, "x", "model inputs"), _get(batch, "y", "integer labels")
+        logits, _ = model.apply(params, model_state, x, train=False)
+        _check_labels(logits, y)
         return {
-            "loss": losses.cross_entropy_per_example(logits, batch["y"]),
-            "accuracy": losses.correct(logits, batch["y"]),
+            "loss": losses.cross_entropy_per_example(logits, y),
+            "accuracy": losses.correct(logits, y),
         }
 
     return eval_fn
@@ -62,8 +90,14 @@ def regression_loss(model: Model) -> Callable:
     """Mean-squared-error ``loss_fn`` (``torch.nn.MSELoss`` semantics)."""
 
     def loss_fn(params, batch, *, rng, model_state):
-        pred, new_model_state = model.apply(params, model_state, batch["x"], train=True, rng=rng)
-        loss = losses.mean_squared_error(pred, batch["y"], batch.get("mask"))
+        x, y = _get(batch, "x", "model inputs"), _get(batch, "y", "regression targets")
+        pred, new_model_state = model.apply(params, model_state, x, train=True, rng=rng)
+        if tuple(pred.shape) != tuple(y.shape):
+            raise ValueError(
+                f"batch['y'] has shape {tuple(y.shape)} but the model predicts shape "
+                f"{tuple(pred.shape)}; they must be equal for the squared error."
+            )
+        loss = losses.mean_squared_error(pred, y, batch.get("mask"))
         return loss, {"model_state": new_model_state}
 
     return loss_fn

@@ -38,6 +38,44 @@ class Model:
     name: str = "model"
 
 
+class _InputSpec:
+    """Remembers the per-example input shape and dtype kind seen by ``init``.
+
+    ``apply`` compares against it at trace time (shapes are static there), so feeding
+    a model inputs of another rank, shape or kind fails with a message naming both,
+    instead of a shape error deep inside a layer — or a silent dtype promotion.
+    """
+
+    def __init__(self, name: str):
+        self.name = name
+        self.shape: tuple[int, ...] | None = None
+        self.kind: str | None = None
+
+    def record(self, x: Any) -> None:
+        if hasattr(x, "shape") and hasattr(x, "dtype") and len(x.shape) >= 1:
+            self.shape, self.kind = tuple(x.shape[1:]), x.dtype.kind
+
+    def check(self, x: Any) -> None:
+        if self.shape is None or not hasattr(x, "shape"):
+            return
+        # Token ids ([B, T] ints) may be shorter than at init; other inputs must match.
+        if len(x.shape) - 1 != len(self.shape) or (
+            x.dtype.kind not in "iu" and tuple(x.shape[1:]) != self.shape
+        ):
+            raise ValueError(
+                f"{self.name} was initialised with inputs of shape [batch, "
+                f"{', '.join(map(str, self.shape))}] but got shape {list(x.shape)}. Fix: "
+                "give inputs of the shape used at init (check the batch's 'x' layout: NHWC "
+                "images, flattened features, token ids)."
+            )
+        if (x.dtype.kind in "iu") != (self.kind in "iu"):
+            raise TypeError(
+                f"{self.name} was initialised with {'integer' if self.kind in 'iu' else 'float'} "
+                f"inputs but got dtype {x.dtype}. Fix: cast the inputs (e.g. images to float32, "
+                "token ids to int32)."
+            )
+
+
 def _takes_kwarg(fn: Callable, name: str) -> bool:
     try:
         return name in inspect.signature(fn).parameters
@@ -67,12 +105,16 @@ def from_linen(module: Any) -> Model:
     def _kwargs(train: bool) -> dict:
         return {"train": train} if takes_train else {}
 
+    spec = _InputSpec(type(module).__name__)
+
     def init(rng, x):
+        spec.record(x)
         variables = dict(module.init({"params": rng, "dropout": rng}, x, **_kwargs(False)))
         params = variables.pop("params", {})
         return params, variables
 
     def apply(params, model_state, x, *, train=False, rng=None):
+        spec.check(x)
         variables = {"params": params, **model_state}
         rngs = {"dropout": rng} if rng is not None else None
         if train and model_state:
@@ -150,7 +192,10 @@ def from_function(
     if not callable(fn):
         raise TypeError(f"from_function expects a callable (params, x) -> y; got {fn!r}.")
 
+    spec = _InputSpec(name or getattr(fn, "__name__", "model"))
+
     def init(rng, x):
+        spec.record(x)
         if init_fn is None:
             raise ValueError(
                 f"{name or getattr(fn, '__name__', 'model')} has no init_fn: pass "
@@ -160,6 +205,7 @@ def from_function(
 
     def apply(params, model_state, x, *, train=False, rng=None):
         del train, rng
+        spec.check(x)
         return fn(params, x), model_state
 
     return Model(init, apply, name=name or getattr(fn, "__name__", "function"))
