@@ -311,8 +311,8 @@ def _sample_step(apply_fn, params, model_state, window, n, key, i, temperature):
     """One token: ``window`` int32 ``[M]`` holds ``n`` tokens left-aligned (1 <= n <= M).
 
     Returns ``(token, new_window, new_n)``: the token sampled with ``fold_in(key, i)``
-    from the logits at position ``n - 1``, appended at ``n`` (or, when the window is full, the window
-    shifted left by one and the token put last).
+    from the logits at position ``n - 1``, appended at index ``n`` (or, when the window
+    is full, the window shifted left by one and the token put last).
     """
     sample_step._count_trace()  # trace time only: counts compilations
     logits, _ = apply_fn(params, model_state, window[None], train=False)  # [1, M, V]

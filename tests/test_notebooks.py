@@ -1,0 +1,108 @@
+"""Every notebook runs top to bottom (tiny sizes) and is committed without outputs."""
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
+KERNEL = "python3"
+PROBE = "import sys; print(sys.executable)"
+
+
+def _install_kernel_spec(root: Path) -> None:
+    """Writes a 'python3' kernel spec under ``root`` that runs *this* interpreter.
+
+    Jupyter looks for kernel specs in $JUPYTER_PATH first, so a fresh CI venv needs no
+    ``python -m ipykernel install`` step, and a user-wide 'python3' spec pointing at
+    another Python cannot be picked up by mistake.
+    """
+    spec_dir = root / "kernels" / KERNEL
+    spec_dir.mkdir(parents=True)
+    spec = {
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "Python 3 (jaxtrain tests)",
+        "language": "python",
+        "env": {"JAXTRAIN_SMALL": "1", "MPLBACKEND": "Agg"},
+    }
+    (spec_dir / "kernel.json").write_text(json.dumps(spec))
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory):
+    """Each notebook executed once with JAXTRAIN_SMALL=1: ``{name: executed notebook}``.
+
+    A probe cell, added in memory only, records which interpreter the kernel runs.
+    """
+    root = tmp_path_factory.mktemp("jupyter")
+    _install_kernel_spec(root)
+    out = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("JUPYTER_PATH", str(root))
+        mp.setenv("JAXTRAIN_SMALL", "1")
+        for path in NOTEBOOKS:
+            nb = nbformat.read(path, as_version=4)
+            nb.cells.insert(0, nbformat.v4.new_code_cell(PROBE))
+            client = NotebookClient(
+                nb,
+                kernel_name=KERNEL,
+                timeout=240,
+                startup_timeout=120,
+                resources={"metadata": {"path": str(path.parent)}},
+            )
+            client.execute()  # raises CellExecutionError, with the traceback, on any error
+            out[path.name] = nb
+    return out
+
+
+def _text(cell) -> str:
+    return "".join(
+        o.get("text", "") + str(o.get("data", {}).get("text/plain", "")) for o in cell.outputs
+    )
+
+
+def test_there_are_notebooks():
+    assert NOTEBOOKS, "no notebooks/*.ipynb found"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_is_committed_stripped(path):
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    assert nb.metadata["kernelspec"]["name"] == KERNEL
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code
+    dirty = [i for i, c in enumerate(code) if c.outputs or c.execution_count is not None]
+    assert not dirty, f"{path.name}: strip outputs before committing (code cells {dirty})"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_runs_in_this_python(path, executed):
+    nb = executed[path.name]
+    probe, *code = [c for c in nb.cells if c.cell_type == "code"]
+    assert _text(probe).strip() == sys.executable
+    assert not [o for c in code for o in c.outputs if o.output_type == "error"]
+    assert all(c.execution_count for c in code)  # every cell ran
+    assert any(c.outputs for c in code)
+
+
+def test_quickstart_trains_and_reports(executed):
+    cells = executed["01_quickstart.ipynb"].cells
+    text = "".join(_text(c) for c in cells if c.cell_type == "code")
+    assert "compilations so far: 1" in text
+    assert "train compilations: 1" in text  # the manual step and fit share one compilation
+    match = re.search(r"test loss (\d+\.\d+)\s+test accuracy (\d\.\d+)", text)
+    assert match, text[-2000:]
+    assert 0.0 <= float(match.group(2)) <= 1.0
+    images = [
+        o
+        for c in cells
+        if c.cell_type == "code"
+        for o in c.outputs
+        if "image/png" in o.get("data", {})
+    ]
+    assert images, "the curves cell shows no image"
