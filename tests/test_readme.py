@@ -31,7 +31,7 @@ def test_ci_runs_the_readme_test_line():
     assert 'eval "$test_line"' in script
 
 
-def test_readme_python_blocks_run():
+def test_readme_python_blocks_run(tmp_path, monkeypatch):
     """Runs the API tour with fewer epochs (same code otherwise)."""
     blocks = re.findall(r"```python\n(.*?)```", README, re.S)
     assert len(blocks) >= 3
@@ -51,3 +51,22 @@ def test_readme_python_blocks_run():
     batch = next(ns["jt"].ArrayDataset(ns["train"], 64).batches(0))
     new_state, metrics = step(ns["state"], batch)
     assert {"loss", "accuracy", "grad_norm"} <= set(metrics)
+    # The checkpoint block: same code, two epochs, in a temporary folder.
+    ckpt_block = next(b for b in blocks if "Checkpointer(" in b)
+    assert "epochs=40" in ckpt_block
+    monkeypatch.chdir(tmp_path)
+    ns["train_ds"] = ns["jt"].ArrayDataset(ns["train"], 64, seed=0)
+    ns["test_ds"] = ns["jt"].ArrayDataset(ns["test"], 120, shuffle=False)
+    ns["state"] = new_state.replace(step=new_state.step * 0)  # a live state at step 0
+    for _ in range(2):  # the second run resumes from the first one's checkpoints
+        exec(
+            compile(
+                ckpt_block.replace("epochs=40", "epochs=2, progress=False"), "README.md", "exec"
+            ),
+            ns,
+        )
+    assert int(ns["state"].step) == 2 * 23
+    assert sorted(p.name for p in (tmp_path / "ckpts").iterdir() if p.name.isdigit()) == [
+        "23",
+        "46",
+    ]
