@@ -6,7 +6,8 @@ through an explicit `TrainState` by a jit-compiled ``train_step(state, batch)``.
 
 from jaxtrain import losses, metrics, models
 from jaxtrain.data import ArrayDataset, DataPosition, load_digits
-from jaxtrain.logging import JsonlWriter, read_jsonl
+from jaxtrain.doctor import preflight
+from jaxtrain.logging import CsvWriter, JsonlWriter, TensorBoardWriter, read_csv, read_jsonl
 from jaxtrain.loop import EarlyStopping, History, PeriodicHook, evaluate, fit
 from jaxtrain.models import (
     CNN,
@@ -20,7 +21,7 @@ from jaxtrain.models import (
 from jaxtrain.parallel import data_mesh, replicate, shard_batch
 from jaxtrain.plots import plot_curves
 from jaxtrain.state import TrainState
-from jaxtrain.step import CompiledStep, make_eval_step, make_train_step
+from jaxtrain.step import CompiledStep, make_eval_step, make_train_step, make_train_steps
 from jaxtrain.tasks import (
     classification_eval,
     classification_loss,
@@ -36,12 +37,14 @@ __all__ = [
     "MLP",
     "ArrayDataset",
     "CompiledStep",
+    "CsvWriter",
     "DataPosition",
     "EarlyStopping",
     "History",
     "JsonlWriter",
     "Model",
     "PeriodicHook",
+    "TensorBoardWriter",
     "TrainState",
     "TransformerLM",
     "__version__",
@@ -58,9 +61,12 @@ __all__ = [
     "losses",
     "make_eval_step",
     "make_train_step",
+    "make_train_steps",
     "metrics",
     "models",
     "plot_curves",
+    "preflight",
+    "read_csv",
     "read_jsonl",
     "regression_eval",
     "regression_loss",

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from jaxtrain import metrics as metrics_lib
 from jaxtrain.data import MASK_KEY, ArrayDataset, DataPosition
-from jaxtrain.parallel import data_mesh, replicate, shard_batch
+from jaxtrain.parallel import check_batch_size, data_mesh, replicate, shard_batch
 from jaxtrain.state import TrainState
 from jaxtrain.step import CompiledStep
 
@@ -190,6 +190,66 @@ def _prefetch(batches: Iterable[Mapping[str, Any]], mesh: Mesh, depth: int = 2, 
         yield queue.popleft()
 
 
+def _stack(group: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
+    return {k: np.stack([np.asarray(b[k]) for b in group]) for k in group[0]}
+
+
+def _prefetch_calls(
+    batches: Iterable[Mapping[str, Any]],
+    mesh: Mesh,
+    steps_per_call: int | None,
+    max_steps: float,
+    check: Any,
+) -> Iterator[tuple[int, int, Any]]:
+    """Yields ``(k, real examples, device batch)`` per call, one call ahead.
+
+    ``steps_per_call=None``: one batch per call. Otherwise up to K batches stacked
+    ``[k, B, ...]`` and sharded ``P(None, "data")``; a group never crosses the end of
+    the epoch or of the step budget (``max_steps``), so a shorter last group may come.
+    """
+    if steps_per_call is None:
+        left = max_steps
+        for n_real, batch in _prefetch(batches, mesh, check=check):
+            if left <= 0:
+                return
+            left -= 1
+            yield 1, n_real, batch
+        return
+
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    sharding = NamedSharding(mesh, PartitionSpec(None, "data"))
+
+    def groups():
+        left, group = max_steps, []
+        for b in batches:
+            if left <= 0:
+                break
+            if not isinstance(b, Mapping):
+                raise TypeError(f"each batch must be a dict of arrays; got {type(b).__name__}.")
+            check(b)
+            group.append(b)
+            left -= 1
+            if len(group) == steps_per_call:
+                yield group
+                group = []
+        if group:
+            yield group
+
+    queue: collections.deque = collections.deque()
+    for group in groups():
+        stacked = _stack(group)
+        for v in stacked.values():
+            check_batch_size(v.shape[1], mesh)
+        queue.append(
+            (len(group), sum(_num_real(b) for b in group), jax.device_put(stacked, sharding))
+        )
+        if len(queue) >= 2:
+            yield queue.popleft()
+    while queue:
+        yield queue.popleft()
+
+
 def evaluate(
     eval_step: CompiledStep | Callable,
     state: TrainState,
@@ -227,11 +287,28 @@ _merge = jax.jit(metrics_lib.merge)
 _LAST_VALUE_METRICS = ("learning_rate", "skipped_steps")
 
 
+def per_step_metrics(pending: Sequence[Mapping[str, Any]]) -> list[dict[str, np.ndarray]]:
+    """Reads metrics back (one transfer) as one dict per step.
+
+    Fused calls (`make_train_steps`) return metrics stacked ``[k]``; single steps
+    return scalars. Either way the result has one entry per training step.
+    """
+    out = []
+    for m in jax.device_get(list(pending)):
+        arrays = {k: np.asarray(v) for k, v in m.items()}
+        n = max((a.shape[0] for a in arrays.values() if a.ndim), default=0)
+        if n:
+            out.extend({k: a[i] if a.ndim else a for k, a in arrays.items()} for i in range(n))
+        else:
+            out.append(arrays)
+    return out
+
+
 def _mean_records(
     pending: Sequence[Mapping[str, Any]], first_step: int, train_step: Any
 ) -> dict[str, float]:
     """Means over a logging interval (one host transfer); checks the non-finite guard."""
-    host = jax.device_get(list(pending))  # the one host sync of a logging interval
+    host = per_step_metrics(pending)  # the one host sync of a logging interval
     if getattr(train_step, "nonfinite_policy", None) == "raise":
         for i, m in enumerate(host):
             idx = int(m.get("nonfinite", -1))
@@ -266,6 +343,11 @@ def _debug_pause(event: str) -> None:
     if name == event and _debug_counts[event] == int(n or 1):
         print(f"JAXTRAIN_PAUSED {event} {_debug_counts[event]}", flush=True)
         time.sleep(3600)
+
+
+def _crossed(every: int | None, before: int, after: int) -> bool:
+    """Whether a multiple of ``every`` lies in ``(before, after]`` (k steps per call)."""
+    return every is not None and after // every > before // every
 
 
 def _data_signature(data: Any) -> dict[str, Any] | None:
@@ -407,6 +489,7 @@ def fit(
 
     bar = tqdm(total=total, disable=not progress, unit="step", dynamic_ncols=True, leave=True)
     pending: list = restored_pending
+    pending_count = len(restored_pending)  # steps in `pending` (a fused call holds k)
     interval_examples, interval_t0 = 0, time.perf_counter()
     t_start = interval_t0
     epoch, index = start.epoch, start.index
@@ -417,24 +500,32 @@ def fit(
         for w in writers:
             w.write(record)
 
-    def log_train() -> None:
-        nonlocal pending, interval_examples, interval_t0
-        if not pending:
-            return
-        record = {
-            "step": step,
-            "epoch": epoch,
-            "split": "train",
-            **_mean_records(pending, step - len(pending), train_step),
-        }
-        now = time.perf_counter()
-        record["examples_per_second"] = interval_examples / max(now - interval_t0, 1e-9)
-        pending, interval_examples, interval_t0 = [], 0, now
-        history.train.append(record)
-        emit(record)
-        bar.set_postfix(
-            loss=f"{record['loss']:.4f}", ex_s=f"{record['examples_per_second']:.0f}", refresh=False
-        )
+    lagged: list = []  # closed logging intervals whose metrics are not read back yet
+
+    def emit_closed(keep: int = 0) -> None:
+        """Reads back and records closed intervals, all but the newest ``keep``."""
+        while len(lagged) > keep:
+            at, ep, metrics, first, ex_s = lagged.pop(0)
+            record = {"step": at, "epoch": ep, "split": "train"}
+            record.update(_mean_records(metrics, first, train_step))
+            record["examples_per_second"] = ex_s
+            history.train.append(record)
+            emit(record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", ex_s=f"{ex_s:.0f}", refresh=False)
+
+    def log_train(lag: bool = False) -> None:
+        """Closes the current interval and records the closed ones.
+
+        With ``lag`` (periodic logging) the newest interval is read back one interval
+        later, when the device has long finished it: the host never waits on it.
+        """
+        nonlocal pending, pending_count, interval_examples, interval_t0
+        if pending:
+            now = time.perf_counter()
+            ex_s = interval_examples / max(now - interval_t0, 1e-9)
+            lagged.append((step, epoch, pending, step - pending_count, ex_s))
+            pending, pending_count, interval_examples, interval_t0 = [], 0, 0, now
+        emit_closed(keep=1 if lag else 0)
 
     def run_eval(record_epoch: int) -> bool:
         """Evaluates, logs; returns True when early stopping says stop."""
@@ -467,6 +558,7 @@ def fit(
         nonlocal last_save_step
         if checkpointer is None or last_save_step == step:
             return
+        emit_closed()  # closed intervals go into the history saved below
         pos = DataPosition(epoch, index)
         if per_epoch is not None and index >= per_epoch:
             pos = DataPosition(epoch + 1, 0)
@@ -486,7 +578,7 @@ def fit(
             # its next record exactly as the uninterrupted run would (a host read, but
             # only at save time).
             "pending_metrics": [
-                {k: np.asarray(v).item() for k, v in m.items()} for m in jax.device_get(pending)
+                {k: v.item() for k, v in m.items()} for m in per_step_metrics(pending)
             ],
             "config": dict(config) if config else None,
         }
@@ -496,11 +588,14 @@ def fit(
 
     stop = False
     same_shapes = _SameShapes()
+    fused_k = getattr(train_step, "steps_per_call", None)
+
     try:
         while epoch < last_epoch and not stop and (num_steps is None or step < num_steps):
             ran_in_epoch = 0
             batches = _epoch_batches(train_data, epoch, index)
-            for n_real, batch in _prefetch(batches, mesh, check=same_shapes):
+            left = math.inf if num_steps is None else num_steps - step
+            for k, n_real, batch in _prefetch_calls(batches, mesh, fused_k, left, same_shapes):
                 t0 = time.perf_counter()
                 state, step_metrics = train_step(state, batch)
                 if history.steps == 0:
@@ -511,22 +606,25 @@ def fit(
                 else:
                     history.steady_examples += n_real
                 pending.append(step_metrics)
-                step += 1
-                index += 1
-                ran_in_epoch += 1
-                history.steps += 1
+                pending_count += k
+                prev = step
+                step += k
+                index += k
+                ran_in_epoch += k
+                history.steps += k
                 history.examples += n_real
                 interval_examples += n_real
-                bar.update(1)
+                bar.update(k)
                 _debug_pause("step")
-                if step % log_every == 0:
-                    log_train()
-                if eval_every is not None and step % eval_every == 0:
+
+                if _crossed(log_every, prev, step):
+                    log_train(lag=True)
+                if _crossed(eval_every, prev, step):
                     stop = run_eval(epoch)
                 for hook in hooks:
-                    if step % hook.every_steps == 0:
+                    if _crossed(hook.every_steps, prev, step):
                         hook.fn(state, history)
-                if save_every is not None and step % save_every == 0:
+                if _crossed(save_every, prev, step):
                     save()
                 if stop or (num_steps is not None and step >= num_steps):
                     stop = True

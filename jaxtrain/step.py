@@ -47,6 +47,8 @@ class CompiledStep:
         # values it checks ("loss", then each gradient leaf) for error messages.
         self.nonfinite_policy: str | None = None
         self.nonfinite_names: list[str] = []
+        # K for steps built by make_train_steps (fit then feeds [K, B, ...] groups).
+        self.steps_per_call: int | None = None
 
     @property
     def trace_count(self) -> int:
@@ -153,6 +155,80 @@ def _replicated(mesh: Mesh | None) -> NamedSharding | None:
     return None if mesh is None else NamedSharding(mesh, PartitionSpec())
 
 
+def _build_step(
+    loss_fn: LossFn,
+    optimizer: optax.GradientTransformation,
+    learning_rate_fn: Callable | None,
+    nonfinite: str | None,
+    holder: CompiledStep,
+    count_traces: bool,
+) -> Callable:
+    """The pure one-step function shared by `make_train_step` and `make_train_steps`."""
+    if not isinstance(optimizer, optax.GradientTransformation):
+        raise TypeError(
+            "optimizer must be an optax.GradientTransformation (e.g. optax.adam(1e-3)); "
+            f"got {type(optimizer).__name__}."
+        )
+    if nonfinite not in (None, "skip", "raise"):
+        raise ValueError(f"nonfinite must be 'skip', 'raise' or None; got {nonfinite!r}.")
+    call_loss = _normalize_loss_fn(loss_fn)
+    compiled = holder
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        if count_traces:
+            compiled._count_trace()  # runs at trace time only, never per jitted call
+        _check_opt_state(optimizer, state)
+        rng = state.step_rng()
+
+        def objective(params):
+            return call_loss(params, batch, rng, state.model_state)
+
+        (loss, (aux, new_model_state)), grads = jax.value_and_grad(objective, has_aux=True)(
+            state.params
+        )
+        updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        if learning_rate_fn is not None:
+            metrics["learning_rate"] = jnp.asarray(learning_rate_fn(state.step), jnp.float32)
+        else:
+            lr = _find_learning_rate(new_opt_state)
+            if lr is not None:
+                metrics["learning_rate"] = lr
+        metrics.update({k: jnp.asarray(v) for k, v in aux.items()})
+        skipped = state.skipped_steps
+        if nonfinite is not None:
+            named = jax.tree_util.tree_leaves_with_path(grads)
+            if not compiled.nonfinite_names:
+                compiled.nonfinite_names = ["loss"] + [
+                    "grads" + jax.tree_util.keystr(p) for p, _ in named
+                ]
+            flags = jnp.stack([~jnp.isfinite(loss)] + [~jnp.all(jnp.isfinite(g)) for _, g in named])
+            bad = jnp.any(flags)
+
+            def keep_old(new, old):
+                return jax.tree.map(lambda n, o: jnp.where(bad, o, n), new, old)
+
+            # A select, not a branch: bitwise the old values when bad, no host sync.
+            new_params = keep_old(new_params, state.params)
+            new_opt_state = keep_old(new_opt_state, state.opt_state)
+            new_model_state = keep_old(new_model_state, state.model_state)
+            skipped = skipped + bad.astype(skipped.dtype)
+            metrics["skipped_steps"] = skipped
+            metrics["nonfinite"] = jnp.where(bad, jnp.argmax(flags), -1).astype(jnp.int32)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=new_params,
+            opt_state=new_opt_state,
+            model_state=new_model_state,
+            skipped_steps=skipped,
+        )
+        return new_state, metrics
+
+    return train_step
+
+
 def make_train_step(
     loss_fn: LossFn,
     optimizer: optax.GradientTransformation,
@@ -210,80 +286,75 @@ def make_train_step(
         >>> int(state.step), round(float(metrics["loss"]), 3)
         (1, 1.0)
     """
-    if not isinstance(optimizer, optax.GradientTransformation):
-        raise TypeError(
-            "optimizer must be an optax.GradientTransformation (e.g. optax.adam(1e-3)); "
-            f"got {type(optimizer).__name__}."
-        )
-    if nonfinite not in (None, "skip", "raise"):
-        raise ValueError(f"nonfinite must be 'skip', 'raise' or None; got {nonfinite!r}.")
-    call_loss = _normalize_loss_fn(loss_fn)
-    compiled: CompiledStep | None = None
-
-    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-        if compiled is not None:
-            compiled._count_trace()  # runs at trace time only, never per jitted call
-        _check_opt_state(optimizer, state)
-        rng = state.step_rng()
-
-        def objective(params):
-            return call_loss(params, batch, rng, state.model_state)
-
-        (loss, (aux, new_model_state)), grads = jax.value_and_grad(objective, has_aux=True)(
-            state.params
-        )
-        updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
-
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
-        if learning_rate_fn is not None:
-            metrics["learning_rate"] = jnp.asarray(learning_rate_fn(state.step), jnp.float32)
-        else:
-            lr = _find_learning_rate(new_opt_state)
-            if lr is not None:
-                metrics["learning_rate"] = lr
-        metrics.update({k: jnp.asarray(v) for k, v in aux.items()})
-        skipped = state.skipped_steps
-        if nonfinite is not None:
-            named = jax.tree_util.tree_leaves_with_path(grads)
-            if compiled is not None:
-                compiled.nonfinite_names = ["loss"] + [
-                    "grads" + jax.tree_util.keystr(p) for p, _ in named
-                ]
-            flags = jnp.stack([~jnp.isfinite(loss)] + [~jnp.all(jnp.isfinite(g)) for _, g in named])
-            bad = jnp.any(flags)
-
-            def keep_old(new, old):
-                return jax.tree.map(lambda n, o: jnp.where(bad, o, n), new, old)
-
-            # A select, not a branch: bitwise the old values when bad, no host sync.
-            new_params = keep_old(new_params, state.params)
-            new_opt_state = keep_old(new_opt_state, state.opt_state)
-            new_model_state = keep_old(new_model_state, state.model_state)
-            skipped = skipped + bad.astype(skipped.dtype)
-            metrics["skipped_steps"] = skipped
-            metrics["nonfinite"] = jnp.where(bad, jnp.argmax(flags), -1).astype(jnp.int32)
-        new_state = state.replace(
-            step=state.step + 1,
-            params=new_params,
-            opt_state=new_opt_state,
-            model_state=new_model_state,
-            skipped_steps=skipped,
-        )
-        return new_state, metrics
-
+    compiled = CompiledStep(None, None)
+    compiled.nonfinite_policy = nonfinite
+    train_step = _build_step(loss_fn, optimizer, learning_rate_fn, nonfinite, compiled, True)
+    compiled.fn = train_step
     if not jit:
-        compiled = CompiledStep(train_step, train_step)
-        compiled.nonfinite_policy = nonfinite
+        compiled.jitted = train_step
         return compiled
     out = _replicated(mesh)
-    jitted = jax.jit(
+    compiled.jitted = jax.jit(
         train_step,
         donate_argnums=(0,) if donate else (),
         out_shardings=None if out is None else (out, out),
     )
-    compiled = CompiledStep(train_step, jitted)
+    return compiled
+
+
+def make_train_steps(
+    loss_fn: LossFn,
+    optimizer: optax.GradientTransformation,
+    *,
+    steps_per_call: int,
+    learning_rate_fn: Callable[[jax.Array], jax.Array] | None = None,
+    mesh: Mesh | None = None,
+    donate: bool = True,
+    jit: bool = True,
+    nonfinite: str | None = None,
+) -> CompiledStep:
+    """Builds ``train_steps(state, batches) -> (new_state, metrics)``: K steps, one call.
+
+    The same step as `make_train_step`, run ``K`` times by ``jax.lax.scan`` inside one
+    compiled call (never a Python-unrolled loop), so small steps stop paying Python
+    dispatch each time. On CPU, K fused steps give bitwise the state of K single steps.
+
+    Args:
+        loss_fn, optimizer, learning_rate_fn, mesh, donate, jit, nonfinite: as in
+            `make_train_step`.
+        steps_per_call: K, the number of steps `fit` groups into one call (a shorter
+            group at an epoch end or budget end compiles once more and is reused).
+
+    Returns:
+        A `CompiledStep` with ``steps_per_call`` set. ``batches`` is a dict whose
+        entries have a leading step axis ``[k, B, ...]`` (``k <= K``); ``metrics``
+        holds per-step values stacked ``[k]``.
+    """
+    if (
+        isinstance(steps_per_call, bool)
+        or not isinstance(steps_per_call, int)
+        or steps_per_call < 1
+    ):
+        raise ValueError(f"steps_per_call must be an integer >= 1; got {steps_per_call!r}.")
+    compiled = CompiledStep(None, None)
     compiled.nonfinite_policy = nonfinite
+    compiled.steps_per_call = steps_per_call
+    one_step = _build_step(loss_fn, optimizer, learning_rate_fn, nonfinite, compiled, False)
+
+    def train_steps(state: TrainState, batches: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        compiled._count_trace()
+        return jax.lax.scan(one_step, state, batches)
+
+    compiled.fn = train_steps
+    if not jit:
+        compiled.jitted = train_steps
+        return compiled
+    out = _replicated(mesh)
+    compiled.jitted = jax.jit(
+        train_steps,
+        donate_argnums=(0,) if donate else (),
+        out_shardings=None if out is None else (out, out),
+    )
     return compiled
 
 
