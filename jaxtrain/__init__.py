@@ -6,8 +6,7 @@ through an explicit `TrainState` by a jit-compiled ``train_step(state, batch)``.
 
 from jaxtrain import losses, metrics, models
 from jaxtrain.data import ArrayDataset, DataPosition, load_digits
-from jaxtrain.doctor import preflight
-from jaxtrain.logging import CsvWriter, JsonlWriter, TensorBoardWriter, read_csv, read_jsonl
+from jaxtrain.logging import JsonlWriter, read_jsonl
 from jaxtrain.loop import EarlyStopping, History, PeriodicHook, evaluate, fit
 from jaxtrain.models import (
     CNN,
@@ -20,6 +19,7 @@ from jaxtrain.models import (
 )
 from jaxtrain.parallel import data_mesh, replicate, shard_batch
 from jaxtrain.plots import plot_curves
+from jaxtrain.resident import make_device_epoch, put_dataset
 from jaxtrain.state import TrainState
 from jaxtrain.step import CompiledStep, make_eval_step, make_train_step, make_train_steps
 from jaxtrain.tasks import (
@@ -37,14 +37,12 @@ __all__ = [
     "MLP",
     "ArrayDataset",
     "CompiledStep",
-    "CsvWriter",
     "DataPosition",
     "EarlyStopping",
     "History",
     "JsonlWriter",
     "Model",
     "PeriodicHook",
-    "TensorBoardWriter",
     "TrainState",
     "TransformerLM",
     "__version__",
@@ -59,14 +57,14 @@ __all__ = [
     "init_model",
     "load_digits",
     "losses",
+    "make_device_epoch",
     "make_eval_step",
     "make_train_step",
     "make_train_steps",
     "metrics",
     "models",
     "plot_curves",
-    "preflight",
-    "read_csv",
+    "put_dataset",
     "read_jsonl",
     "regression_eval",
     "regression_loss",

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
@@ -589,15 +590,39 @@ def fit(
     stop = False
     same_shapes = _SameShapes()
     fused_k = getattr(train_step, "steps_per_call", None)
+    resident = getattr(train_step, "device_epoch", None)
+    if resident is not None:
+        if resident is not train_data:
+            raise ValueError(
+                "a step from make_device_epoch runs the data set it was built with: pass that "
+                "same ArrayDataset as train_data."
+            )
+        if start.index or (num_steps is not None and (num_steps - step) % per_epoch):
+            raise ValueError(
+                "a device-resident epoch runs whole epochs: start at a batch index of 0 and "
+                f"use epochs= (or num_steps in multiples of {per_epoch}); got start={start}, "
+                f"num_steps={num_steps}."
+            )
+        from jaxtrain.resident import put_dataset
+
+        device_arrays = put_dataset(train_data, mesh)
+        resident_n = train_data.num_examples
 
     try:
         while epoch < last_epoch and not stop and (num_steps is None or step < num_steps):
             ran_in_epoch = 0
-            batches = _epoch_batches(train_data, epoch, index)
             left = math.inf if num_steps is None else num_steps - step
-            for k, n_real, batch in _prefetch_calls(batches, mesh, fused_k, left, same_shapes):
+            if resident is not None:
+                calls = [(per_epoch, resident_n, jnp.int32(epoch))]
+            else:
+                batches = _epoch_batches(train_data, epoch, index)
+                calls = _prefetch_calls(batches, mesh, fused_k, left, same_shapes)
+            for k, n_real, batch in calls:
                 t0 = time.perf_counter()
-                state, step_metrics = train_step(state, batch)
+                if resident is not None:
+                    state, step_metrics = train_step(state, device_arrays, batch)
+                else:
+                    state, step_metrics = train_step(state, batch)
                 if history.steps == 0:
                     # The first call traces and compiles synchronously; block so the
                     # measured time is the compile, not just the dispatch.

@@ -110,3 +110,23 @@ def test_donation_aliases_the_state(setup, fused):
 def test_steps_per_call_must_be_positive():
     with pytest.raises(ValueError, match="steps_per_call must be an integer >= 1; got 0"):
         jt.make_train_steps(lambda p, b: 0.0, optax.sgd(0.1), steps_per_call=0)
+
+
+def test_device_resident_epoch_matches_host_fed(setup):
+    """A whole epoch per dispatch, data on the device: same results as the host-fed path."""
+    train, model, params, opt = setup
+    loss = jt.classification_loss(model)
+    ds = jt.ArrayDataset(train, 64, seed=4)
+    host, h_host = jt.fit(_fresh(params, opt), jt.make_train_step(loss, opt), ds, epochs=3,
+                          log_every=100, progress=False)
+    epoch_fn = jt.make_device_epoch(loss, opt, ds)
+    dev, h_dev = jt.fit(_fresh(params, opt), epoch_fn, ds, epochs=3, log_every=100,
+                        progress=False)
+    assert int(dev.step) == int(host.step) == 15
+    _assert_bitwise(dev.params, host.params)
+    assert epoch_fn.trace_count == 1  # one compile for every epoch (epoch is traced)
+    assert [r["step"] for r in h_dev.train] == [5, 10, 15]
+    for a, b in zip(h_dev.train, h_host.train, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+    with pytest.raises(ValueError, match="runs whole epochs"):
+        jt.fit(_fresh(params, opt), epoch_fn, ds, num_steps=7, progress=False)
