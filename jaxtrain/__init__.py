@@ -6,7 +6,8 @@ through an explicit `TrainState` by a jit-compiled ``train_step(state, batch)``.
 
 from jaxtrain import losses, metrics, models
 from jaxtrain.data import ArrayDataset, DataPosition, load_digits
-from jaxtrain.logging import JsonlWriter, read_jsonl
+from jaxtrain.doctor import preflight
+from jaxtrain.logging import CsvWriter, JsonlWriter, TensorBoardWriter, read_csv, read_jsonl
 from jaxtrain.loop import EarlyStopping, History, PeriodicHook, evaluate, fit
 from jaxtrain.models import (
     CNN,
@@ -18,7 +19,8 @@ from jaxtrain.models import (
     from_nnx,
 )
 from jaxtrain.parallel import data_mesh, replicate, shard_batch
-from jaxtrain.plots import plot_curves
+from jaxtrain.perf import peak_flops, step_flops
+from jaxtrain.plots import plot_curves, plot_runs
 from jaxtrain.resident import make_device_epoch, put_dataset
 from jaxtrain.state import TrainState
 from jaxtrain.step import CompiledStep, make_eval_step, make_train_step, make_train_steps
@@ -37,12 +39,14 @@ __all__ = [
     "MLP",
     "ArrayDataset",
     "CompiledStep",
+    "CsvWriter",
     "DataPosition",
     "EarlyStopping",
     "History",
     "JsonlWriter",
     "Model",
     "PeriodicHook",
+    "TensorBoardWriter",
     "TrainState",
     "TransformerLM",
     "__version__",
@@ -63,11 +67,16 @@ __all__ = [
     "make_train_steps",
     "metrics",
     "models",
+    "peak_flops",
     "plot_curves",
+    "plot_runs",
+    "preflight",
     "put_dataset",
+    "read_csv",
     "read_jsonl",
     "regression_eval",
     "regression_loss",
     "replicate",
     "shard_batch",
+    "step_flops",
 ]

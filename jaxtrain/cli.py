@@ -7,7 +7,13 @@ import dataclasses
 import sys
 from collections.abc import Sequence
 
+from jaxtrain.contrast.cli import COMMAND as COMPARE
+from jaxtrain.contrast.cli import add_compare_parser, run_compare
+from jaxtrain.doctor import COMMAND as DOCTOR
+from jaxtrain.doctor import add_doctor_parser, run_doctor
 from jaxtrain.job import MODELS, OPTIMIZERS, SCHEDULES, TARGET_ACCURACY, TrainConfig
+from jaxtrain.plots import COMMAND as PLOT
+from jaxtrain.plots import add_plot_parser, run_plot
 
 
 class _Parser(argparse.ArgumentParser):
@@ -155,6 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--no-checkpoint", action="store_true", help="write no checkpoints")
     t.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also write TensorBoard event files to OUT/tensorboard (tensorboard --logdir OUT)",
+    )
+    t.add_argument("--csv", action="store_true", help="also write OUT/metrics.csv")
+    t.add_argument(
         "--nonfinite",
         choices=("skip", "raise", "off"),
         default="off",
@@ -167,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue the run in folder OUT from its newest checkpoint, with the "
         "configuration it was started with (other options are not allowed)",
     )
+    add_compare_parser(sub)  # jaxtrain compare: jaxtrain.contrast (imports torch only when run)
+    add_doctor_parser(sub)  # jaxtrain doctor: backend, devices, versions (jaxtrain.doctor)
+    add_plot_parser(sub)  # jaxtrain plot: curves of run folders (jaxtrain.plots)
     return parser
 
 
@@ -174,6 +189,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "train":
         return _train(args)
+    if args.command == COMPARE:
+        return run_compare(args)
+    if args.command == DOCTOR:
+        return run_doctor(args)
+    if args.command == PLOT:
+        return run_plot(args)
     return 2  # pragma: no cover - argparse rejects unknown commands first
 
 
@@ -229,6 +250,8 @@ def _train(args: argparse.Namespace) -> int:
         save_every=args.save_every,
         keep=args.keep,
         nonfinite=None if args.nonfinite == "off" else args.nonfinite,
+        tensorboard=args.tensorboard,
+        csv=args.csv,
     )
     try:
         summary = job.run(cfg)
@@ -246,6 +269,13 @@ def _report(cfg: TrainConfig, summary: dict) -> int:
         f"{summary['examples_per_second']:.0f} examples/s, "
         f"{summary['train_step_compilations']} train-step compilation(s))"
     )
+    if summary.get("model_flops_per_second"):
+        mfu = summary["mfu"]
+        print(
+            f"model FLOPs: {summary['flops_per_step'] / 1e9:.3g} GFLOP/step, "
+            f"{summary['model_flops_per_second'] / 1e12:.3g} TFLOP/s, MFU "
+            + (f"{mfu * 100:.1f}% of {summary['peak_source']}" if mfu else "unknown (no peak)")
+        )
     verdict = "reached" if acc >= TARGET_ACCURACY else "NOT reached"
     print(f"test accuracy: {acc * 100:.2f}% (target >= {TARGET_ACCURACY * 100:.1f}%: {verdict})")
     return 0

@@ -1,11 +1,13 @@
 """The main job: train a built-in model on the embedded digits data and write a run folder.
 
 ``run(TrainConfig(...))`` is what ``jaxtrain train`` calls; it writes
-``OUT/metrics.jsonl``, ``OUT/summary.json`` and ``OUT/curves.png``.
+``OUT/metrics.jsonl``, ``OUT/summary.json`` and ``OUT/curves.png`` (and, when asked,
+``OUT/metrics.csv`` and TensorBoard event files in ``OUT/tensorboard``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -18,10 +20,11 @@ import optax
 
 from jaxtrain import data as data_lib
 from jaxtrain.checkpoint import Checkpointer, state_digest
-from jaxtrain.logging import JsonlWriter, read_jsonl
+from jaxtrain.logging import CsvWriter, JsonlWriter, TensorBoardWriter, read_jsonl
 from jaxtrain.loop import EarlyStopping, fit
 from jaxtrain.models import CNN, MLP, from_linen
-from jaxtrain.parallel import check_batch_size, data_mesh
+from jaxtrain.parallel import check_batch_size, data_mesh, shard_batch
+from jaxtrain.perf import perf_summary, step_flops, steps_per_second
 from jaxtrain.plots import plot_curves
 from jaxtrain.state import TrainState
 from jaxtrain.step import make_eval_step, make_train_step
@@ -66,6 +69,8 @@ class TrainConfig:
     save_every: int | None = None
     keep: int = 3
     nonfinite: str | None = None
+    tensorboard: bool = False  # also write TensorBoard event files to OUT/tensorboard
+    csv: bool = False  # also write OUT/metrics.csv
 
     def validate(self) -> None:
         """Raises ValueError naming the field, the allowed values and the given one."""
@@ -138,6 +143,7 @@ def _prepare_out(out: str) -> None:
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
+TENSORBOARD_DIR = "tensorboard"
 
 
 def load_config(out: str) -> TrainConfig:
@@ -210,7 +216,17 @@ def run(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
 
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
     t0 = time.perf_counter()
-    with JsonlWriter(metrics_path, mode="a" if resume else "w") as writer:
+    csv_path = os.path.join(cfg.out, "metrics.csv")
+    with contextlib.ExitStack() as stack:
+        writers = [stack.enter_context(JsonlWriter(metrics_path, mode="a" if resume else "w"))]
+        if cfg.csv:
+            writers.append(stack.enter_context(CsvWriter(csv_path, mode="a" if resume else "w")))
+        if cfg.tensorboard:
+            # A resumed run appends a new event file; steps between the last checkpoint and
+            # the interruption then appear twice in TensorBoard, with equal values.
+            writers.append(
+                stack.enter_context(TensorBoardWriter(os.path.join(cfg.out, TENSORBOARD_DIR)))
+            )
         state, history = fit(
             state,
             train_step,
@@ -223,7 +239,7 @@ def run(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
             log_every=cfg.log_every,
             mesh=mesh,
             early_stopping=EarlyStopping("accuracy", "max", cfg.patience) if cfg.patience else None,
-            writers=[writer],
+            writers=writers,
             progress=cfg.progress,
             checkpointer=checkpointer,
             save_every=cfg.save_every,
@@ -239,6 +255,10 @@ def run(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     with JsonlWriter(metrics_path) as writer:
         for r in records:
             writer.write(r)
+    if cfg.csv:
+        with CsvWriter(csv_path) as writer:
+            for r in records:
+                writer.write(r)
     plot_curves(
         read_jsonl(metrics_path),
         os.path.join(cfg.out, "curves.png"),
@@ -250,6 +270,12 @@ def run(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         ),
     )
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
+    # FLOPs of the compiled step (reused, not recompiled) and MFU against the chip's peak.
+    perf = perf_summary(
+        step_flops(train_step, state, shard_batch(next(iter(train_ds.batches(0))), mesh)),
+        steps_per_second(history),
+        list(mesh.devices.flat),
+    )
     final_test = {k: v for k, v in history.eval[-1].items() if k not in ("split",)}
     summary = {
         "task": "digits",
@@ -269,6 +295,7 @@ def run(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         "wall_seconds": wall,
         "first_step_seconds": history.first_step_seconds,
         "examples_per_second": history.examples_per_second,
+        **perf,  # flops_per_step, model_flops_per_second, peak_flops_per_second, mfu, peak_source
         "train_step_compilations": train_step.trace_count,
         "eval_step_compilations": eval_step.trace_count,
         "backend": jax.default_backend(),

@@ -1,11 +1,26 @@
-"""Metric writers: one JSON object per line, written as records arrive."""
+"""Metric writers: JSONL, CSV and TensorBoard event files, written as records arrive.
+
+Every writer takes the log records `jaxtrain.fit` emits — flat dicts such as
+``{"step": 40, "epoch": 1, "split": "train", "loss": 0.31, "accuracy": 0.9,
+"grad_norm": 1.2, "learning_rate": 0.002, "examples_per_second": 5100.0}`` or
+``{"step": 46, "epoch": 1, "split": "eval", "loss": 0.12, "accuracy": 0.97}`` — through
+``write(record)``, and is closed by ``close()`` or a ``with`` block:
+
+Example:
+    >>> with JsonlWriter("run/metrics.jsonl") as jl, CsvWriter("run/metrics.csv") as cw, \
+    ...         TensorBoardWriter("run/tb") as tb:  # doctest: +SKIP
+    ...     state, history = jaxtrain.fit(state, train_step, data, epochs=3,
+    ...                                   writers=[jl, cw, tb])
+"""
 
 from __future__ import annotations
 
+import csv
 import json
 import math
+import numbers
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 
@@ -45,3 +60,187 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """Reads a metrics.jsonl file back into a list of dicts."""
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def _csv_value(v: Any) -> Any:
+    if isinstance(v, float):
+        return repr(v)  # shortest round-trip text; nan/inf as 'nan'/'inf' (float() reads them)
+    return v
+
+
+class CsvWriter:
+    """Writes records as rows of a CSV file with a header, flushed at once.
+
+    Records need not have the same keys (eval records have no ``grad_norm``, a custom
+    loss may add a metric later): a missing value is an empty cell. The header is the
+    union of the keys seen so far, in order of first appearance (``step``, ``epoch``,
+    ``split`` first when present). When a record brings a key the header lacks, the file
+    is rewritten once with the wider header — earlier rows get empty cells in the new
+    column — so the file is always one valid CSV table that spreadsheet tools and
+    ``pandas.read_csv`` read directly. Rewrites happen only when a new key first
+    appears, not per record. With ``columns=...`` the header is fixed instead and other
+    keys are left out (no rewrites ever).
+
+    Args:
+        path: the file (its folder must exist and be writable).
+        mode: ``"w"`` to start afresh, ``"a"`` to append (resume: the existing header is
+            read back and kept, and widened if needed).
+        columns: a fixed header; None (default) grows the header as described.
+
+    Example:
+        >>> with CsvWriter("metrics.csv") as w:  # doctest: +SKIP
+        ...     w.write({"step": 1, "split": "train", "loss": 2.3})
+        ...     w.write({"step": 1, "split": "eval", "loss": 2.2, "accuracy": 0.2})
+        >>> print(open("metrics.csv").read())  # doctest: +SKIP
+        step,split,loss,accuracy
+        1,train,2.3,
+        1,eval,2.2,0.2
+    """
+
+    _FIRST = ("step", "epoch", "split")
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        mode: str = "w",
+        columns: Sequence[str] | None = None,
+    ):
+        if mode not in ("w", "a"):
+            raise ValueError(f"CsvWriter mode must be 'w' or 'a'; got {mode!r}.")
+        self.path = os.fspath(path)
+        self.fixed = columns is not None
+        self.columns: list[str] = list(columns) if columns is not None else []
+        if mode == "a" and os.path.exists(self.path) and os.path.getsize(self.path) > 0:
+            with open(self.path, newline="", encoding="utf-8") as f:
+                header = next(csv.reader(f), [])
+            if self.fixed and header != self.columns:
+                raise ValueError(
+                    f"CsvWriter: {self.path} has columns {header} but columns={self.columns} "
+                    "was given. Fix: append with the file's columns, or write a new file."
+                )
+            self.columns = header
+            self._f = open(self.path, "a", newline="", encoding="utf-8")
+        else:
+            self._f = open(self.path, "w", newline="", encoding="utf-8")
+            if self.columns:
+                self._writer().writeheader()
+                self._f.flush()
+
+    def _writer(self) -> csv.DictWriter:
+        return csv.DictWriter(self._f, self.columns, extrasaction="ignore", restval="")
+
+    def _widen(self, new: list[str]) -> None:
+        """Rewrites the file with ``new`` appended to the header."""
+        self._f.close()
+        rows: list[dict] = []
+        if self.columns:
+            with open(self.path, newline="", encoding="utf-8") as f:
+                rows = list(csv.DictReader(f))
+        merged = self.columns + new
+        first = [c for c in self._FIRST if c in merged]
+        self.columns = first + [c for c in merged if c not in first]
+        tmp = self.path + ".tmp"
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, self.columns, restval="")
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(tmp, self.path)  # never a half-written table
+        self._f = open(self.path, "a", newline="", encoding="utf-8")
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        if not self.fixed:
+            new = [k for k in record if k not in self.columns]
+            if new:
+                self._widen(new)
+        self._writer().writerow({k: _csv_value(v) for k, v in record.items()})
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> CsvWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_csv(path: str | os.PathLike) -> list[dict]:
+    """Reads a `CsvWriter` file back: numbers as int/float, ``split`` as text, empty cells left out."""
+
+    def parse(v: str) -> Any:
+        try:
+            return int(v)
+        except ValueError:
+            pass
+        try:
+            return float(v)
+        except ValueError:
+            return v
+
+    with open(path, newline="", encoding="utf-8") as f:
+        return [{k: parse(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+
+
+class TensorBoardWriter:
+    """Writes each numeric metric as a TensorBoard scalar, tagged ``"{split}/{name}"``.
+
+    Uses `tensorboardX <https://github.com/lanpa/tensorboardX>`_ (a small library with no
+    TensorFlow dependency) to write ``events.out.tfevents.*`` files into ``logdir``; view
+    them with ``tensorboard --logdir LOGDIR`` (``pip install tensorboard``). A record
+    ``{"step": 40, "split": "train", "loss": 0.31, "accuracy": 0.9}`` becomes the scalars
+    ``train/loss`` and ``train/accuracy`` at step 40; ``step``, ``epoch`` and ``split``
+    themselves are not logged, nor non-numeric values. Records without ``split`` use
+    ``default_split``. Each record is flushed at once, so TensorBoard shows a live run.
+
+    Args:
+        logdir: the folder for event files (created if missing). Point several runs'
+            writers at sibling folders (``runs/a/tb``, ``runs/b/tb``) and start
+            TensorBoard on their parent to compare them.
+        default_split: tag prefix for records without a ``split`` key.
+
+    Raises:
+        ImportError: tensorboardX is not installed (the message says how to install it).
+
+    Example:
+        >>> with TensorBoardWriter("runs/digits/tensorboard") as tb:  # doctest: +SKIP
+        ...     tb.write({"step": 10, "split": "train", "loss": 1.7})
+    """
+
+    _NOT_SCALARS = ("step", "epoch", "split")
+
+    def __init__(self, logdir: str | os.PathLike, default_split: str = "train"):
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:
+            raise ImportError(
+                "TensorBoardWriter needs the tensorboardX package, which is not installed. "
+                "Fix: pip install 'tensorboardX>=2.6' (a jaxtrain dependency: reinstall "
+                "jaxtrain with pip install -e .)."
+            ) from None
+        self.logdir = os.fspath(logdir)
+        os.makedirs(self.logdir, exist_ok=True)
+        self.default_split = default_split
+        self._w = SummaryWriter(logdir=self.logdir, flush_secs=3600)
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        if "step" not in record:
+            raise ValueError(
+                f"TensorBoardWriter needs a 'step' in every record; got keys {sorted(record)}."
+            )
+        step = int(record["step"])
+        split = record.get("split", self.default_split)
+        for k, v in record.items():
+            if k in self._NOT_SCALARS or isinstance(v, bool) or not isinstance(v, numbers.Real):
+                continue
+            self._w.add_scalar(f"{split}/{k}", float(v), step)
+        self._w.flush()
+
+    def close(self) -> None:
+        self._w.close()
+
+    def __enter__(self) -> TensorBoardWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

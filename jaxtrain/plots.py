@@ -1,4 +1,8 @@
-"""Loss and accuracy curves from log records, as a PNG (matplotlib, no display needed)."""
+"""Training curves as images (matplotlib, no display needed).
+
+`plot_curves` draws one run's records; `plot_runs` (``jaxtrain plot RUN_DIR ...``)
+overlays the loss, accuracy, learning-rate and gradient-norm curves of several run folders.
+"""
 
 from __future__ import annotations
 
@@ -51,3 +55,200 @@ def plot_curves(
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return os.fspath(path)
+
+
+COMMAND = "plot"
+RUN_METRICS = ("loss", "accuracy", "learning_rate", "grad_norm")
+_FORMATS = (".png", ".svg", ".pdf")
+_LABELS = {
+    "loss": "loss",
+    "accuracy": "accuracy",
+    "learning_rate": "learning rate",
+    "grad_norm": "gradient norm (global L2)",
+}
+
+
+def load_run(run_dir: str | os.PathLike) -> list[dict]:
+    """The log records of a run folder (``RUN_DIR/metrics.jsonl``).
+
+    Args:
+        run_dir: a folder written by ``jaxtrain train --out RUN_DIR`` (or any folder
+            holding a ``metrics.jsonl`` of `fit` records).
+
+    Returns:
+        The records, in file order.
+
+    Raises:
+        ValueError: the folder does not exist, has no ``metrics.jsonl``, or that file
+            has no records; the message names the folder and the fix.
+    """
+    from jaxtrain.logging import read_jsonl
+
+    run_dir = os.fspath(run_dir)
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isdir(run_dir):
+        raise ValueError(
+            f"{run_dir!r} is not a folder. Fix: pass run folders written by "
+            "'jaxtrain train --out RUN_DIR'."
+        )
+    if not os.path.isfile(path):
+        raise ValueError(
+            f"{run_dir!r} has no metrics.jsonl, so it is not a jaxtrain run folder (or the "
+            "run has not logged yet). Fix: pass the --out folder of a 'jaxtrain train' run."
+        )
+    records = read_jsonl(path)
+    if not records:
+        raise ValueError(f"{path} is empty: the run logged no metrics yet.")
+    return records
+
+
+def _run_labels(run_dirs: Sequence[str]) -> list[str]:
+    """Folder names; the paths as given where two folders share a name."""
+    names = [os.path.basename(os.path.normpath(d)) or os.path.normpath(d) for d in run_dirs]
+    return [
+        os.path.normpath(d) if names.count(n) > 1 else n
+        for d, n in zip(run_dirs, names, strict=True)
+    ]
+
+
+def plot_runs(
+    run_dirs: Sequence[str | os.PathLike],
+    path: str | os.PathLike,
+    metrics: Sequence[str] = RUN_METRICS,
+    labels: Sequence[str] | None = None,
+    title: str | None = None,
+) -> str:
+    """Overlays the curves of several runs: one panel per metric, one colour per run.
+
+    Train records are solid lines, eval records dashed lines with dots; loss and
+    gradient norm use a log scale. Metrics no run logged are left out (the learning rate
+    and gradient norm exist for train records only).
+
+    Args:
+        run_dirs: run folders, each with a ``metrics.jsonl`` (see `load_run`).
+        path: the image to write; its suffix picks the format (``.png``, ``.svg``,
+            ``.pdf``). Missing parent folders are created.
+        metrics: the metrics to draw, in panel order.
+        labels: legend names, one per run (default: the folder names).
+        title: figure title.
+
+    Returns:
+        The path written.
+
+    Raises:
+        ValueError: no run folders, a folder without metrics, a count of ``labels``
+            unlike that of ``run_dirs``, an unsupported suffix, or no drawable metric.
+
+    Example:
+        >>> plot_runs(["runs/adamw", "runs/sgd"], "compare.png")  # doctest: +SKIP
+        'compare.png'
+    """
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    run_dirs = [os.fspath(d) for d in run_dirs]
+    if not run_dirs:
+        raise ValueError("plot_runs needs at least one run folder; got none.")
+    path = os.fspath(path)
+    if os.path.splitext(path)[1].lower() not in _FORMATS:
+        raise ValueError(
+            f"the output file must end in {', '.join(_FORMATS)}; got {path!r}. "
+            "Fix: e.g. --out compare.png."
+        )
+    if labels is not None and len(labels) != len(run_dirs):
+        raise ValueError(
+            f"labels must name each of the {len(run_dirs)} runs; got {len(labels)} labels."
+        )
+    runs = [load_run(d) for d in run_dirs]
+    labels = list(labels) if labels is not None else _run_labels(run_dirs)
+    shown = [m for m in metrics if any(m in r for recs in runs for r in recs)]
+    if not shown:
+        raise ValueError(f"none of the metrics {list(metrics)} is in the records of {run_dirs}.")
+
+    ncols = 2 if len(shown) > 1 else 1
+    nrows = (len(shown) + ncols - 1) // ncols
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6.4 * ncols, 4.0 * nrows), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, m in zip(axes.flat, shown, strict=False):
+        for i, (label, recs) in enumerate(zip(labels, runs, strict=True)):
+            color = colors[i % len(colors)]
+            for split, style in (("train", "-"), ("eval", "--o")):
+                pts = [
+                    (r["step"], r[m])
+                    for r in recs
+                    if r.get("split") == split and isinstance(r.get(m), (int, float))
+                ]
+                if pts:
+                    xs, ys = zip(*pts, strict=True)
+                    ax.plot(
+                        xs,
+                        ys,
+                        style,
+                        color=color,
+                        label=f"{label} {split}",
+                        markersize=3,
+                        linewidth=1.4,
+                    )
+        ax.set_title(_LABELS.get(m, m))
+        ax.set_xlabel("step")
+        if m in ("loss", "grad_norm") and all(
+            y > 0 for line in ax.get_lines() for y in line.get_ydata()
+        ):
+            ax.set_yscale("log")
+            plain = matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:g}")
+            ax.yaxis.set_major_formatter(plain)  # 0.4, not 4 x 10^-1
+            ax.yaxis.set_minor_formatter(plain)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(shown) :]:
+        ax.set_visible(False)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def add_plot_parser(subparsers: Any) -> Any:
+    """Adds the ``plot`` subcommand to ``jaxtrain``'s subparsers (run it with `run_plot`)."""
+    import argparse
+
+    p = subparsers.add_parser(
+        COMMAND,
+        help="plot the curves of one or more run folders (overlaid) as PNG",
+        description=(
+            "Read RUN_DIR/metrics.jsonl of each run folder and draw loss, accuracy, learning "
+            "rate and gradient norm against the step (train: solid, eval: dashed), the runs "
+            "overlaid in one colour each and labelled by folder name."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,
+    )
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (jaxtrain train --out)")
+    p.add_argument("--out", default="plot.png", help="image to write (.png, .svg or .pdf)")
+    p.add_argument(
+        "--metrics",
+        default=",".join(RUN_METRICS),
+        help="comma-separated metrics to draw, one panel each",
+    )
+    p.add_argument("--title", default=None, help="figure title")
+    return p
+
+
+def run_plot(args: Any) -> int:
+    """Runs ``jaxtrain plot``: 0 when the image was written, 2 with a message otherwise."""
+    import sys
+
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    try:
+        path = plot_runs(args.runs, args.out, metrics=metrics, title=args.title)
+    except ValueError as e:
+        print(f"jaxtrain plot: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {path} ({len(args.runs)} run(s): {', '.join(_run_labels(args.runs))})")
+    return 0

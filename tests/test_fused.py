@@ -117,11 +117,16 @@ def test_device_resident_epoch_matches_host_fed(setup):
     train, model, params, opt = setup
     loss = jt.classification_loss(model)
     ds = jt.ArrayDataset(train, 64, seed=4)
-    host, h_host = jt.fit(_fresh(params, opt), jt.make_train_step(loss, opt), ds, epochs=3,
-                          log_every=100, progress=False)
+    host, h_host = jt.fit(
+        _fresh(params, opt),
+        jt.make_train_step(loss, opt),
+        ds,
+        epochs=3,
+        log_every=100,
+        progress=False,
+    )
     epoch_fn = jt.make_device_epoch(loss, opt, ds)
-    dev, h_dev = jt.fit(_fresh(params, opt), epoch_fn, ds, epochs=3, log_every=100,
-                        progress=False)
+    dev, h_dev = jt.fit(_fresh(params, opt), epoch_fn, ds, epochs=3, log_every=100, progress=False)
     assert int(dev.step) == int(host.step) == 15
     _assert_bitwise(dev.params, host.params)
     assert epoch_fn.trace_count == 1  # one compile for every epoch (epoch is traced)

@@ -18,7 +18,8 @@ def test_quickstart_is_exactly_two_command_lines():
     assert len(lines) == 2, lines
     install_and_train, install_and_test = lines
     assert "pip install -e ." in install_and_train and "jaxtrain train" in install_and_train
-    assert '".[test]"' in install_and_test and "pytest" in install_and_test
+    assert '".[test' in install_and_test and "pytest" in install_and_test
+    assert "torch==2.13.0" in install_and_test  # the CPU build: parity tests must not skip
 
 
 def test_ci_runs_the_readme_test_line():
@@ -43,6 +44,7 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch):
     ns: dict = {}
     exec(compile(code, "README.md", "exec"), ns)
     assert int(ns["state"].step) == 4 * 23  # 2 + 2 epochs of 23 steps
+    assert ns["train_step"].trace_count == 1  # the tour's loop compiles its step once
     assert ns["history"].eval[-1]["accuracy"] > 0.8
     # The custom-loss block defines a loss usable by make_train_step.
     loss_ns = dict(ns)
@@ -51,6 +53,14 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch):
     batch = next(ns["jt"].ArrayDataset(ns["train"], 64).batches(0))
     new_state, metrics = step(ns["state"], batch)
     assert {"loss", "accuracy", "grad_norm"} <= set(metrics)
+    # The fused-steps block: same code, one epoch.
+    ns["state"] = new_state  # the tour's state was consumed (donated) by the step above
+    fused_block = next(b for b in blocks if "make_train_steps(" in b)
+    exec(
+        compile(fused_block.replace("epochs=40", "epochs=1, progress=False"), "README.md", "exec"),
+        ns,
+    )
+    assert ns["train_steps"].steps_per_call == 8 and ns["history"].steps == 23
     # The checkpoint block: same code, two epochs, in a temporary folder.
     ckpt_block = next(b for b in blocks if "Checkpointer(" in b)
     assert "epochs=40" in ckpt_block

@@ -1,0 +1,156 @@
+"""``jaxtrain compare``: the same training run in PyTorch and in jaxtrain, side by side.
+
+Importing this module does not import PyTorch; running the command does, and says how to
+install it when it is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from typing import Any
+
+COMMAND = "compare"
+MODELS = ("mlp-tanh", "cnn-tanh", "mlp", "cnn")
+PRESETS = ("sgd", "sgd-nesterov-wd", "adam", "adamw", "clip", "cosine-warmup")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (0 < v < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
+    return v
+
+
+def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Adds the ``compare`` subcommand to ``jaxtrain``'s subparsers.
+
+    Args:
+        subparsers: the object ``ArgumentParser.add_subparsers()`` returned.
+
+    Returns:
+        The ``compare`` parser; its ``func`` default is `run_compare`.
+    """
+    p = subparsers.add_parser(
+        COMMAND,
+        help="train the same model in PyTorch and jaxtrain side by side (needs torch)",
+        description=(
+            "Train a model with PyTorch (zero_grad, forward, loss, backward, step, "
+            "scheduler.step) and with jaxtrain's train_step, from identical weights on the "
+            "same digits batches, then print step / torch loss / jax loss / relative "
+            "difference and write OUT/compare.png (both curves and the difference) and "
+            "OUT/compare.json. Needs PyTorch: pip install torch==2.13.0 then "
+            "pip install -e .[torch]."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,
+    )
+    p.add_argument(
+        "--model",
+        choices=MODELS,
+        default="mlp-tanh",
+        help="mlp-tanh, cnn-tanh: smooth nn.Sequential models; mlp, cnn: jaxtrain.MLP and jaxtrain.CNN (ReLU, max-pool) and their torch twins",
+    )
+    p.add_argument(
+        "--optimizer",
+        choices=PRESETS,
+        default="adam",
+        help="optimizer preset (see jaxtrain.contrast.runner.presets)",
+    )
+    p.add_argument("--lr", type=_positive_float, default=None, help="override the preset's lr")
+    p.add_argument("--steps", type=_positive_int, default=200, help="training steps")
+    p.add_argument("--batch-size", type=_positive_int, default=32, help="batch size")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the batches")
+    p.add_argument(
+        "--label-smoothing", type=float, default=0.0, help="CrossEntropyLoss label smoothing"
+    )
+    p.add_argument(
+        "--every", type=_positive_int, default=10, help="print every N-th step in the table"
+    )
+    p.add_argument("--out", default="runs/compare", help="output directory")
+    p.set_defaults(func=run_compare)
+    return p
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    """Runs ``jaxtrain compare``; returns the exit status (2 on a usage error)."""
+    from jaxtrain.contrast._torch import INSTALL_HINT
+
+    try:
+        import torch
+    except ImportError:
+        print(
+            f"jaxtrain compare: error: PyTorch is not installed. Fix: {INSTALL_HINT}",
+            file=sys.stderr,
+        )
+        return 2
+    import jax
+
+    from jaxtrain.contrast.runner import (
+        TARGET_ALL,
+        TARGET_FIRST,
+        TARGET_PARAMS,
+        compare,
+        digits_models,
+        presets,
+    )
+    from jaxtrain.data import load_digits
+
+    if not 0 <= args.label_smoothing < 1:
+        print(
+            f"jaxtrain compare: error: --label-smoothing must be in [0, 1); got "
+            f"{args.label_smoothing}.",
+            file=sys.stderr,
+        )
+        return 2
+    spec = presets(args.steps)[args.optimizer]
+    if args.lr is not None:
+        spec = dataclasses.replace(spec, lr=args.lr)
+    train, _ = load_digits()
+    torch_model, jax_model = digits_models(args.model, args.seed)
+    label = f"{args.model}, {args.optimizer} (lr {spec.lr:g}), {args.steps} steps"
+    result = compare(
+        torch_model,
+        spec,
+        train,
+        input_shape=(1, 8, 8),
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        label_smoothing=args.label_smoothing,
+        jax_model=jax_model,
+        label=label,
+    )
+    os.makedirs(args.out, exist_ok=True)
+    png = result.plot(os.path.join(args.out, "compare.png"))
+    js = os.path.join(args.out, "compare.json")
+    with open(js, "w") as f:
+        json.dump(result.to_dict(), f)
+    s = result.summary()
+    print(f"{label}; torch {torch.__version__}, jax {jax.__version__}, float32, CPU")
+    print(result.table(args.every))
+    verdict = "all met" if s["meets_targets"] else "NOT all met"
+    print(
+        f"max rel diff: first 10 steps {s['max_rel_diff_first_10']:.2e} (target "
+        f"{TARGET_FIRST:g}), all steps {s['max_rel_diff_all']:.2e} (target {TARGET_ALL:g}); "
+        f"final params max abs diff {s['final_param_max_abs_diff']:.2e} (target "
+        f"{TARGET_PARAMS:g}): {verdict}"
+    )
+    print(f"wrote {png} and {js}")
+    return 0

@@ -1,0 +1,561 @@
+"""PyTorch ``nn.Sequential`` -> an equivalent Flax linen model with identical weights.
+
+What changes between the two frameworks, layer by layer:
+
+=================  ==========================  ==========================================
+PyTorch            Flax (linen)                weights
+=================  ==========================  ==========================================
+``Linear``         ``nn.Dense``                ``weight [out, in]`` -> ``kernel [in, out]``
+``Conv2d``         ``nn.Conv``                 ``weight [O, I, kh, kw]`` (OIHW) ->
+                                               ``kernel [kh, kw, I, O]`` (HWIO)
+``LayerNorm``      ``nn.LayerNorm``            ``weight`` -> ``scale``; two-pass variance
+``MaxPool2d``      ``nn.max_pool``             -
+``ReLU/GELU/Tanh`` ``relu/gelu/tanh``          ``GELU()`` is exact erf (flax: approximate=False)
+``Flatten``        ``reshape``                 see below
+``Dropout``        (identity)                  only in eval mode or with ``p=0``
+=================  ==========================  ==========================================
+
+Images are NCHW in PyTorch and NHWC in Flax (`nchw_to_nhwc`). Flattening an NCHW
+activation orders features ``(c, h, w)``; flattening NHWC orders them ``(h, w, c)``. The
+converted model flattens the natural NHWC way and instead permutes the rows of the next
+``Linear``'s kernel (and of a ``LayerNorm`` in between), so the logits are the same. A
+``Flatten`` whose output reaches the model's output without a ``Linear`` transposes to
+NCHW before flattening instead.
+
+Layers are named the way Flax names them in a compact module (``Conv_0``, ``Dense_0``,
+``LayerNorm_0``, ...), so the converted parameters of a PyTorch twin of jaxtrain's
+`jaxtrain.MLP` or `jaxtrain.CNN` (see `torch_twin`) fit those models directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from jaxtrain.contrast._torch import require_torch
+from jaxtrain.models.adapters import Model, from_linen
+
+SUPPORTED = (
+    "Linear, Conv2d, ReLU, GELU, Tanh, Flatten, MaxPool2d, Dropout (eval mode or p=0), "
+    "LayerNorm, Identity and nested Sequential"
+)
+
+
+# ---------------------------------------------------------------------------- layer specs
+# Hashable plain data: they are attributes of the linen module.
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseSpec:
+    features: int
+    use_bias: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvSpec:
+    features: int
+    kernel_size: tuple[int, int]
+    strides: tuple[int, int]
+    padding: tuple[tuple[int, int], tuple[int, int]]
+    dilation: tuple[int, int]
+    groups: int
+    use_bias: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivationSpec:
+    kind: str  # "relu" | "gelu" | "gelu_tanh" | "tanh"
+
+
+@dataclasses.dataclass(frozen=True)
+class FlattenSpec:
+    torch_order: bool  # True: transpose NHWC -> NCHW first (nothing after it re-orders)
+
+
+@dataclasses.dataclass(frozen=True)
+class MaxPoolSpec:
+    window: tuple[int, int]
+    strides: tuple[int, int]
+    padding: tuple[tuple[int, int], tuple[int, int]]
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerNormSpec:
+    epsilon: float
+    use_scale: bool
+    use_bias: bool
+
+
+class Sequential(nn.Module):
+    """The converted model: the layers of a PyTorch ``nn.Sequential``, NHWC.
+
+    Attributes:
+        layers: the layer specs, in order.
+    """
+
+    layers: tuple[Any, ...]
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``x``: ``[B, H, W, C]`` (NHWC) or ``[B, F]`` -> the PyTorch model's output."""
+        for spec in self.layers:
+            if isinstance(spec, DenseSpec):
+                x = nn.Dense(spec.features, use_bias=spec.use_bias)(x)
+            elif isinstance(spec, ConvSpec):
+                x = nn.Conv(
+                    spec.features,
+                    spec.kernel_size,
+                    strides=spec.strides,
+                    padding=spec.padding,
+                    kernel_dilation=spec.dilation,
+                    feature_group_count=spec.groups,
+                    use_bias=spec.use_bias,
+                )(x)
+            elif isinstance(spec, ActivationSpec):
+                x = _ACTIVATIONS[spec.kind](x)
+            elif isinstance(spec, FlattenSpec):
+                if spec.torch_order and x.ndim == 4:
+                    x = jnp.transpose(x, (0, 3, 1, 2))  # NHWC -> NCHW, PyTorch's order
+                x = x.reshape((x.shape[0], -1))
+            elif isinstance(spec, MaxPoolSpec):
+                x = nn.max_pool(x, spec.window, strides=spec.strides, padding=spec.padding)
+            elif isinstance(spec, LayerNormSpec):
+                # Two-pass variance, as PyTorch computes it (Flax's default is E[x²]-E[x]²).
+                x = nn.LayerNorm(
+                    epsilon=spec.epsilon,
+                    use_scale=spec.use_scale,
+                    use_bias=spec.use_bias,
+                    use_fast_variance=False,
+                )(x)
+            else:  # pragma: no cover - specs are built by from_torch only
+                raise TypeError(f"unknown layer spec {spec!r}")
+        return x
+
+
+_ACTIVATIONS = {
+    "relu": nn.relu,
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
+    "tanh": jnp.tanh,
+}
+
+
+# ---------------------------------------------------------------------------- conversion
+
+
+@dataclasses.dataclass(frozen=True)
+class _Weights:
+    """How one PyTorch layer's weights become one Flax layer's parameters."""
+
+    flax_name: str
+    torch_name: str
+    kind: str  # "dense" | "conv" | "layernorm"
+    perm: tuple[int, ...] | None  # input-feature permutation (flatten order), or None
+
+
+@dataclasses.dataclass(frozen=True)
+class Converted:
+    """A converted model: the Flax module, its parameters and the weight mapping.
+
+    Attributes:
+        module: the `Sequential` linen module (input NHWC ``[B, H, W, C]`` or ``[B, F]``).
+        params: Flax parameters ``{"Dense_0": {"kernel", "bias"}, "Conv_0": ...}``, equal
+            to the PyTorch weights at conversion time.
+        input_shape: the PyTorch input shape of one example (``(C, H, W)`` or ``(F,)``).
+        names: Flax layer name -> PyTorch module name (e.g. ``"Conv_0" -> "0"``).
+    """
+
+    module: Sequential
+    params: dict
+    input_shape: tuple[int, ...]
+    names: dict[str, str]
+    plan: tuple[_Weights, ...] = dataclasses.field(repr=False, default=())
+
+    def model(self) -> Model:
+        """The module as a jaxtrain `Model` (``jaxtrain.from_linen``)."""
+        return from_linen(self.module)
+
+    def apply(self, params: dict, x: Any) -> jax.Array:
+        """Runs the Flax model on a PyTorch-layout input (NCHW converted to NHWC)."""
+        return self.module.apply({"params": params}, jnp.asarray(nchw_to_nhwc(x)))
+
+    def params_from(self, torch_model: Any) -> dict:
+        """The current weights of ``torch_model`` (same architecture) as Flax params."""
+        modules = dict(torch_model.named_modules())
+        return {w.flax_name: _to_flax(w, modules[w.torch_name]) for w in self.plan}
+
+    def load_into(self, torch_model: Any, params: dict) -> None:
+        """Copies Flax ``params`` into ``torch_model``'s weights, in place.
+
+        The inverse of `params_from`: start a PyTorch model from JAX-initialised weights.
+        """
+        torch = require_torch()
+        modules = dict(torch_model.named_modules())
+        with torch.no_grad():
+            for w in self.plan:
+                for attr, value in _to_torch(w, params[w.flax_name]).items():
+                    target = getattr(modules[w.torch_name], attr)
+                    target.copy_(torch.from_numpy(np.array(value)))  # a writable copy
+
+
+def nchw_to_nhwc(x: Any) -> np.ndarray:
+    """A PyTorch-layout batch as a Flax-layout one.
+
+    Args:
+        x: numpy array, JAX array or torch tensor; ``[B, C, H, W]`` or ``[B, F]``.
+
+    Returns:
+        numpy ``[B, H, W, C]`` for 4-D input; anything else unchanged (as numpy).
+    """
+    if hasattr(x, "detach"):  # a torch tensor
+        x = x.detach().cpu().numpy()
+    x = np.asarray(x)
+    return np.transpose(x, (0, 2, 3, 1)) if x.ndim == 4 else x
+
+
+def nhwc_to_nchw(x: Any) -> np.ndarray:
+    """The inverse of `nchw_to_nhwc`: ``[B, H, W, C]`` -> ``[B, C, H, W]`` (numpy)."""
+    x = np.asarray(x)
+    return np.transpose(x, (0, 3, 1, 2)) if x.ndim == 4 else x
+
+
+def _numpy(t: Any) -> np.ndarray:
+    return t.detach().cpu().numpy().copy()
+
+
+def _to_flax(w: _Weights, layer: Any) -> dict:
+    if w.kind == "dense":
+        kernel = _numpy(layer.weight).T  # [out, in] -> [in, out]
+        if w.perm is not None:
+            kernel = kernel[list(w.perm)]
+        out = {"kernel": kernel}
+    elif w.kind == "conv":
+        out = {"kernel": _numpy(layer.weight).transpose(2, 3, 1, 0)}  # OIHW -> HWIO
+    else:  # layernorm
+        out = {}
+        if layer.weight is not None:
+            out["scale"] = _numpy(layer.weight)
+        if w.perm is not None and "scale" in out:
+            out["scale"] = out["scale"][list(w.perm)]
+    if getattr(layer, "bias", None) is not None:
+        bias = _numpy(layer.bias)
+        if w.kind == "layernorm" and w.perm is not None:
+            bias = bias[list(w.perm)]
+        out["bias"] = bias
+    return {k: jnp.asarray(np.ascontiguousarray(v)) for k, v in out.items()}
+
+
+def _unpermute(v: np.ndarray, perm: tuple[int, ...] | None) -> np.ndarray:
+    if perm is None:
+        return v
+    out = np.empty_like(v)
+    out[list(perm)] = v
+    return out
+
+
+def _to_torch(w: _Weights, p: dict) -> dict[str, np.ndarray]:
+    p = {k: np.asarray(v) for k, v in p.items()}
+    if w.kind == "dense":
+        out = {"weight": _unpermute(p["kernel"], w.perm).T}
+    elif w.kind == "conv":
+        out = {"weight": p["kernel"].transpose(3, 2, 0, 1)}  # HWIO -> OIHW
+    else:
+        out = {"weight": _unpermute(p["scale"], w.perm)} if "scale" in p else {}
+    if "bias" in p:
+        out["bias"] = _unpermute(p["bias"], w.perm) if w.kind == "layernorm" else p["bias"]
+    return out
+
+
+def _leaves(module: Any, prefix: str, torch: Any) -> list[tuple[str, Any]]:
+    out = []
+    for name, child in module.named_children():
+        full = f"{prefix}.{name}" if prefix else name
+        if isinstance(child, torch.nn.Sequential):
+            out.extend(_leaves(child, full, torch))
+        else:
+            out.append((full, child))
+    return out
+
+
+def _pair(v: Any) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _unsupported(name: str, layer: Any, why: str, fix: str) -> ValueError:
+    return ValueError(
+        f"cannot convert layer '{name}' ({layer!r}): {why}. Supported layers: {SUPPORTED}. "
+        f"Fix: {fix}"
+    )
+
+
+def from_torch(torch_model: Any, input_shape: Sequence[int]) -> Converted:
+    """Converts a PyTorch ``nn.Sequential`` into an equivalent Flax model and parameters.
+
+    Args:
+        torch_model: a ``torch.nn.Sequential`` (nested ones allowed) of the supported
+            layers: ``Linear``, ``Conv2d``, ``ReLU``, ``GELU``, ``Tanh``, ``Flatten``,
+            ``MaxPool2d``, ``Dropout`` (in eval mode or with ``p=0``), ``LayerNorm``
+            (over the features of a 2-D activation), ``Identity``.
+        input_shape: the PyTorch shape of one example, without the batch dimension:
+            ``(C, H, W)`` for images, ``(F,)`` for vectors. Needed to trace the shapes
+            (the flatten permutation depends on ``C, H, W``).
+
+    Returns:
+        A `Converted`: ``converted.module.apply({"params": converted.params},
+        nchw_to_nhwc(x))`` equals ``torch_model(x)``.
+
+    Raises:
+        ValueError: naming the first unsupported layer (or setting) and the fix.
+        TypeError: when ``torch_model`` is not an ``nn.Module``.
+
+    Example:
+        >>> import torch  # doctest: +SKIP
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU())  # doctest: +SKIP
+        >>> conv = from_torch(net, (4,))  # doctest: +SKIP
+        >>> conv.params["Dense_0"]["kernel"].shape  # doctest: +SKIP
+        (4, 3)
+    """
+    torch = require_torch()
+    tnn = torch.nn
+    if not isinstance(torch_model, tnn.Module):
+        raise TypeError(
+            f"from_torch expects a torch.nn.Module (an nn.Sequential); got "
+            f"{type(torch_model).__name__}."
+        )
+    if isinstance(torch_model, tnn.Sequential):
+        leaves = _leaves(torch_model, "", torch)
+    elif not list(torch_model.children()):
+        leaves = [("", torch_model)]  # a single layer
+    else:
+        raise ValueError(
+            f"cannot convert {type(torch_model).__name__}: only torch.nn.Sequential models "
+            "(nested allowed) can be converted, because a custom forward() cannot be read. "
+            f"Supported layers: {SUPPORTED}. Fix: write the model as nn.Sequential(...)."
+        )
+    input_shape = tuple(int(d) for d in input_shape)
+
+    specs: list[Any] = []
+    plan: list[_Weights] = []
+    counts: dict[str, int] = {}
+    perm: tuple[int, ...] | None = None  # flax feature j == torch feature perm[j]
+
+    def flax_name(kind: str) -> str:
+        i = counts.get(kind, 0)
+        counts[kind] = i + 1
+        return f"{kind}_{i}"
+
+    x = torch.zeros((1, *input_shape))
+    for i, (name, layer) in enumerate(leaves):
+        shape = tuple(x.shape)
+        shown = name or type(layer).__name__
+        if isinstance(layer, tnn.Linear):
+            if len(shape) != 2:
+                raise _unsupported(
+                    shown,
+                    layer,
+                    f"Linear receives a {len(shape)}-D input of shape {list(shape)}",
+                    "add nn.Flatten() before it (only Linear on [batch, features] converts).",
+                )
+            specs.append(DenseSpec(layer.out_features, layer.bias is not None))
+            plan.append(_Weights(flax_name("Dense"), name, "dense", perm))
+            perm = None
+        elif isinstance(layer, tnn.Conv2d):
+            if len(shape) != 4:
+                raise _unsupported(
+                    shown,
+                    layer,
+                    f"Conv2d receives a {len(shape)}-D input of shape {list(shape)}",
+                    "give the model [batch, channels, height, width] images.",
+                )
+            if layer.padding_mode != "zeros":
+                raise _unsupported(
+                    shown,
+                    layer,
+                    f"padding_mode={layer.padding_mode!r}",
+                    "use padding_mode='zeros' (the only padding Flax's nn.Conv applies).",
+                )
+            k, d = _pair(layer.kernel_size), _pair(layer.dilation)
+            if isinstance(layer.padding, str):
+                if layer.padding == "valid":
+                    pad = ((0, 0), (0, 0))
+                else:  # "same": the extra pixel of an even kernel goes after, as in XLA
+                    tot = [d[j] * (k[j] - 1) for j in range(2)]
+                    pad = tuple((t // 2, t - t // 2) for t in tot)
+            else:
+                p = _pair(layer.padding)
+                pad = ((p[0], p[0]), (p[1], p[1]))
+            specs.append(
+                ConvSpec(
+                    layer.out_channels,
+                    k,
+                    _pair(layer.stride),
+                    pad,
+                    d,
+                    layer.groups,
+                    layer.bias is not None,
+                )
+            )
+            plan.append(_Weights(flax_name("Conv"), name, "conv", None))
+        elif isinstance(layer, (tnn.ReLU, tnn.Tanh, tnn.GELU)):
+            if isinstance(layer, tnn.GELU):
+                kind = "gelu_tanh" if layer.approximate == "tanh" else "gelu"
+            else:
+                kind = "relu" if isinstance(layer, tnn.ReLU) else "tanh"
+            specs.append(ActivationSpec(kind))
+        elif isinstance(layer, tnn.Flatten):
+            if layer.start_dim != 1 or layer.end_dim != -1:
+                raise _unsupported(
+                    shown,
+                    layer,
+                    f"Flatten(start_dim={layer.start_dim}, end_dim={layer.end_dim})",
+                    "use nn.Flatten() (start_dim=1, end_dim=-1).",
+                )
+            if len(shape) == 4:
+                c, h, w = shape[1:]
+                rest = [lay for _, lay in leaves[i + 1 :]]
+                if any(isinstance(lay, tnn.Linear) for lay in rest):
+                    perm = tuple(np.arange(c * h * w).reshape(c, h, w).transpose(1, 2, 0).ravel())
+                    perm = tuple(int(j) for j in perm)
+                    specs.append(FlattenSpec(torch_order=False))
+                else:
+                    specs.append(FlattenSpec(torch_order=True))
+            elif len(shape) == 2:
+                specs.append(FlattenSpec(torch_order=False))  # a no-op
+            else:
+                raise _unsupported(
+                    shown,
+                    layer,
+                    f"Flatten of a {len(shape)}-D input of shape {list(shape)}",
+                    "flatten [batch, C, H, W] images or [batch, F] vectors only.",
+                )
+        elif isinstance(layer, tnn.MaxPool2d):
+            if len(shape) != 4:
+                raise _unsupported(
+                    shown,
+                    layer,
+                    f"MaxPool2d receives a {len(shape)}-D input of shape {list(shape)}",
+                    "pool [batch, C, H, W] images only.",
+                )
+            if _pair(layer.dilation) != (1, 1) or layer.ceil_mode or layer.return_indices:
+                raise _unsupported(
+                    shown,
+                    layer,
+                    f"dilation={layer.dilation}, ceil_mode={layer.ceil_mode}, "
+                    f"return_indices={layer.return_indices}",
+                    "use dilation=1, ceil_mode=False, return_indices=False.",
+                )
+            k = _pair(layer.kernel_size)
+            s = _pair(layer.stride if layer.stride is not None else layer.kernel_size)
+            p = _pair(layer.padding)
+            specs.append(MaxPoolSpec(k, s, ((p[0], p[0]), (p[1], p[1]))))
+        elif isinstance(layer, tnn.LayerNorm):
+            if len(shape) != 2 or tuple(layer.normalized_shape) != (shape[1],):
+                raise _unsupported(
+                    shown,
+                    layer,
+                    f"LayerNorm(normalized_shape={tuple(layer.normalized_shape)}) on an input "
+                    f"of shape {list(shape)}",
+                    "normalise the features of a [batch, features] activation "
+                    "(put nn.Flatten() before it).",
+                )
+            affine = layer.weight is not None
+            specs.append(LayerNormSpec(float(layer.eps), affine, layer.bias is not None))
+            plan.append(_Weights(flax_name("LayerNorm"), name, "layernorm", perm))
+        elif isinstance(layer, tnn.Dropout):
+            if layer.training and layer.p > 0:
+                raise _unsupported(
+                    shown,
+                    layer,
+                    f"Dropout(p={layer.p}) is in training mode, so its output is random",
+                    "call model.eval() first, or use p=0.",
+                )
+        elif isinstance(layer, tnn.Identity):
+            pass
+        else:
+            raise _unsupported(
+                shown,
+                layer,
+                f"{type(layer).__name__} is not supported",
+                "remove it or replace it by supported layers.",
+            )
+        with torch.no_grad():
+            x = layer(x)
+
+    module = Sequential(tuple(specs))
+    converted = Converted(
+        module=module,
+        params={},
+        input_shape=input_shape,
+        names={w.flax_name: w.torch_name for w in plan},
+        plan=tuple(plan),
+    )
+    return dataclasses.replace(converted, params=converted.params_from(torch_model))
+
+
+def torch_twin(module: nn.Module, input_shape: Sequence[int]) -> Any:
+    """A PyTorch ``nn.Sequential`` with the architecture of jaxtrain's MLP or CNN.
+
+    Its weights are PyTorch's default initialisation; ``from_torch(twin, input_shape)``
+    gives parameters with exactly the tree of ``module.init(...)["params"]``.
+
+    Args:
+        module: a `jaxtrain.MLP` or `jaxtrain.CNN`.
+        input_shape: PyTorch shape of one example, e.g. ``(1, 8, 8)`` for the digits.
+
+    Returns:
+        ``torch.nn.Sequential``: for a CNN, per width ``c``: Conv2d(3x3, padding 1),
+        ReLU, Conv2d, ReLU, MaxPool2d(2); then Flatten, Dropout, Linear, ReLU, Dropout,
+        Linear. For an MLP: Flatten, then Linear + ReLU (+ Dropout) per hidden width,
+        then Linear.
+    """
+    from jaxtrain.models.builtin import CNN, MLP
+
+    torch = require_torch()
+    tnn = torch.nn
+    shape = tuple(int(d) for d in input_shape)
+    layers: list[Any] = []
+    if isinstance(module, MLP):
+        width = int(np.prod(shape))
+        layers.append(tnn.Flatten())
+        for h in module.hidden:
+            layers += [tnn.Linear(width, h), tnn.ReLU()]
+            if module.dropout:
+                layers.append(tnn.Dropout(module.dropout))
+            width = h
+        layers.append(tnn.Linear(width, module.num_outputs))
+    elif isinstance(module, CNN):
+        if len(shape) != 3:
+            raise ValueError(
+                f"torch_twin of a CNN needs input_shape (C, H, W); got {shape}. "
+                "Fix: e.g. (1, 8, 8) for the digits."
+            )
+        c_in, h, w = shape
+        for c in module.channels:
+            layers += [
+                tnn.Conv2d(c_in, c, 3, padding=1),
+                tnn.ReLU(),
+                tnn.Conv2d(c, c, 3, padding=1),
+                tnn.ReLU(),
+                tnn.MaxPool2d(2),
+            ]
+            c_in, h, w = c, h // 2, w // 2
+        layers += [
+            tnn.Flatten(),
+            tnn.Dropout(module.dropout),
+            tnn.Linear(c_in * h * w, module.dense),
+            tnn.ReLU(),
+            tnn.Dropout(module.dropout),
+            tnn.Linear(module.dense, module.num_classes),
+        ]
+    else:
+        raise TypeError(
+            f"torch_twin knows jaxtrain.MLP and jaxtrain.CNN; got {type(module).__name__}. "
+            "Fix: build the nn.Sequential yourself and convert it with from_torch."
+        )
+    return tnn.Sequential(*layers)

@@ -1,0 +1,389 @@
+"""Side by side: the same batches, in the same order, through a PyTorch loop and `train_step`.
+
+PyTorch, one step::
+
+    optimizer.zero_grad()                 # clearing the gradients
+    loss = criterion(model(x), y)         # forward pass, loss
+    loss.backward()                       # gradients, accumulated into p.grad
+    clip_grad_norm_(params, c)            # (optional)
+    optimizer.step()                      # update, in place
+    scheduler.step()
+
+jaxtrain, one step::
+
+    state, metrics = train_step(state, batch)   # all of the above, as one pure function
+
+`compare` runs both from identical weights (PyTorch's, converted by
+`jaxtrain.contrast.from_torch`) and records, per step, both losses, both gradient norms,
+both learning rates and the largest parameter difference. `Comparison.table` prints
+them; `Comparison.plot` draws the two loss curves and their difference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxtrain.contrast._torch import require_torch
+from jaxtrain.contrast.convert import from_torch, nhwc_to_nchw, torch_twin
+from jaxtrain.contrast.optim import OptimizerSpec, make_optax, make_torch, torch_clip, torch_loss
+from jaxtrain.data import ArrayDataset
+from jaxtrain.models.adapters import Model, from_linen
+from jaxtrain.state import TrainState
+from jaxtrain.step import make_train_step
+from jaxtrain.tasks import classification_loss, regression_loss
+
+# Parity targets (float32, CPU, matmul precision "highest"): relative loss difference per
+# step over the first 10 steps and over the whole run; final parameters (max abs diff).
+TARGET_FIRST = 1e-5
+TARGET_ALL = 1e-4
+TARGET_PARAMS = 1e-4
+
+
+def presets(steps: int) -> dict[str, OptimizerSpec]:
+    """The optimizer set of the parity targets, for a run of ``steps`` steps.
+
+    Returns:
+        name -> `OptimizerSpec`: ``sgd``, ``sgd-nesterov-wd`` (momentum 0.9, Nesterov,
+        weight decay 5e-4), ``adam``, ``adamw`` (PyTorch's default weight decay 1e-2),
+        ``clip`` (SGD with momentum, ``clip_grad_norm_`` at 1.0) and ``cosine-warmup``
+        (AdamW, linear warmup over a tenth of the run, then cosine decay).
+    """
+    return {
+        "sgd": OptimizerSpec("sgd", lr=0.1),
+        "sgd-nesterov-wd": OptimizerSpec(
+            "sgd", lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4
+        ),
+        "adam": OptimizerSpec("adam", lr=1e-3),
+        "adamw": OptimizerSpec("adamw", lr=1e-3),
+        "clip": OptimizerSpec("sgd", lr=0.05, momentum=0.9, clip_norm=1.0),
+        "cosine-warmup": OptimizerSpec(
+            "adamw",
+            lr=2e-3,
+            schedule="cosine",
+            warmup_steps=max(1, steps // 10),
+            total_steps=max(steps, 2),
+        ),
+    }
+
+
+@dataclasses.dataclass
+class Comparison:
+    """Per-step records of the two loops (arrays of length ``S``, one entry per step).
+
+    Attributes:
+        torch_loss, jax_loss: the loss of the batch at step ``t``, before update ``t``.
+        torch_grad_norm, jax_grad_norm: global L2 norm of the gradients (before clipping).
+        torch_lr, jax_lr: the learning rate used by update ``t``.
+        param_diff: max |torch param - jax param| after update ``t`` (NaN where not
+            measured).
+        label: what ran (model, optimizer).
+    """
+
+    torch_loss: np.ndarray
+    jax_loss: np.ndarray
+    torch_grad_norm: np.ndarray
+    jax_grad_norm: np.ndarray
+    torch_lr: np.ndarray
+    jax_lr: np.ndarray
+    param_diff: np.ndarray
+    label: str = ""
+
+    @property
+    def steps(self) -> np.ndarray:
+        """Step indices ``[S]`` (0-based)."""
+        return np.arange(len(self.torch_loss))
+
+    @property
+    def rel_diff(self) -> np.ndarray:
+        """``|torch - jax| / |torch|`` per step ``[S]``."""
+        return np.abs(self.torch_loss - self.jax_loss) / np.maximum(np.abs(self.torch_loss), 1e-30)
+
+    def max_rel_diff(self, first: int | None = None) -> float:
+        """The largest relative loss difference over the first ``first`` steps (all: None)."""
+        return float(np.max(self.rel_diff[:first]))
+
+    @property
+    def final_param_diff(self) -> float:
+        """Max absolute parameter difference after the last step."""
+        return float(self.param_diff[-1])
+
+    def summary(self) -> dict[str, Any]:
+        """The headline figures and whether each parity target holds (plain Python)."""
+        first = self.max_rel_diff(10)
+        every = self.max_rel_diff()
+        params = self.final_param_diff
+        return {
+            "label": self.label,
+            "steps": len(self.torch_loss),
+            "max_rel_diff_first_10": first,
+            "max_rel_diff_all": every,
+            "final_param_max_abs_diff": params,
+            "max_grad_norm_rel_diff": float(
+                np.max(
+                    np.abs(self.torch_grad_norm - self.jax_grad_norm)
+                    / np.maximum(self.torch_grad_norm, 1e-30)
+                )
+            ),
+            "meets_targets": bool(
+                first <= TARGET_FIRST and every <= TARGET_ALL and params <= TARGET_PARAMS
+            ),
+        }
+
+    def table(self, every: int = 1) -> str:
+        """A text table: step, torch loss, jax loss, relative difference.
+
+        Args:
+            every: print every ``every``-th step (the last step always).
+        """
+        rows = [f"{'step':>6}  {'torch loss':>12}  {'jax loss':>12}  {'rel diff':>9}"]
+        last = len(self.torch_loss) - 1
+        rel = self.rel_diff
+        for t in range(last + 1):
+            if t % every == 0 or t == last:
+                rows.append(
+                    f"{t:>6}  {self.torch_loss[t]:>12.8f}  {self.jax_loss[t]:>12.8f}  "
+                    f"{rel[t]:>9.2e}"
+                )
+        return "\n".join(rows)
+
+    def plot(self, path: str | os.PathLike) -> str:
+        """Writes a PNG: both loss curves overlaid, their relative difference, and the
+        parameter difference, against the step.
+
+        Returns:
+            The path written.
+        """
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        steps = self.steps
+        fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+        ax = axes[0]
+        ax.plot(steps, self.torch_loss, "-", lw=2.5, alpha=0.6, label="PyTorch")
+        ax.plot(steps, self.jax_loss, "--", lw=1.2, label="jaxtrain")
+        ax.set_yscale("log")
+        ax.set_ylabel("training loss")
+        ax.legend()
+        ax = axes[1]
+        ax.semilogy(steps, np.maximum(self.rel_diff, 1e-12), lw=1)
+        ax.axhline(TARGET_FIRST, color="C2", ls=":", label=f"{TARGET_FIRST:g} (first 10 steps)")
+        ax.axhline(TARGET_ALL, color="C3", ls=":", label=f"{TARGET_ALL:g} (all steps)")
+        ax.set_ylabel("|torch - jax| / |torch| (loss)")
+        ax.legend(fontsize=8)
+        ax = axes[2]
+        ok = np.isfinite(self.param_diff)
+        ax.semilogy(steps[ok], np.maximum(self.param_diff[ok], 1e-12), lw=1)
+        ax.axhline(TARGET_PARAMS, color="C3", ls=":", label=f"{TARGET_PARAMS:g}")
+        ax.set_ylabel("max |torch - jax| (parameters)")
+        ax.legend(fontsize=8)
+        for ax in axes:
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+        if self.label:
+            fig.suptitle(self.label)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return os.fspath(path)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: every per-step series as a list, plus `summary`."""
+        out = {
+            f.name: getattr(self, f.name).tolist()
+            for f in dataclasses.fields(self)
+            if f.name != "label"
+        }
+        out["summary"] = self.summary()
+        return out
+
+
+def _max_abs_diff(a: Any, b: Any) -> float:
+    return max(
+        float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
+
+
+def compare(
+    torch_model: Any,
+    spec: OptimizerSpec,
+    data: Mapping[str, np.ndarray],
+    *,
+    input_shape: tuple[int, ...],
+    steps: int = 200,
+    batch_size: int = 32,
+    seed: int = 0,
+    loss: str = "cross_entropy",
+    label_smoothing: float = 0.0,
+    jax_model: Model | None = None,
+    param_diff_every: int = 1,
+    label: str = "",
+) -> Comparison:
+    """Trains ``torch_model`` with PyTorch and its converted twin with `make_train_step`.
+
+    Both start from ``torch_model``'s current weights and see the same batches in the
+    same order (`ArrayDataset` with ``seed``, full batches only). PyTorch runs
+    deterministic (``use_deterministic_algorithms``), JAX with matmul precision
+    ``"highest"``; both are restored afterwards. ``torch_model`` is trained in place.
+
+    Args:
+        torch_model: an ``nn.Sequential`` `from_torch` can convert (dropout off).
+        spec: the optimizer, clipping and schedule (`OptimizerSpec`).
+        data: ``{"x": [N, H, W, C] or [N, F], "y": [N] int (or [N, K] float for mse)}``
+            in jaxtrain's layout; PyTorch gets ``x`` as NCHW.
+        input_shape: PyTorch shape of one example (``(C, H, W)`` or ``(F,)``).
+        steps: training steps ``S``.
+        batch_size: examples per step.
+        seed: the shuffle seed of the batches.
+        loss: ``"cross_entropy"`` or ``"mse"``.
+        label_smoothing: cross-entropy label smoothing (both sides).
+        jax_model: the JAX model to train (default: the converted ``nn.Sequential``). Its
+            parameters must have the converted tree (e.g. ``from_linen(jaxtrain.CNN(...))``
+            for a `torch_twin`).
+        param_diff_every: measure the parameter difference every this many steps (and
+            after the last); it copies every PyTorch weight to the host.
+        label: a title for tables and plots.
+
+    Returns:
+        A `Comparison`.
+    """
+    torch = require_torch()
+    converted = from_torch(torch_model, input_shape)
+    model = jax_model if jax_model is not None else converted.model()
+    params = jax.tree.map(jnp.array, converted.params)  # own buffers: the state is donated
+    if jax_model is not None:
+        sample = jnp.zeros((1, *np.asarray(data["x"]).shape[1:]), jnp.float32)
+        expected = jax.tree.structure(model.init(jax.random.key(0), sample)[0])
+        if expected != jax.tree.structure(params):
+            raise ValueError(
+                "jax_model's parameters do not have the tree of the converted PyTorch model: "
+                f"{expected} vs {jax.tree.structure(params)}. Fix: pass jax_model=None, or a "
+                "model with the same layers (torch_twin builds the twin of MLP and CNN)."
+            )
+    if loss == "cross_entropy":
+        loss_fn = classification_loss(model, label_smoothing)
+    elif loss == "mse":
+        loss_fn = regression_loss(model)
+    else:
+        raise ValueError(f"loss must be 'cross_entropy' or 'mse'; got {loss!r}.")
+    criterion = torch_loss(loss, label_smoothing)
+
+    optimizer, schedule = make_optax(spec)
+    state = TrainState.create(params, optimizer, seed)
+    t_params = list(torch_model.parameters())
+    t_opt, t_sched = make_torch(spec, t_params)
+
+    dataset = ArrayDataset(dict(data), batch_size, seed=seed, drop_remainder=True)
+    rec = {k: np.full(steps, np.nan) for k in ("tl", "jl", "tg", "jg", "tlr", "jlr", "pd")}
+    prev_det = torch.are_deterministic_algorithms_enabled()
+    prev_prec = torch.get_float32_matmul_precision()
+    torch.use_deterministic_algorithms(True)
+    torch.set_float32_matmul_precision("highest")
+    try:
+        with jax.default_matmul_precision("highest"):
+            train_step = make_train_step(loss_fn, optimizer, learning_rate_fn=schedule)
+            batches = dataset.iterate()
+            for t in range(steps):
+                _, batch = next(batches)
+                x = torch.from_numpy(np.ascontiguousarray(nhwc_to_nchw(batch["x"])))
+                y = torch.from_numpy(batch["y"])
+                if loss == "cross_entropy":
+                    y = y.long()
+                # --- PyTorch: clear, forward, loss, backward, (clip), step, schedule.
+                rec["tlr"][t] = t_opt.param_groups[0]["lr"]
+                t_opt.zero_grad(set_to_none=True)
+                t_loss = criterion(torch_model(x), y)
+                t_loss.backward()
+                rec["tg"][t] = torch_clip(spec, t_params)
+                t_opt.step()
+                if t_sched is not None:
+                    t_sched.step()
+                rec["tl"][t] = float(t_loss.detach())
+                # --- jaxtrain: one pure function of (state, batch).
+                state, metrics = train_step(state, batch)
+                rec["jl"][t] = float(metrics["loss"])
+                rec["jg"][t] = float(metrics["grad_norm"])
+                rec["jlr"][t] = float(metrics["learning_rate"])
+                if (t + 1) % param_diff_every == 0 or t == steps - 1:
+                    rec["pd"][t] = _max_abs_diff(converted.params_from(torch_model), state.params)
+    finally:
+        torch.use_deterministic_algorithms(prev_det)
+        torch.set_float32_matmul_precision(prev_prec)
+    return Comparison(
+        torch_loss=rec["tl"],
+        jax_loss=rec["jl"],
+        torch_grad_norm=rec["tg"],
+        jax_grad_norm=rec["jg"],
+        torch_lr=rec["tlr"],
+        jax_lr=rec["jlr"],
+        param_diff=rec["pd"],
+        label=label,
+    )
+
+
+MODELS = ("mlp-tanh", "cnn-tanh", "mlp", "cnn")
+
+
+def digits_models(kind: str, seed: int = 0) -> tuple[Any, Model | None]:
+    """A PyTorch model for the 8x8 digits and the JAX model it is compared with.
+
+    Args:
+        kind: ``"mlp-tanh"``: ``nn.Sequential`` of Flatten -> Linear(64->64) -> Tanh ->
+            Linear(64->64) -> Tanh -> Linear(64->10), compared with its `from_torch`
+            conversion. ``"mlp"``: jaxtrain's `jaxtrain.MLP` (hidden (64, 64), ReLU) and
+            its `torch_twin`. ``"cnn-tanh"``: a smooth CNN, ``nn.Sequential`` of Conv2d(1->8,
+            3x3) -> Tanh -> Conv2d(8->16, 3x3, stride 2) -> Tanh -> Conv2d(16->16, 3x3,
+            stride 2) -> Tanh -> Flatten -> Linear(64->32) -> Tanh -> Linear(32->10),
+            compared with its `from_torch` conversion. ``"cnn"``: jaxtrain's `jaxtrain.CNN`
+            (channels (8, 16), dense 32, ReLU and max-pooling, no dropout) and its twin.
+        seed: ``torch.manual_seed`` for PyTorch's default initialisation, which is the
+            start of both runs.
+
+    Returns:
+        ``(torch_model, jax_model)``; ``jax_model`` None means the converted model.
+    """
+    from jaxtrain.models.builtin import CNN, MLP
+
+    torch = require_torch()
+    tnn = torch.nn
+    torch.manual_seed(seed)
+    if kind == "mlp":
+        module = MLP(hidden=(64, 64), num_outputs=10)
+        return torch_twin(module, (1, 8, 8)), from_linen(module)
+    if kind == "cnn":
+        module = CNN(channels=(8, 16), dense=32, num_classes=10, dropout=0.0)
+        return torch_twin(module, (1, 8, 8)), from_linen(module)
+    if kind == "mlp-tanh":
+        net = tnn.Sequential(
+            tnn.Flatten(),
+            tnn.Linear(64, 64),
+            tnn.Tanh(),
+            tnn.Linear(64, 64),
+            tnn.Tanh(),
+            tnn.Linear(64, 10),
+        )
+        return net, None
+    if kind == "cnn-tanh":
+        net = tnn.Sequential(
+            tnn.Conv2d(1, 8, 3, padding=1),
+            tnn.Tanh(),
+            tnn.Conv2d(8, 16, 3, stride=2, padding=1),  # [B, 16, 4, 4]
+            tnn.Tanh(),
+            tnn.Conv2d(16, 16, 3, stride=2, padding=1),  # [B, 16, 2, 2]
+            tnn.Tanh(),
+            tnn.Flatten(),
+            tnn.Linear(64, 32),
+            tnn.Tanh(),
+            tnn.Linear(32, 10),
+        )
+        return net, None
+    raise ValueError(f"model must be one of {', '.join(MODELS)}; got {kind!r}.")

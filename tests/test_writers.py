@@ -1,0 +1,118 @@
+"""CSV and TensorBoard metric writers; the TensorBoard file is read back with TensorBoard's reader."""
+
+import csv
+import json
+import math
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import jaxtrain
+from jaxtrain import cli
+from jaxtrain.logging import CsvWriter, JsonlWriter, TensorBoardWriter, read_csv, read_jsonl
+
+TRAIN_1 = {"step": 20, "epoch": 0, "split": "train", "loss": 1.25, "learning_rate": 0.002}
+EVAL_1 = {"step": 23, "epoch": 0, "split": "eval", "loss": 0.5, "accuracy": 0.875}
+TRAIN_2 = {"step": 40, "epoch": 1, "split": "train", "loss": 0.75, "learning_rate": 0.001}
+
+
+def _scalars(logdir):
+    acc = EventAccumulator(str(logdir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_csv_header_grows_when_a_new_key_appears(tmp_path):
+    path = tmp_path / "m.csv"
+    with CsvWriter(path) as w:
+        w.write(TRAIN_1)
+        assert path.read_text().splitlines() == [
+            "step,epoch,split,loss,learning_rate",
+            "20,0,train,1.25,0.002",
+        ]
+        w.write(EVAL_1)  # brings "accuracy": the file is rewritten with the wider header
+        w.write(TRAIN_2)  # lacks "accuracy": an empty cell
+    assert path.read_text().splitlines() == [
+        "step,epoch,split,loss,learning_rate,accuracy",
+        "20,0,train,1.25,0.002,",
+        "23,0,eval,0.5,,0.875",
+        "40,1,train,0.75,0.001,",
+    ]
+    assert read_csv(path) == [TRAIN_1, EVAL_1, TRAIN_2]
+    assert not (tmp_path / "m.csv.tmp").exists()
+
+
+def test_csv_append_keeps_the_header_and_nan_round_trips(tmp_path):
+    path = tmp_path / "m.csv"
+    with CsvWriter(path) as w:
+        w.write(TRAIN_1)
+    with CsvWriter(path, mode="a") as w:  # resume
+        w.write({**TRAIN_2, "loss": float("nan")})
+    rows = list(csv.reader(path.open()))
+    assert rows[0] == ["step", "epoch", "split", "loss", "learning_rate"]
+    assert len(rows) == 3
+    back = read_csv(path)
+    assert back[0] == TRAIN_1 and back[1]["step"] == 40 and math.isnan(back[1]["loss"])
+
+
+def test_csv_fixed_columns_leave_other_keys_out(tmp_path):
+    path = tmp_path / "m.csv"
+    with CsvWriter(path, columns=["step", "loss"]) as w:
+        w.write(TRAIN_1)
+        w.write(EVAL_1)
+    assert path.read_text().splitlines() == ["step,loss", "20,1.25", "23,0.5"]
+    with pytest.raises(ValueError) as e:
+        CsvWriter(path, mode="a", columns=["step", "accuracy"])
+    assert "has columns ['step', 'loss'] but columns=['step', 'accuracy'] was given" in str(e.value)
+    with pytest.raises(ValueError, match=r"CsvWriter mode must be 'w' or 'a'; got 'x'\."):
+        CsvWriter(path, mode="x")
+
+
+def test_tensorboard_scalars_read_back(tmp_path):
+    with TensorBoardWriter(tmp_path / "tb") as w:
+        w.write(TRAIN_1)
+        w.write({**EVAL_1, "note": "text is skipped", "flag": True})
+        w.write(TRAIN_2)
+        w.write({"step": 50, "loss": 0.5})  # no split: default_split "train"
+    scalars = _scalars(tmp_path / "tb")
+    assert set(scalars) == {"train/loss", "train/learning_rate", "eval/loss", "eval/accuracy"}
+    assert scalars["train/loss"] == [(20, 1.25), (40, 0.75), (50, 0.5)]
+    assert scalars["eval/accuracy"] == [(23, 0.875)]
+    assert [s for s, _ in scalars["train/learning_rate"]] == [20, 40]
+    assert scalars["train/learning_rate"][0][1] == pytest.approx(0.002)
+    with (
+        TensorBoardWriter(tmp_path / "tb2") as w,
+        pytest.raises(ValueError, match=r"needs a 'step' in every record; got keys \['loss'\]"),
+    ):
+        w.write({"loss": 1.0})
+
+
+def test_jsonl_writer_unchanged(tmp_path):
+    with JsonlWriter(tmp_path / "m.jsonl") as w:
+        w.write({**TRAIN_1, "loss": float("inf")})
+    assert json.loads((tmp_path / "m.jsonl").read_text())["loss"] == "inf"
+    assert read_jsonl(tmp_path / "m.jsonl")[0]["step"] == 20
+
+
+def test_train_cli_writes_tensorboard_and_csv(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = cli.main(
+        ["train", "--model", "mlp", "--epochs", "1", "--out", str(out), "--no-progress"]
+        + ["--no-checkpoint", "--tensorboard", "--csv"]
+    )
+    assert code == 0, capsys.readouterr().err
+    records = read_jsonl(out / "metrics.jsonl")
+    scalars = _scalars(out / "tensorboard")
+    assert {"train/loss", "train/grad_norm", "train/learning_rate", "eval/accuracy"} <= set(scalars)
+    train = [r for r in records if r["split"] == "train"]
+    evals = [r for r in records if r["split"] == "eval"]
+    assert [s for s, _ in scalars["train/loss"]] == [r["step"] for r in train] == [20, 23]
+    assert [s for s, _ in scalars["eval/accuracy"]] == [23]
+    assert scalars["eval/accuracy"][0][1] == pytest.approx(evals[0]["accuracy"], rel=1e-6)
+    assert scalars["train/loss"][-1][1] == pytest.approx(train[-1]["loss"], rel=1e-6)
+    assert read_csv(out / "metrics.csv") == records
+    assert json.loads((out / "config.json").read_text())["tensorboard"] is True
+
+
+def test_writers_are_exported():
+    assert jaxtrain.CsvWriter is CsvWriter and jaxtrain.TensorBoardWriter is TensorBoardWriter
