@@ -216,7 +216,10 @@ class Checkpointer:
             "eval_metrics": dict(eval_metrics) if eval_metrics else None,
             **(dict(meta) if meta else {}),
         }
-        json.dumps(full_meta)  # fail here, in the caller, if meta is not JSON-ready
+        # A snapshot, taken now: the write happens in the background, and the caller's
+        # lists (e.g. the metrics history) keep growing meanwhile. Also fails here, in the
+        # caller, if meta is not JSON-ready.
+        full_meta = json.loads(json.dumps(full_meta))
         metrics = None
         if self.best_metric is not None and eval_metrics and self.best_metric in eval_metrics:
             metrics = {self.best_metric: float(eval_metrics[self.best_metric])}

@@ -11,7 +11,12 @@ from torch import nn
 import jaxtrain as jt
 from jaxtrain.contrast import from_torch, nchw_to_nhwc, torch_twin
 
-jax.config.update("jax_default_matmul_precision", "highest")
+
+@pytest.fixture(autouse=True)
+def _highest_matmul_precision():
+    """float32 matmuls at full precision here, without changing other test modules."""
+    with jax.default_matmul_precision("highest"):
+        yield
 
 
 def _randomize(model: nn.Module, seed: int = 0) -> nn.Module:

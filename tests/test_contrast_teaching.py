@@ -11,7 +11,14 @@ import jaxtrain as jt
 from jaxtrain.contrast import freeze, from_torch, nhwc_to_nchw, step_anatomy
 from jaxtrain.contrast.anatomy import normalize_cost_analysis, normalize_memory_analysis
 
-jax.config.update("jax_default_matmul_precision", "highest")
+
+@pytest.fixture(autouse=True)
+def _highest_matmul_precision():
+    """float32 matmuls at full precision here, without changing other test modules."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
 torch.set_num_threads(1)
 TRAIN, _ = jt.load_digits()
 BATCHES = list(jt.ArrayDataset(TRAIN, 32, seed=0, drop_remainder=True).batches(0))[:30]
