@@ -7,6 +7,9 @@ import dataclasses
 import sys
 from collections.abc import Sequence
 
+from jaxtrain._argtypes import nonneg_float as _nonneg_float
+from jaxtrain._argtypes import positive_float as _positive_float
+from jaxtrain._argtypes import positive_int as _positive_int
 from jaxtrain.contrast.cli import COMMAND as COMPARE
 from jaxtrain.contrast.cli import add_compare_parser, run_compare
 from jaxtrain.doctor import COMMAND as DOCTOR
@@ -22,36 +25,6 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # type: ignore[override]
         self.print_usage(sys.stderr)
         self.exit(2, f"{self.prog}: error: {message}\nSee '{self.prog} --help' for every option.\n")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
-
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (v > 0 and v < float("inf")):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
-    return v
-
-
-def _nonneg_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (v >= 0 and v < float("inf")):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
-    return v
 
 
 def build_parser() -> argparse.ArgumentParser:

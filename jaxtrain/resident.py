@@ -18,7 +18,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxtrain.data import MASK_KEY, ArrayDataset
-from jaxtrain.step import CompiledStep, LossFn, _build_step, _replicated
+from jaxtrain.step import CompiledStep, LossFn, _build_step, _finish
 
 
 def make_device_epoch(
@@ -77,14 +77,7 @@ def make_device_epoch(
 
         return jax.lax.scan(body, state, (idx, valid))
 
-    compiled.fn = run_epoch
-    out = _replicated(mesh)
-    compiled.jitted = jax.jit(
-        run_epoch,
-        donate_argnums=(0,) if donate else (),
-        out_shardings=None if out is None else (out, out),
-    )
-    return compiled
+    return _finish(compiled, run_epoch, jit=True, mesh=mesh, donate=donate)
 
 
 def put_dataset(dataset: ArrayDataset, mesh: Mesh | None = None) -> dict[str, Any]:

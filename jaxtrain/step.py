@@ -289,17 +289,7 @@ def make_train_step(
     compiled = CompiledStep(None, None)
     compiled.nonfinite_policy = nonfinite
     train_step = _build_step(loss_fn, optimizer, learning_rate_fn, nonfinite, compiled, True)
-    compiled.fn = train_step
-    if not jit:
-        compiled.jitted = train_step
-        return compiled
-    out = _replicated(mesh)
-    compiled.jitted = jax.jit(
-        train_step,
-        donate_argnums=(0,) if donate else (),
-        out_shardings=None if out is None else (out, out),
-    )
-    return compiled
+    return _finish(compiled, train_step, jit=jit, mesh=mesh, donate=donate)
 
 
 def make_train_steps(
@@ -345,13 +335,20 @@ def make_train_steps(
         compiled._count_trace()
         return jax.lax.scan(one_step, state, batches)
 
-    compiled.fn = train_steps
+    return _finish(compiled, train_steps, jit=jit, mesh=mesh, donate=donate)
+
+
+def _finish(
+    compiled: CompiledStep, fn: Callable, *, jit: bool, mesh: Mesh | None, donate: bool
+) -> CompiledStep:
+    """Attaches ``fn`` and its jit (state donated, outputs replicated on ``mesh``)."""
+    compiled.fn = fn
     if not jit:
-        compiled.jitted = train_steps
+        compiled.jitted = fn
         return compiled
     out = _replicated(mesh)
     compiled.jitted = jax.jit(
-        train_steps,
+        fn,
         donate_argnums=(0,) if donate else (),
         out_shardings=None if out is None else (out, out),
     )

@@ -13,29 +13,12 @@ import os
 import sys
 from typing import Any
 
+from jaxtrain._argtypes import positive_float as _positive_float
+from jaxtrain._argtypes import positive_int as _positive_int
+
 COMMAND = "compare"
 MODELS = ("mlp-tanh", "cnn-tanh", "mlp", "cnn")
 PRESETS = ("sgd", "sgd-nesterov-wd", "adam", "adamw", "clip", "cosine-warmup")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
-
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (0 < v < float("inf")):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
-    return v
 
 
 def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
