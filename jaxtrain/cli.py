@@ -140,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--csv", action="store_true", help="also write OUT/metrics.csv")
     t.add_argument(
+        "--steps-per-call",
+        type=_positive_int,
+        default=d.steps_per_call,
+        help="fuse K training steps into one compiled call (jax.lax.scan)",
+    )
+    t.add_argument(
         "--nonfinite",
         choices=("skip", "raise", "off"),
         default="off",
@@ -223,6 +229,7 @@ def _train(args: argparse.Namespace) -> int:
         save_every=args.save_every,
         keep=args.keep,
         nonfinite=None if args.nonfinite == "off" else args.nonfinite,
+        steps_per_call=args.steps_per_call,
         tensorboard=args.tensorboard,
         csv=args.csv,
     )

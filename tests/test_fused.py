@@ -135,3 +135,21 @@ def test_device_resident_epoch_matches_host_fed(setup):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
     with pytest.raises(ValueError, match="runs whole epochs"):
         jt.fit(_fresh(params, opt), epoch_fn, ds, num_steps=7, progress=False)
+
+
+def test_cli_steps_per_call_gives_the_same_parameters(tmp_path, capsys):
+    """`jaxtrain train --steps-per-call 4` ends bitwise where the per-step run ends."""
+    import json
+
+    from jaxtrain import cli
+
+    shas = []
+    for k in ("1", "4"):
+        out = tmp_path / k
+        args = ["train", "--model", "mlp", "--epochs", "2", "--no-checkpoint", "--no-progress"]
+        assert cli.main([*args, "--steps-per-call", k, "--out", str(out)]) == 0
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["steps"] == 46
+        shas.append(summary["params_sha256"])
+    assert shas[0] == shas[1]
+    assert summary["train_step_compilations"] == 2  # groups of 4 and the leftover of 3
