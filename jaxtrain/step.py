@@ -155,6 +155,66 @@ def _replicated(mesh: Mesh | None) -> NamedSharding | None:
     return None if mesh is None else NamedSharding(mesh, PartitionSpec())
 
 
+def _accumulate(call_loss: Callable, state: TrainState, batch: Batch, rng: jax.Array, k: int):
+    """Gradients of a batch as ``k`` microbatches, in a ``lax.scan`` with one accumulator.
+
+    Each microbatch's loss is a mask-weighted mean; the batch's loss and gradient are the
+    means of those weighted by each microbatch's count of real examples (or tokens), so
+    padding never counts and the result equals one pass over the whole batch. Every
+    microbatch gets its own key, ``fold_in(step_key, i)``; the model state (e.g.
+    BatchNorm statistics) is threaded through the microbatches in order.
+    """
+    sizes = {key: jnp.shape(v)[0] for key, v in batch.items()}
+    bad = {key: n for key, n in sizes.items() if n % k}
+    if bad:
+        raise ValueError(
+            f"grad_accum_steps={k} must divide the batch size; got batch entries of sizes {bad}. "
+            f"Fix: use a batch size that is a multiple of {k}."
+        )
+    m = next(iter(sizes.values())) // k
+
+    def microbatch(i):
+        # A slice of the batch in place: no [k, m, ...] copy of the whole batch.
+        return {key: jax.lax.dynamic_slice_in_dim(v, i * m, m) for key, v in batch.items()}
+
+    def weight(mb):
+        if "mask" in mb:
+            return jnp.sum(jnp.asarray(mb["mask"], jnp.float32))
+        return jnp.float32(next(iter(mb.values())).shape[0])
+
+    def body(carry, i):
+        grad_sum, loss_sum, aux_sum, w_sum, model_state = carry
+        mb = microbatch(i)
+        w = weight(mb)
+
+        def objective(params):
+            return call_loss(params, mb, jax.random.fold_in(rng, i), model_state)
+
+        (loss, (aux, new_ms)), g = jax.value_and_grad(objective, has_aux=True)(state.params)
+        grad_sum = jax.tree.map(lambda a, b: a + w * b, grad_sum, g)
+        aux_sum = jax.tree.map(lambda a, b: a + w * jnp.asarray(b, jnp.float32), aux_sum, aux)
+        return (grad_sum, loss_sum + w * loss, aux_sum, w_sum + w, new_ms), None
+
+    # Abstract shapes of one microbatch's aux, to start the accumulator at zero.
+    first = microbatch(0)
+    _, (aux_shape, _) = jax.eval_shape(
+        lambda p: call_loss(p, first, rng, state.model_state), state.params
+    )
+    zeros_aux = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), aux_shape)
+    init = (
+        jax.tree.map(jnp.zeros_like, state.params),
+        jnp.float32(0),
+        zeros_aux,
+        jnp.float32(0),
+        state.model_state,
+    )
+    (grad_sum, loss_sum, aux_sum, w_sum, new_ms), _ = jax.lax.scan(body, init, jnp.arange(k))
+    denom = jnp.maximum(w_sum, 1.0)  # an all-padding batch: zero gradient, not NaN
+    grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grad_sum, state.params)
+    aux = jax.tree.map(lambda a: a / denom, aux_sum)
+    return loss_sum / denom, aux, new_ms, grads
+
+
 def _build_step(
     loss_fn: LossFn,
     optimizer: optax.GradientTransformation,
@@ -162,8 +222,15 @@ def _build_step(
     nonfinite: str | None,
     holder: CompiledStep,
     count_traces: bool,
+    grad_accum_steps: int = 1,
 ) -> Callable:
     """The pure one-step function shared by `make_train_step` and `make_train_steps`."""
+    if (
+        isinstance(grad_accum_steps, bool)
+        or not isinstance(grad_accum_steps, int)
+        or grad_accum_steps < 1
+    ):
+        raise ValueError(f"grad_accum_steps must be an integer >= 1; got {grad_accum_steps!r}.")
     if not isinstance(optimizer, optax.GradientTransformation):
         raise TypeError(
             "optimizer must be an optax.GradientTransformation (e.g. optax.adam(1e-3)); "
@@ -179,13 +246,18 @@ def _build_step(
             compiled._count_trace()  # runs at trace time only, never per jitted call
         _check_opt_state(optimizer, state)
         rng = state.step_rng()
+        if grad_accum_steps > 1:
+            loss, aux, new_model_state, grads = _accumulate(
+                call_loss, state, batch, rng, grad_accum_steps
+            )
+        else:
 
-        def objective(params):
-            return call_loss(params, batch, rng, state.model_state)
+            def objective(params):
+                return call_loss(params, batch, rng, state.model_state)
 
-        (loss, (aux, new_model_state)), grads = jax.value_and_grad(objective, has_aux=True)(
-            state.params
-        )
+            (loss, (aux, new_model_state)), grads = jax.value_and_grad(objective, has_aux=True)(
+                state.params
+            )
         updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
 
@@ -238,6 +310,7 @@ def make_train_step(
     donate: bool = True,
     jit: bool = True,
     nonfinite: str | None = None,
+    grad_accum_steps: int = 1,
 ) -> CompiledStep:
     """Builds ``train_step(state, batch) -> (new_state, metrics)``.
 
@@ -268,6 +341,10 @@ def make_train_step(
             ``"raise"`` does the same and makes `fit` raise ``FloatingPointError``
             at the next logging point, naming the step and the first non-finite
             leaf; None (default) applies every update as computed.
+        grad_accum_steps: split each batch into this many microbatches, processed one
+            after another inside the compiled step (``lax.scan``, one gradient-sized
+            accumulator, a fresh key per microbatch, example-weighted means): the
+            memory of a small batch, the update of the large one.
 
     Returns:
         A `CompiledStep`. ``metrics`` holds device scalars: ``loss``, ``grad_norm``
@@ -288,7 +365,9 @@ def make_train_step(
     """
     compiled = CompiledStep(None, None)
     compiled.nonfinite_policy = nonfinite
-    train_step = _build_step(loss_fn, optimizer, learning_rate_fn, nonfinite, compiled, True)
+    train_step = _build_step(
+        loss_fn, optimizer, learning_rate_fn, nonfinite, compiled, True, grad_accum_steps
+    )
     return _finish(compiled, train_step, jit=jit, mesh=mesh, donate=donate)
 
 

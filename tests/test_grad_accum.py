@@ -1,0 +1,83 @@
+"""Gradient accumulation inside the compiled step: k microbatches == one k-times batch."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxtrain as jt
+
+
+@pytest.fixture(scope="module")
+def setup():
+    train, _ = jt.load_digits()
+    model = jt.from_linen(jt.MLP(hidden=(32,)))  # no dropout: same function for any split
+    params, _ = model.init(jax.random.key(0), train["x"][:1])
+    return train, model, params
+
+
+def _batch(train, n, n_pad):
+    """``n`` rows, the last ``n_pad`` of them padding (garbage inputs, mask 0)."""
+    b = {"x": train["x"][:n].copy(), "y": train["y"][:n].copy(), "mask": np.ones(n, np.float32)}
+    b["mask"][n - n_pad :] = 0.0
+    b["x"][n - n_pad :] = 7.0
+    return b
+
+
+def _rel(a, b):
+    """||a - b|| / ||b|| over whole pytrees (global L2 norms)."""
+    diff = jax.tree.map(lambda x, y: np.asarray(x, np.float64) - np.asarray(y, np.float64), a, b)
+
+    def norm(t):
+        return np.sqrt(
+            sum(np.sum(np.square(np.asarray(x, np.float64))) for x in jax.tree.leaves(t))
+        )
+
+    return norm(diff) / norm(b)
+
+
+@pytest.mark.parametrize("n_pad", [0, 10])  # 10: the last microbatch is mostly padding
+def test_k_microbatches_equal_one_large_batch(setup, n_pad):
+    train, model, params = setup
+    opt = optax.sgd(0.5)
+    loss = jt.classification_loss(model)
+    batch = _batch(train, 64, n_pad)
+    one = jt.make_train_step(loss, opt)
+    acc = jt.make_train_step(loss, opt, grad_accum_steps=4)
+    s1, m1 = one(jt.TrainState.create(jax.tree.map(jnp.copy, params), opt, 0), batch)
+    s4, m4 = acc(jt.TrainState.create(jax.tree.map(jnp.copy, params), opt, 0), batch)
+    # Stated tolerance: float32, summed in another order (per microbatch, then weighted):
+    # the update's relative difference (global L2 norms) is ~1e-7; 1e-6 bounds it.
+    update = lambda s: jax.tree.map(lambda new, old: new - old, s.params, params)  # noqa: E731
+    assert _rel(update(s4), update(s1)) <= 1e-6
+    np.testing.assert_allclose(m4["loss"], m1["loss"], rtol=1e-6)
+    np.testing.assert_allclose(m4["accuracy"], m1["accuracy"], rtol=1e-6)
+    np.testing.assert_allclose(m4["grad_norm"], m1["grad_norm"], rtol=1e-5)
+    assert acc.trace_count == 1
+
+
+def test_temporary_memory_does_not_grow_with_k(setup):
+    """Microbatches of 16: a batch of 32 (k=2) and of 128 (k=8) need the same scratch."""
+    train, model, params = setup
+    opt = optax.adam(1e-3)
+    loss = jt.classification_loss(model)
+    state = jt.TrainState.create(params, opt, 0)
+    temp = {}
+    for k in (2, 8):
+        step = jt.make_train_step(loss, opt, grad_accum_steps=k)
+        batch = _batch(train, 16 * k, 0)
+        temp[k] = step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
+    assert temp[8] <= 1.25 * temp[2], temp
+
+
+def test_batch_not_divisible_is_a_clear_error(setup):
+    train, model, params = setup
+    opt = optax.sgd(0.1)
+    step = jt.make_train_step(jt.classification_loss(model), opt, grad_accum_steps=3)
+    with pytest.raises(
+        ValueError, match=r"grad_accum_steps=3 must divide the batch size; got .*'x': 64"
+    ):
+        step(jt.TrainState.create(jax.tree.map(jnp.copy, params), opt, 0), _batch(train, 64, 0))
+    with pytest.raises(ValueError, match="grad_accum_steps must be an integer >= 1; got 0"):
+        jt.make_train_step(jt.classification_loss(model), opt, grad_accum_steps=0)
