@@ -140,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--csv", action="store_true", help="also write OUT/metrics.csv")
     t.add_argument(
+        "--grad-accum-steps",
+        type=_positive_int,
+        default=d.grad_accum_steps,
+        help="split each batch into N microbatches inside the step (same update, less memory)",
+    )
+    t.add_argument(
         "--steps-per-call",
         type=_positive_int,
         default=d.steps_per_call,
@@ -230,6 +236,7 @@ def _train(args: argparse.Namespace) -> int:
         keep=args.keep,
         nonfinite=None if args.nonfinite == "off" else args.nonfinite,
         steps_per_call=args.steps_per_call,
+        grad_accum_steps=args.grad_accum_steps,
         tensorboard=args.tensorboard,
         csv=args.csv,
     )

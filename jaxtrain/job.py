@@ -70,6 +70,7 @@ class TrainConfig:
     keep: int = 3
     nonfinite: str | None = None
     steps_per_call: int = 1
+    grad_accum_steps: int = 1
     tensorboard: bool = False  # also write TensorBoard event files to OUT/tensorboard
     csv: bool = False  # also write OUT/metrics.csv
 
@@ -91,7 +92,14 @@ class TrainConfig:
             raise bad("weight_decay", "a finite number >= 0")
         if not 0 <= self.label_smoothing < 1:
             raise bad("label_smoothing", "in [0, 1)")
-        for f in ("epochs", "batch_size", "eval_batch_size", "log_every", "steps_per_call"):
+        for f in (
+            "epochs",
+            "batch_size",
+            "eval_batch_size",
+            "log_every",
+            "steps_per_call",
+            "grad_accum_steps",
+        ):
             if not isinstance(getattr(self, f), int) or getattr(self, f) < 1:
                 raise bad(f, "an integer >= 1")
         if self.nonfinite not in (None, "skip", "raise"):
@@ -191,19 +199,18 @@ def run(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     optimizer, schedule = _optimizer(cfg, train_ds.steps_per_epoch)
     state = TrainState.create(params, optimizer, cfg.seed, model_state)
     loss_fn = classification_loss(model, cfg.label_smoothing)
+    step_kwargs = dict(
+        learning_rate_fn=schedule,
+        mesh=mesh,
+        nonfinite=cfg.nonfinite,
+        grad_accum_steps=cfg.grad_accum_steps,
+    )
     if cfg.steps_per_call > 1:  # K steps per compiled call (lax.scan): less dispatch
         train_step = make_train_steps(
-            loss_fn,
-            optimizer,
-            steps_per_call=cfg.steps_per_call,
-            learning_rate_fn=schedule,
-            mesh=mesh,
-            nonfinite=cfg.nonfinite,
+            loss_fn, optimizer, steps_per_call=cfg.steps_per_call, **step_kwargs
         )
     else:
-        train_step = make_train_step(
-            loss_fn, optimizer, learning_rate_fn=schedule, mesh=mesh, nonfinite=cfg.nonfinite
-        )
+        train_step = make_train_step(loss_fn, optimizer, **step_kwargs)
     eval_step = make_eval_step(classification_eval(model), mesh=mesh)
 
     config = dataclasses.asdict(cfg)
@@ -283,9 +290,7 @@ def run(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     # single-step twin instead (one extra compilation, not counted as the train step's).
     one_step = train_step
     if cfg.steps_per_call > 1:
-        one_step = make_train_step(
-            loss_fn, optimizer, learning_rate_fn=schedule, mesh=mesh, nonfinite=cfg.nonfinite
-        )
+        one_step = make_train_step(loss_fn, optimizer, **step_kwargs)
     perf = perf_summary(
         step_flops(one_step, state, shard_batch(next(iter(train_ds.batches(0))), mesh)),
         steps_per_second(history),

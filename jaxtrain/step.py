@@ -381,6 +381,7 @@ def make_train_steps(
     donate: bool = True,
     jit: bool = True,
     nonfinite: str | None = None,
+    grad_accum_steps: int = 1,
 ) -> CompiledStep:
     """Builds ``train_steps(state, batches) -> (new_state, metrics)``: K steps, one call.
 
@@ -389,8 +390,8 @@ def make_train_steps(
     dispatch each time. On CPU, K fused steps give bitwise the state of K single steps.
 
     Args:
-        loss_fn, optimizer, learning_rate_fn, mesh, donate, jit, nonfinite: as in
-            `make_train_step`.
+        loss_fn, optimizer, learning_rate_fn, mesh, donate, jit, nonfinite,
+            grad_accum_steps: as in `make_train_step`.
         steps_per_call: K, the number of steps `fit` groups into one call (a shorter
             group at an epoch end or budget end compiles once more and is reused).
 
@@ -408,7 +409,9 @@ def make_train_steps(
     compiled = CompiledStep(None, None)
     compiled.nonfinite_policy = nonfinite
     compiled.steps_per_call = steps_per_call
-    one_step = _build_step(loss_fn, optimizer, learning_rate_fn, nonfinite, compiled, False)
+    one_step = _build_step(
+        loss_fn, optimizer, learning_rate_fn, nonfinite, compiled, False, grad_accum_steps
+    )
 
     def train_steps(state: TrainState, batches: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         compiled._count_trace()
