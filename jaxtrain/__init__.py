@@ -4,9 +4,10 @@ forward pass -> loss -> gradients (``jax.value_and_grad``) -> update (optax), th
 through an explicit `TrainState` by a jit-compiled ``train_step(state, batch)``.
 """
 
-from jaxtrain import losses, metrics, models
+from jaxtrain import distributed, losses, metrics, models, parallel
 from jaxtrain.data import ArrayDataset, DataPosition, load_digits
 from jaxtrain.doctor import preflight
+from jaxtrain.grain_data import GrainData
 from jaxtrain.logging import CsvWriter, JsonlWriter, TensorBoardWriter, read_csv, read_jsonl
 from jaxtrain.loop import EarlyStopping, History, PeriodicHook, evaluate, fit
 from jaxtrain.models import (
@@ -18,9 +19,17 @@ from jaxtrain.models import (
     from_linen,
     from_nnx,
 )
-from jaxtrain.parallel import data_mesh, replicate, shard_batch
+from jaxtrain.parallel import (
+    data_mesh,
+    make_mesh,
+    replicate,
+    shard_batch,
+    shard_state,
+    state_shardings,
+)
 from jaxtrain.perf import peak_flops, step_flops
 from jaxtrain.plots import plot_curves, plot_runs
+from jaxtrain.precision import DynamicLossScale, LossScaleState, Policy
 from jaxtrain.resident import make_device_epoch, put_dataset
 from jaxtrain.state import TrainState
 from jaxtrain.step import CompiledStep, make_eval_step, make_train_step, make_train_steps
@@ -41,11 +50,15 @@ __all__ = [
     "CompiledStep",
     "CsvWriter",
     "DataPosition",
+    "DynamicLossScale",
     "EarlyStopping",
+    "GrainData",
     "History",
     "JsonlWriter",
+    "LossScaleState",
     "Model",
     "PeriodicHook",
+    "Policy",
     "TensorBoardWriter",
     "TrainState",
     "TransformerLM",
@@ -53,6 +66,7 @@ __all__ = [
     "classification_eval",
     "classification_loss",
     "data_mesh",
+    "distributed",
     "evaluate",
     "fit",
     "from_function",
@@ -63,10 +77,12 @@ __all__ = [
     "losses",
     "make_device_epoch",
     "make_eval_step",
+    "make_mesh",
     "make_train_step",
     "make_train_steps",
     "metrics",
     "models",
+    "parallel",
     "peak_flops",
     "plot_curves",
     "plot_runs",
@@ -78,5 +94,7 @@ __all__ = [
     "regression_loss",
     "replicate",
     "shard_batch",
+    "shard_state",
+    "state_shardings",
     "step_flops",
 ]

@@ -27,8 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
+from jaxtrain.parallel import state_shardings
 from jaxtrain.versions import versions
 
 FORMAT_VERSION = 1
@@ -80,7 +81,21 @@ def _to_host(state: Any) -> Any:
     donate and overwrite the device buffers right after `Checkpointer.save` returns.
     """
     state = jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, state)
-    return jax.tree.map(np.asarray, jax.device_get(state))
+    return jax.tree.map(_host_leaf, state)
+
+
+def _host_leaf(x: Any) -> np.ndarray:
+    """The whole value of one leaf on this host.
+
+    A replicated array (also one spanning several processes) is read from a local
+    copy. An array split across processes (FSDP over machines) is gathered from all of
+    them: every process must call this together, as `Checkpointer.save` is called.
+    """
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
 
 
 def state_digest(host_state: Any) -> str:
@@ -94,20 +109,24 @@ def state_digest(host_state: Any) -> str:
 
 
 def _abstract(target: Any, mesh: Mesh | None) -> Any:
-    """ShapeDtypeStructs with shardings to restore into (typed keys as key data)."""
-    replicated = None if mesh is None else NamedSharding(mesh, PartitionSpec())
+    """ShapeDtypeStructs with shardings to restore into (typed keys as key data).
 
-    def leaf(x):
-        if _is_key(x):
-            x = jax.random.key_data(x)
-        sharding = replicated
-        if sharding is None:
-            sharding = getattr(x, "sharding", None) or jax.sharding.SingleDeviceSharding(
-                jax.devices()[0]
-            )
-        return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
-
-    return jax.tree.map(leaf, target)
+    With a mesh, the layout is `jaxtrain.parallel.state_shardings`: replicated on a
+    data mesh, split by the FSDP rule on a mesh with an ``fsdp`` axis.
+    """
+    target = jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, target)
+    if mesh is not None:
+        shardings = state_shardings(target, mesh)
+    else:
+        shardings = jax.tree.map(
+            lambda x: (
+                getattr(x, "sharding", None) or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            ),
+            target,
+        )
+    return jax.tree.map(
+        lambda x, sh: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sh), target, shardings
+    )
 
 
 class Checkpointer:
@@ -124,9 +143,17 @@ class Checkpointer:
             or Ctrl-C) wait for it.
 
     Example:
-        >>> with Checkpointer("/tmp/ckpt", keep_last=2) as ckpt:  # doctest: +SKIP
-        ...     ckpt.save(100, state, meta={"note": "hello"})
-        ...     restored = ckpt.restore(state)
+        >>> import os, tempfile, jax, jax.numpy as jnp, optax
+        >>> from jaxtrain import TrainState
+        >>> state = TrainState.create({"w": jnp.arange(3.0)}, optax.sgd(0.1), jax.random.key(0))
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> with Checkpointer(os.path.join(tmp.name, "ckpt"), keep_last=2) as ckpt:
+        ...     started = ckpt.save(100, state, meta={"note": "hello"})
+        ...     ckpt.wait()  # async_save: block until the write is committed
+        ...     restored = ckpt.restore(state)  # ``state`` gives structure, shapes, dtypes
+        >>> restored.step, restored.meta["note"], restored.state.params["w"].tolist()
+        (100, 'hello', [0.0, 1.0, 2.0])
+        >>> tmp.cleanup()
     """
 
     def __init__(
@@ -352,7 +379,7 @@ class Checkpointer:
                 f"checkpoint step {step} in {self.directory}: the array data cannot be read "
                 f"({type(e).__name__}: {_short(e)}); a file is missing or truncated."
             ) from None
-        digest = state_digest(jax.tree.map(np.asarray, jax.device_get(state)))
+        digest = state_digest(jax.tree.map(_host_leaf, state))
         if digest != meta.get("state_sha256"):
             raise CheckpointError(
                 f"checkpoint step {step} in {self.directory}: the array data does not match "
@@ -380,8 +407,11 @@ class Checkpointer:
             step: which checkpoint; None for the newest committed one.
             fallback: if the chosen checkpoint cannot be restored, try older ones and
                 warn about each one passed over.
-            mesh: place the restored state replicated on this mesh (any device
-                count, whatever the saving run used). None: the target's shardings.
+            mesh: place the restored state on this mesh (any device count and any
+                layout, whatever the saving run used): replicated on a data mesh,
+                split by the FSDP rule (`jaxtrain.state_shardings`) on a mesh with an
+                ``fsdp`` axis. None: the target's shardings (e.g. a target placed
+                with `jaxtrain.shard_state`).
 
         Returns:
             A `Restored`.

@@ -14,7 +14,7 @@ from jaxtrain.contrast.cli import COMMAND as COMPARE
 from jaxtrain.contrast.cli import add_compare_parser, run_compare
 from jaxtrain.doctor import COMMAND as DOCTOR
 from jaxtrain.doctor import add_doctor_parser, run_doctor
-from jaxtrain.job import MODELS, OPTIMIZERS, SCHEDULES, TARGET_ACCURACY, TrainConfig
+from jaxtrain.job import MODELS, OPTIMIZERS, PRECISIONS, SCHEDULES, TARGET_ACCURACY, TrainConfig
 from jaxtrain.plots import COMMAND as PLOT
 from jaxtrain.plots import add_plot_parser, run_plot
 
@@ -146,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="split each batch into N microbatches inside the step (same update, less memory)",
     )
     t.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=d.precision,
+        help="compute dtype (parameters and optimizer state stay float32; float16 adds "
+        "dynamic loss scaling)",
+    )
+    t.add_argument(
         "--steps-per-call",
         type=_positive_int,
         default=d.steps_per_call,
@@ -163,6 +170,28 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="continue the run in folder OUT from its newest checkpoint, with the "
         "configuration it was started with (other options are not allowed)",
+    )
+    dist = t.add_argument_group(
+        "multi-process (several machines, or a TPU pod slice)",
+        "Run the same command on every machine; each process trains on its own rows of every "
+        "global batch, and only process 0 prints and writes OUT. Defaults come from "
+        "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID; on TPU pod slices, "
+        "SLURM and Open MPI, --distributed alone detects them.",
+    )
+    dist.add_argument(
+        "--coordinator-address",
+        metavar="HOST:PORT",
+        default=None,
+        help="address of process 0, reachable from every process",
+    )
+    dist.add_argument(
+        "--num-processes", type=_positive_int, default=None, help="number of processes"
+    )
+    dist.add_argument("--process-id", type=int, default=None, help="this process's index, 0 .. N-1")
+    dist.add_argument(
+        "--distributed",
+        action="store_true",
+        help="join a multi-process run even without the options above (cluster auto-detection)",
     )
     add_compare_parser(sub)  # jaxtrain compare: jaxtrain.contrast (imports torch only when run)
     add_doctor_parser(sub)  # jaxtrain doctor: backend, devices, versions (jaxtrain.doctor)
@@ -183,11 +212,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2  # pragma: no cover - argparse rejects unknown commands first
 
 
-_RESUME_ALLOWED = {"command", "resume", "no_progress"}
+_RESUME_ALLOWED = {
+    "command",
+    "resume",
+    "no_progress",
+    "coordinator_address",
+    "num_processes",
+    "process_id",
+    "distributed",
+}
+
+
+def _start_distributed(args: argparse.Namespace) -> bool:
+    """Joins the multi-process run when asked to; False (after a message) on failure."""
+    from jaxtrain import distributed
+
+    given = (args.coordinator_address, args.num_processes, args.process_id)
+    if not (args.distributed or distributed.requested(*given)):
+        return True
+    try:
+        distributed.initialize(*given)
+    except (ValueError, RuntimeError) as e:
+        print(f"jaxtrain train: error: {e}", file=sys.stderr)
+        return False
+    return True
 
 
 def _train(args: argparse.Namespace) -> int:
     from jaxtrain import job
+
+    if not _start_distributed(args):  # first: before anything starts a JAX backend
+        return 2
 
     if args.resume is not None:
         defaults = vars(build_parser().parse_args(["train"]))
@@ -237,6 +292,7 @@ def _train(args: argparse.Namespace) -> int:
         nonfinite=None if args.nonfinite == "off" else args.nonfinite,
         steps_per_call=args.steps_per_call,
         grad_accum_steps=args.grad_accum_steps,
+        precision=args.precision,
         tensorboard=args.tensorboard,
         csv=args.csv,
     )
@@ -249,6 +305,10 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _report(cfg: TrainConfig, summary: dict) -> int:
+    import jax
+
+    if jax.process_index() != 0:  # one report per run, from process 0
+        return 0
     acc = summary["test_accuracy"]
     print(
         f"wrote {cfg.out}/metrics.jsonl, {cfg.out}/summary.json, {cfg.out}/curves.png "

@@ -24,6 +24,13 @@ class DataPosition:
     Attributes:
         epoch: the current epoch (0-based).
         index: the index of the next batch within that epoch.
+
+    Example:
+        >>> pos = DataPosition(epoch=2, index=5)  # resume: ds.batches(2, start=5)
+        >>> pos.to_dict()
+        {'epoch': 2, 'index': 5}
+        >>> DataPosition.from_dict(pos.to_dict()) == pos
+        True
     """
 
     epoch: int = 0
@@ -130,27 +137,38 @@ class ArrayDataset:
             return np.arange(self.num_examples)
         key = jax.random.fold_in(jax.random.key(self.seed), epoch)
         # Drawn on the CPU so the order is the same whatever the default backend is.
-        with jax.default_device(jax.devices("cpu")[0]):
+        # (This process's own CPU: with several processes jax.devices() lists theirs too.)
+        with jax.default_device(jax.local_devices(backend="cpu")[0]):
             return np.asarray(jax.random.permutation(key, self.num_examples))
 
-    def batches(self, epoch: int = 0, start: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    def batches(
+        self, epoch: int = 0, start: int = 0, *, rows: slice | None = None
+    ) -> Iterator[dict[str, np.ndarray]]:
         """Yields the batches of ``epoch`` from batch index ``start`` on.
 
         Each batch is ``{name: array [B, ...], "mask": float32 [B]}``; all have the same
         shapes, the last one zero-padded where the data runs out.
+
+        Args:
+            epoch: the epoch (selects the permutation).
+            start: the first batch index.
+            rows: only these rows of every batch (a process's share of the global
+                batch in multi-host training, `jaxtrain.parallel.process_rows`); every
+                process draws the same permutation and gathers only its own rows.
         """
         order = self.order(epoch)
+        lo, hi = (0, self.batch_size) if rows is None else (rows.start or 0, rows.stop)
         for i in range(start, self.steps_per_epoch):
-            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+            idx = order[i * self.batch_size : (i + 1) * self.batch_size][lo:hi]
             n = len(idx)
             batch = {}
             for k, v in self.arrays.items():
                 b = v[idx]
-                if n < self.batch_size:
-                    pad = np.zeros((self.batch_size - n, *v.shape[1:]), v.dtype)
+                if n < hi - lo:
+                    pad = np.zeros((hi - lo - n, *v.shape[1:]), v.dtype)
                     b = np.concatenate([b, pad])
                 batch[k] = b
-            mask = np.zeros(self.batch_size, np.float32)
+            mask = np.zeros(hi - lo, np.float32)
             mask[:n] = 1.0
             batch[MASK_KEY] = mask
             yield batch
@@ -209,9 +227,18 @@ def load_digits(test_fraction: float = 0.2, seed: int = 0) -> tuple[dict, dict]:
 
     The data ship inside scikit-learn, so this works offline on every machine.
 
+    Args:
+        test_fraction: the share of examples held out for testing (stratified by class).
+        seed: the split's random state (the same seed gives the same split).
+
     Returns:
         ``(train, test)`` dicts with ``x`` float32 ``[N, 8, 8, 1]`` scaled to [0, 1] and
         ``y`` int32 ``[N]``. With the defaults: 1437 train and 360 test examples.
+
+    Example:
+        >>> train, test = load_digits()
+        >>> train["x"].shape, train["y"].shape, test["x"].shape
+        ((1437, 8, 8, 1), (1437,), (360, 8, 8, 1))
     """
     from sklearn.datasets import load_digits as _load
 

@@ -23,7 +23,7 @@ from jaxtrain.checkpoint import Checkpointer, state_digest
 from jaxtrain.logging import CsvWriter, JsonlWriter, TensorBoardWriter, read_jsonl
 from jaxtrain.loop import EarlyStopping, fit
 from jaxtrain.models import CNN, MLP, from_linen
-from jaxtrain.parallel import check_batch_size, data_mesh, shard_batch
+from jaxtrain.parallel import check_batch_size, data_mesh, process_rows, replicate, shard_batch
 from jaxtrain.perf import perf_summary, step_flops, steps_per_second
 from jaxtrain.plots import plot_curves
 from jaxtrain.state import TrainState
@@ -34,6 +34,7 @@ from jaxtrain.versions import versions
 MODELS = ("cnn", "mlp")
 OPTIMIZERS = ("adamw", "adam", "sgd", "momentum")
 SCHEDULES = ("cosine", "constant")
+PRECISIONS = ("float32", "bfloat16", "float16")  # jaxtrain.precision.NAMES
 TARGET_ACCURACY = 0.98
 
 
@@ -71,6 +72,7 @@ class TrainConfig:
     nonfinite: str | None = None
     steps_per_call: int = 1
     grad_accum_steps: int = 1
+    precision: str = "float32"  # compute dtype (jaxtrain.precision); params stay float32
     tensorboard: bool = False  # also write TensorBoard event files to OUT/tensorboard
     csv: bool = False  # also write OUT/metrics.csv
 
@@ -104,6 +106,8 @@ class TrainConfig:
                 raise bad(f, "an integer >= 1")
         if self.nonfinite not in (None, "skip", "raise"):
             raise bad("nonfinite", "'skip', 'raise' or unset")
+        if self.precision not in PRECISIONS:
+            raise bad("precision", f"one of {', '.join(PRECISIONS)}")
         if not isinstance(self.keep, int) or self.keep < 1:
             raise bad("keep", "an integer >= 1")
         for f in ("max_steps", "eval_every", "patience", "devices", "save_every"):
@@ -186,10 +190,20 @@ def run(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         The summary dict (also written to ``OUT/summary.json``).
     """
     cfg.validate()
+    if cfg.devices and jax.process_count() > 1:
+        raise ValueError(
+            f"devices: --devices {cfg.devices} selects local devices, but this run spans "
+            f"{jax.process_count()} processes and uses all their devices. Fix: drop --devices "
+            "(or set the devices each process sees, e.g. CUDA_VISIBLE_DEVICES)."
+        )
     mesh = data_mesh(jax.devices()[: cfg.devices] if cfg.devices else None)
     check_batch_size(cfg.batch_size, mesh)
     check_batch_size(cfg.eval_batch_size, mesh)
-    _prepare_out(cfg.out)
+    # With several processes (jaxtrain.distributed) every process trains and writes the
+    # checkpoints together, but only process 0 writes the run folder's other files.
+    primary = jax.process_index() == 0
+    if primary:
+        _prepare_out(cfg.out)
 
     train, test = data_lib.load_digits(seed=cfg.split_seed)
     train_ds = data_lib.ArrayDataset(train, cfg.batch_size, seed=cfg.seed, num_classes=10)
@@ -197,13 +211,16 @@ def run(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     model = _model(cfg)
     params, model_state = init_model(model, cfg.seed, train["x"][:1])
     optimizer, schedule = _optimizer(cfg, train_ds.steps_per_epoch)
-    state = TrainState.create(params, optimizer, cfg.seed, model_state)
+    # "float32" is no policy at all: the default run stays exactly what it was.
+    precision = None if cfg.precision == "float32" else cfg.precision
+    state = TrainState.create(params, optimizer, cfg.seed, model_state, precision=precision)
     loss_fn = classification_loss(model, cfg.label_smoothing)
     step_kwargs = dict(
         learning_rate_fn=schedule,
         mesh=mesh,
         nonfinite=cfg.nonfinite,
         grad_accum_steps=cfg.grad_accum_steps,
+        precision=precision,
     )
     if cfg.steps_per_call > 1:  # K steps per compiled call (lax.scan): less dispatch
         train_step = make_train_steps(
@@ -224,19 +241,37 @@ def run(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
                 f"resume: no checkpoint in {ckpt_dir}: the run in {cfg.out!r} saved none yet. "
                 "Fix: start it again without --resume."
             )
-    if not resume:
+    if not resume and primary:
         with open(os.path.join(cfg.out, CONFIG_FILE), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2)
     resumed_from = checkpointer.latest_step() if resume else None
+
+    # FLOPs of one step from the compiled step's cost analysis, for the progress bar's
+    # TFLOP/s and MFU and for summary.json. Lowered for the placement fit uses, so fit's
+    # first call reuses this compilation. A fused step's cost analysis covers a scan of k
+    # steps; measure one step with a single-step twin instead (one extra compilation, not
+    # counted as the train step's).
+    one_step = train_step
+    if cfg.steps_per_call > 1:
+        one_step = make_train_step(loss_fn, optimizer, **step_kwargs)
+    flops = step_flops(
+        one_step,
+        replicate(state, mesh),
+        shard_batch(next(iter(train_ds.batches(0, rows=process_rows(mesh, cfg.batch_size)))), mesh),
+    )
 
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
     t0 = time.perf_counter()
     csv_path = os.path.join(cfg.out, "metrics.csv")
     with contextlib.ExitStack() as stack:
-        writers = [stack.enter_context(JsonlWriter(metrics_path, mode="a" if resume else "w"))]
-        if cfg.csv:
+        writers = []
+        if primary:
+            writers.append(
+                stack.enter_context(JsonlWriter(metrics_path, mode="a" if resume else "w"))
+            )
+        if cfg.csv and primary:
             writers.append(stack.enter_context(CsvWriter(csv_path, mode="a" if resume else "w")))
-        if cfg.tensorboard:
+        if cfg.tensorboard and primary:
             # A resumed run appends a new event file; steps between the last checkpoint and
             # the interruption then appear twice in TensorBoard, with equal values.
             writers.append(
@@ -261,41 +296,35 @@ def run(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
             save_at_epoch_end=cfg.checkpoint,
             resume=resume,
             config=config,
+            flops_per_step=flops,
         )
     if checkpointer is not None:
         checkpointer.close()
     wall = time.perf_counter() - t0
     # The whole history (restored part included), in the order it was logged.
     records = sorted(history.train + history.eval, key=lambda r: (r["step"], r["split"] != "train"))
-    with JsonlWriter(metrics_path) as writer:
-        for r in records:
-            writer.write(r)
-    if cfg.csv:
+    if primary:
+        with JsonlWriter(metrics_path) as writer:
+            for r in records:
+                writer.write(r)
+    if cfg.csv and primary:
         with CsvWriter(csv_path) as writer:
             for r in records:
                 writer.write(r)
-    plot_curves(
-        read_jsonl(metrics_path),
-        os.path.join(cfg.out, "curves.png"),
-        title=f"{model.name} on digits"
-        + (
-            f" (train loss includes label smoothing {cfg.label_smoothing})"
-            if cfg.label_smoothing
-            else ""
-        ),
-    )
+    if primary:
+        plot_curves(
+            read_jsonl(metrics_path),
+            os.path.join(cfg.out, "curves.png"),
+            title=f"{model.name} on digits"
+            + (
+                f" (train loss includes label smoothing {cfg.label_smoothing})"
+                if cfg.label_smoothing
+                else ""
+            ),
+        )
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
-    # FLOPs of the compiled step (reused, not recompiled) and MFU against the chip's peak.
-    # A fused step's cost analysis covers a scan of k steps; measure one step with a
-    # single-step twin instead (one extra compilation, not counted as the train step's).
-    one_step = train_step
-    if cfg.steps_per_call > 1:
-        one_step = make_train_step(loss_fn, optimizer, **step_kwargs)
-    perf = perf_summary(
-        step_flops(one_step, state, shard_batch(next(iter(train_ds.batches(0))), mesh)),
-        steps_per_second(history),
-        list(mesh.devices.flat),
-    )
+    # MFU against the chip's peak, from the FLOPs measured before training.
+    perf = perf_summary(flops, steps_per_second(history), list(mesh.devices.flat))
     final_test = {k: v for k, v in history.eval[-1].items() if k not in ("split",)}
     summary = {
         "task": "digits",
@@ -324,6 +353,7 @@ def run(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         "versions": versions(),
         "config": config,
     }
-    with open(os.path.join(cfg.out, "summary.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2)
+    if primary:
+        with open(os.path.join(cfg.out, "summary.json"), "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=2)
     return summary

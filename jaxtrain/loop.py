@@ -22,8 +22,10 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from jaxtrain import metrics as metrics_lib
+from jaxtrain import perf as perf_lib
 from jaxtrain.data import MASK_KEY, ArrayDataset, DataPosition
-from jaxtrain.parallel import check_batch_size, data_mesh, replicate, shard_batch
+from jaxtrain.grain_data import GrainData
+from jaxtrain.parallel import _put_batch, data_mesh, process_rows, shard_batch, shard_state
 from jaxtrain.state import TrainState
 from jaxtrain.step import CompiledStep
 
@@ -43,6 +45,12 @@ class EarlyStopping:
         mode: ``"max"`` or ``"min"``.
         patience: evaluations without improvement before stopping (>= 1).
         min_delta: smallest change that counts as an improvement.
+
+    Example:
+        >>> stop = EarlyStopping("accuracy", "max", patience=2, min_delta=0.01)
+        >>> stop.improved(0.95, best=0.90), stop.improved(0.905, best=0.90)
+        (True, False)
+        >>> # jaxtrain.fit(..., eval_step=..., eval_data=..., early_stopping=stop)
     """
 
     metric: str = "loss"
@@ -70,6 +78,22 @@ class PeriodicHook:
 
     The hook runs on the host between dispatches; reading arrays from ``state`` inside
     it is a host sync, so keep ``every_steps`` large for hooks that do.
+
+    Attributes:
+        every_steps: call ``fn`` whenever the global step crosses a multiple of this.
+        fn: ``fn(state, history)``, given the current `TrainState` and `History`.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, numpy as np, optax, jaxtrain as jt
+        >>> opt = optax.sgd(0.1)
+        >>> step = jt.make_train_step(lambda p, b: jnp.mean((b["x"] @ p["w"]) ** 2), opt)
+        >>> state = jt.TrainState.create({"w": jnp.ones(2)}, opt, jax.random.key(0))
+        >>> seen = []
+        >>> hook = PeriodicHook(2, lambda state, history: seen.append(int(state.step)))
+        >>> data = jt.ArrayDataset({"x": np.ones((12, 2), np.float32)}, 2)
+        >>> _ = jt.fit(state, step, data, epochs=1, hooks=[hook], progress=False)
+        >>> seen
+        [2, 4, 6]
     """
 
     every_steps: int
@@ -93,6 +117,13 @@ class History:
         best_eval: the eval record with the best early-stopping metric (or None).
         position: where the data iteration stands (resume from here).
         steady_examples: examples seen after the first step (for throughput).
+
+    Example:
+        >>> h = History(steps=3, wall_seconds=3.0, first_step_seconds=1.0, steady_examples=64)
+        >>> h.examples_per_second  # 64 examples after the compiling step, in 2 s
+        32.0
+        >>> h.to_dict()["position"]
+        {'epoch': 0, 'index': 0}
     """
 
     train: list[dict] = dataclasses.field(default_factory=list)
@@ -121,8 +152,35 @@ class History:
         return d
 
 
-def _epoch_batches(data: Any, epoch: int, start: int) -> Iterator[Mapping[str, Any]]:
+class _LocalBatch(dict):
+    """One process's rows of a global batch, carrying the global count of real examples."""
+
+    num_real: int = 0
+
+
+def _local_batches(data: ArrayDataset, epoch: int, start: int, mesh: Mesh | None):
+    """The batches as fed to `shard_batch`: whole in one process, this process's rows in many.
+
+    Every process draws the same permutation (same seed) and gathers only its own
+    contiguous block of each global batch; the global count of real examples rides
+    along so that `History.examples` counts the global batch.
+    """
+    if mesh is None or jax.process_count() == 1:
+        yield from data.batches(epoch, start)
+        return
+    rows = process_rows(mesh, data.batch_size)
+    for i, batch in enumerate(data.batches(epoch, start, rows=rows), start=start):
+        local = _LocalBatch(batch)
+        local.num_real = min(data.batch_size, data.num_examples - i * data.batch_size)
+        yield local
+
+
+def _epoch_batches(
+    data: Any, epoch: int, start: int, mesh: Mesh | None = None
+) -> Iterator[Mapping[str, Any]]:
     if isinstance(data, ArrayDataset):
+        return _local_batches(data, epoch, start, mesh)
+    if isinstance(data, GrainData):
         return data.batches(epoch, start)
     if callable(data):  # epoch -> iterable of batches
         it = iter(data(epoch))
@@ -139,6 +197,8 @@ def _epoch_batches(data: Any, epoch: int, start: int) -> Iterator[Mapping[str, A
 
 
 def _num_real(batch: Mapping[str, Any]) -> int:
+    if isinstance(batch, _LocalBatch):
+        return batch.num_real
     mask = batch.get(MASK_KEY)
     if mask is not None and isinstance(mask, np.ndarray):
         return int(mask.sum())
@@ -205,7 +265,7 @@ def _prefetch_calls(
     """Yields ``(k, real examples, device batch)`` per call, one call ahead.
 
     ``steps_per_call=None``: one batch per call. Otherwise up to K batches stacked
-    ``[k, B, ...]`` and sharded ``P(None, "data")``; a group never crosses the end of
+    ``[k, B, ...]`` and sharded ``P(None, batch axes)``; a group never crosses the end of
     the epoch or of the step budget (``max_steps``), so a shorter last group may come.
     """
     if steps_per_call is None:
@@ -216,10 +276,6 @@ def _prefetch_calls(
             left -= 1
             yield 1, n_real, batch
         return
-
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    sharding = NamedSharding(mesh, PartitionSpec(None, "data"))
 
     def groups():
         left, group = max_steps, []
@@ -239,12 +295,8 @@ def _prefetch_calls(
 
     queue: collections.deque = collections.deque()
     for group in groups():
-        stacked = _stack(group)
-        for v in stacked.values():
-            check_batch_size(v.shape[1], mesh)
-        queue.append(
-            (len(group), sum(_num_real(b) for b in group), jax.device_put(stacked, sharding))
-        )
+        stacked = _put_batch(_stack(group), mesh, stacked=True)
+        queue.append((len(group), sum(_num_real(b) for b in group), stacked))
         if len(queue) >= 2:
             yield queue.popleft()
     while queue:
@@ -264,15 +316,27 @@ def evaluate(
     Args:
         eval_step: from `make_eval_step`.
         state: the state to evaluate.
-        data: an `ArrayDataset` (served in order, last batch padded) or an iterable of
-            dict batches.
+        data: an `ArrayDataset` (served in order, last batch padded; with several
+            processes each reads its own rows) or an iterable of dict batches (with
+            several processes: this process's rows of each batch).
         mesh: the data mesh (default: all devices).
 
     Returns:
         ``{name: mean over all real examples}``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, numpy as np, optax, jaxtrain as jt
+        >>> model = jt.from_function(lambda p, x: x @ p["w"])  # logits [B, 2]
+        >>> params = {"w": jnp.zeros((3, 2))}
+        >>> state = jt.TrainState.create(params, optax.sgd(0.1), jax.random.key(0))
+        >>> eval_step = jt.make_eval_step(jt.classification_eval(model))
+        >>> data = {"x": np.ones((5, 3), np.float32), "y": np.array([0, 0, 0, 1, 1], np.int32)}
+        >>> result = evaluate(eval_step, state, jt.ArrayDataset(data, 2, shuffle=False))
+        >>> {k: round(v, 4) for k, v in sorted(result.items())}  # 5 examples, 3 batches
+        {'accuracy': 0.6, 'loss': 0.6931}
     """
     mesh = data_mesh() if mesh is None else mesh
-    batches = data.batches(0) if isinstance(data, ArrayDataset) else data
+    batches = _epoch_batches(data, 0, 0, mesh) if isinstance(data, ArrayDataset) else data
     total = None
     for _, batch in _prefetch(batches, mesh):
         sums = eval_step(state, batch)
@@ -285,7 +349,7 @@ def evaluate(
 _merge = jax.jit(metrics_lib.merge)
 
 
-_LAST_VALUE_METRICS = ("learning_rate", "skipped_steps")
+_LAST_VALUE_METRICS = ("learning_rate", "skipped_steps", "loss_scale", "loss_scale_overflows")
 
 
 def per_step_metrics(pending: Sequence[Mapping[str, Any]]) -> list[dict[str, np.ndarray]]:
@@ -353,6 +417,8 @@ def _crossed(every: int | None, before: int, after: int) -> bool:
 
 def _data_signature(data: Any) -> dict[str, Any] | None:
     """What must match for a resumed run to see the same batches in the same order."""
+    if isinstance(data, GrainData):
+        return data.signature
     if not isinstance(data, ArrayDataset):
         return None
     return {
@@ -364,10 +430,31 @@ def _data_signature(data: Any) -> dict[str, Any] | None:
     }
 
 
+def _peak_flops(mesh: Mesh) -> float | None:
+    """Peak FLOP/s of all the mesh's devices together (None when the chip is unknown)."""
+    devices = list(mesh.devices.flat)
+    per_device = perf_lib.peak_flops(devices[0])["peak_flops_per_device"]
+    return None if per_device is None else per_device * len(devices)
+
+
+def _throughput(
+    flops_per_step: float, steps: int, seconds: float, peak: float | None
+) -> dict[str, float | None]:
+    """Achieved FLOP/s and MFU of a logging interval (``mfu`` None when the peak is unknown)."""
+    achieved = flops_per_step * steps / max(seconds, 1e-9)
+    return {"model_flops_per_second": achieved, "mfu": achieved / peak if peak else None}
+
+
+def _throughput_postfix(t: Mapping[str, float | None]) -> dict[str, str]:
+    """The progress bar's view of `_throughput`: TFLOP/s and MFU in percent."""
+    mfu = "unknown" if t["mfu"] is None else f"{100 * t['mfu']:.1f}%"
+    return {"tflops": f"{t['model_flops_per_second'] / 1e12:.3g}", "mfu": mfu}
+
+
 def fit(
     state: TrainState,
     train_step: CompiledStep | Callable,
-    train_data: ArrayDataset | Iterable | Callable,
+    train_data: ArrayDataset | GrainData | Iterable | Callable,
     *,
     epochs: int | None = None,
     num_steps: int | None = None,
@@ -386,6 +473,7 @@ def fit(
     save_at_epoch_end: bool = True,
     resume: bool | str = False,
     config: Mapping[str, Any] | None = None,
+    flops_per_step: float | None = None,
 ) -> tuple[TrainState, History]:
     """Runs the training loop: epochs or a step budget, evaluation, logging, checkpoints.
 
@@ -397,8 +485,9 @@ def fit(
         state: the initial `TrainState`. fit copies it onto ``mesh`` once, so the
             caller's arrays stay valid although every step donates its input.
         train_step: from `make_train_step`.
-        train_data: an `ArrayDataset`, a callable ``epoch -> iterable of batches``, or an
-            iterable of dict batches (re-iterated each epoch if it can be).
+        train_data: an `ArrayDataset`, a `jaxtrain.GrainData` (a grain pipeline; its
+            iterator state is saved with checkpoints), a callable ``epoch -> iterable of
+            batches``, or an iterable of dict batches (re-iterated each epoch if it can be).
         epochs: train until this many epochs are complete (counted from epoch 0).
         num_steps: train until ``state.step == num_steps``; with ``epochs`` too,
             whichever comes first.
@@ -408,11 +497,17 @@ def fit(
         eval_every: evaluate every this many global steps (default: at epoch ends).
         log_every: read training metrics back every this many global steps (the only
             periodic host sync); also at epoch ends and before each checkpoint.
-        mesh: the data mesh; default all devices (`jaxtrain.data_mesh`).
+        mesh: the data mesh; default all devices (`jaxtrain.data_mesh`). A mesh from
+            `jaxtrain.make_mesh` with an ``fsdp`` axis also shards the state
+            (`jaxtrain.shard_state`). With several processes (`jaxtrain.distributed`)
+            it spans all of them; an `ArrayDataset` then serves each process its own
+            rows of every global batch, and other data must yield this process's rows.
         hooks: `PeriodicHook` callbacks.
         early_stopping: stop on an eval metric; needs ``eval_step``.
-        writers: log sinks, each gets every train and eval record.
-        progress: show a tqdm bar with loss and examples/s.
+        writers: log sinks, each gets every train and eval record (on process 0
+            only, with several processes).
+        progress: show a tqdm bar with loss and examples/s, and TFLOP/s and MFU with
+            ``flops_per_step`` (process 0 only).
         start: data position to start from; default the beginning (or, when
             resuming, the checkpoint's position).
         checkpointer: a `jaxtrain.checkpoint.Checkpointer`; saves every
@@ -426,9 +521,29 @@ def fit(
             there is none); ``"auto"`` does so when one exists and starts afresh
             otherwise.
         config: JSON-ready run configuration stored in every checkpoint.
+        flops_per_step: FLOPs of one training step on all devices (e.g. from
+            `jaxtrain.step_flops`). Then each train record also has
+            ``model_flops_per_second`` and ``mfu`` (against `jaxtrain.peak_flops` of the
+            mesh's devices; None where the peak is unknown, as on CPU), and the progress
+            bar shows TFLOP/s and MFU ("unknown" there). From the interval's wall time,
+            as ``examples_per_second``: no extra host sync.
 
     Returns:
         ``(final_state, history)``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, numpy as np, optax, jaxtrain as jt
+        >>> model = jt.from_function(lambda p, x: x @ p["w"])  # logits [B, 2]
+        >>> opt = optax.sgd(0.5)
+        >>> state = jt.TrainState.create({"w": jnp.zeros((3, 2))}, opt, jax.random.key(0))
+        >>> train_step = jt.make_train_step(jt.classification_loss(model), opt)
+        >>> data = {"x": np.eye(3, dtype=np.float32)[[0, 1, 0, 1]], "y": np.array([0, 1, 0, 1])}
+        >>> state, history = fit(state, train_step, jt.ArrayDataset(data, 2), epochs=3,
+        ...                      progress=False)
+        >>> int(state.step), history.steps, train_step.trace_count  # 2 batches x 3 epochs
+        (6, 6, 1)
+        >>> history.train[-1]["loss"] < history.train[0]["loss"]
+        True
     """
     if epochs is None and num_steps is None:
         raise ValueError("fit needs epochs=... or num_steps=... (or both); got neither.")
@@ -444,6 +559,17 @@ def fit(
         raise ValueError("early_stopping watches an eval metric: give eval_step and eval_data.")
     if resume not in (False, True, "auto"):
         raise ValueError(f"resume must be True, False or 'auto'; got {resume!r}.")
+    if flops_per_step is not None and (
+        isinstance(flops_per_step, bool)
+        or not isinstance(flops_per_step, (int, float, np.integer, np.floating))
+        or not math.isfinite(flops_per_step)
+        or flops_per_step <= 0
+    ):
+        raise ValueError(
+            f"flops_per_step must be a positive number of FLOPs or None; got {flops_per_step!r}. "
+            "Fix: pass jaxtrain.step_flops(train_step, state, batch), or leave it out when "
+            "the backend gives no cost analysis (step_flops returned None)."
+        )
     if (resume or save_every) and checkpointer is None:
         raise ValueError(
             "resume and save_every need a checkpointer: pass "
@@ -466,6 +592,8 @@ def fit(
             )
         state = restored.state
         start = DataPosition.from_dict(meta["position"])
+        if isinstance(train_data, GrainData):  # its grain iterator state, checked now
+            train_data.restore(meta.get("data_state"), start, restored.step)
         saved = meta.get("history", {})
         history.train, history.eval = list(saved.get("train", [])), list(saved.get("eval", []))
         history.best_eval = saved.get("best_eval")
@@ -475,11 +603,14 @@ def fit(
     else:
         # A private copy: the step donates its input, and the caller's state (and the
         # params it was built from) must stay usable after fit returns.
-        state = replicate(state, mesh, copy=True)
+        # Replicated, or split by the FSDP rule on a mesh with an `fsdp` axis.
+        state = shard_state(state, mesh, copy=True)
     start = DataPosition() if start is None else start
 
     step = int(jax.device_get(state.step))  # one sync at the start, none per step
-    per_epoch = train_data.steps_per_epoch if isinstance(train_data, ArrayDataset) else None
+    per_epoch = (
+        train_data.steps_per_epoch if isinstance(train_data, (ArrayDataset, GrainData)) else None
+    )
     if per_epoch is not None and start.index >= per_epoch:
         start = DataPosition(start.epoch + 1, 0)
     total = None if num_steps is None else max(num_steps - step, 0)
@@ -488,7 +619,12 @@ def fit(
         total = by_epochs if total is None else min(total, by_epochs)
     last_epoch = math.inf if epochs is None else epochs
 
-    bar = tqdm(total=total, disable=not progress, unit="step", dynamic_ncols=True, leave=True)
+    # With several processes only process 0 shows progress and writes logs; every
+    # process computes the same (global) metrics and keeps the same History.
+    primary = jax.process_index() == 0
+    bar = tqdm(
+        total=total, disable=not (progress and primary), unit="step", dynamic_ncols=True, leave=True
+    )
     pending: list = restored_pending
     pending_count = len(restored_pending)  # steps in `pending` (a fused call holds k)
     interval_examples, interval_t0 = 0, time.perf_counter()
@@ -498,21 +634,27 @@ def fit(
     last_save_step = None
 
     def emit(record: dict) -> None:
-        for w in writers:
+        for w in writers if primary else ():
             w.write(record)
 
     lagged: list = []  # closed logging intervals whose metrics are not read back yet
+    interval_steps = 0  # steps run (not restored) in the open interval, for FLOP/s
+    peak = _peak_flops(mesh) if flops_per_step is not None else None
 
     def emit_closed(keep: int = 0) -> None:
         """Reads back and records closed intervals, all but the newest ``keep``."""
         while len(lagged) > keep:
-            at, ep, metrics, first, ex_s = lagged.pop(0)
+            at, ep, metrics, first, ex_s, flops_s = lagged.pop(0)
             record = {"step": at, "epoch": ep, "split": "train"}
             record.update(_mean_records(metrics, first, train_step))
             record["examples_per_second"] = ex_s
+            postfix = {"loss": f"{record['loss']:.4f}", "ex_s": f"{ex_s:.0f}"}
+            if flops_s is not None:
+                record.update(flops_s)
+                postfix.update(_throughput_postfix(flops_s))
             history.train.append(record)
             emit(record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", ex_s=f"{ex_s:.0f}", refresh=False)
+            bar.set_postfix(postfix, refresh=False)
 
     def log_train(lag: bool = False) -> None:
         """Closes the current interval and records the closed ones.
@@ -520,12 +662,16 @@ def fit(
         With ``lag`` (periodic logging) the newest interval is read back one interval
         later, when the device has long finished it: the host never waits on it.
         """
-        nonlocal pending, pending_count, interval_examples, interval_t0
+        nonlocal pending, pending_count, interval_examples, interval_t0, interval_steps
         if pending:
             now = time.perf_counter()
             ex_s = interval_examples / max(now - interval_t0, 1e-9)
-            lagged.append((step, epoch, pending, step - pending_count, ex_s))
+            flops_s = None
+            if flops_per_step is not None:
+                flops_s = _throughput(flops_per_step, interval_steps, now - interval_t0, peak)
+            lagged.append((step, epoch, pending, step - pending_count, ex_s, flops_s))
             pending, pending_count, interval_examples, interval_t0 = [], 0, 0, now
+            interval_steps = 0
         emit_closed(keep=1 if lag else 0)
 
     def run_eval(record_epoch: int) -> bool:
@@ -569,6 +715,9 @@ def fit(
         meta = {
             "position": pos.to_dict(),
             "data": signature,
+            "data_state": (
+                train_data.iterator_state(pos) if isinstance(train_data, GrainData) else None
+            ),
             "history": {
                 "train": history.train,
                 "eval": history.eval,
@@ -615,7 +764,7 @@ def fit(
             if resident is not None:
                 calls = [(per_epoch, resident_n, jnp.int32(epoch))]
             else:
-                batches = _epoch_batches(train_data, epoch, index)
+                batches = _epoch_batches(train_data, epoch, index, mesh)
                 calls = _prefetch_calls(batches, mesh, fused_k, left, same_shapes)
             for k, n_real, batch in calls:
                 t0 = time.perf_counter()
@@ -639,6 +788,7 @@ def fit(
                 history.steps += k
                 history.examples += n_real
                 interval_examples += n_real
+                interval_steps += k
                 bar.update(k)
                 _debug_pause("step")
 

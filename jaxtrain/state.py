@@ -51,6 +51,17 @@ class TrainState:
             an empty dict when the model has none.
         skipped_steps: int32 scalar, steps whose update the non-finite guard skipped
             (see ``make_train_step(nonfinite=...)``).
+        loss_scale: dynamic loss scaling's state (`jaxtrain.precision.LossScaleState`)
+            when the run computes in float16, else an empty dict (no leaves, so states
+            and checkpoints without it are unchanged).
+
+    Example:
+        >>> import jax, jax.numpy as jnp, optax
+        >>> state = TrainState.create({"w": jnp.zeros((3, 2))}, optax.adam(1e-3), jax.random.key(0))
+        >>> int(state.step), state.params["w"].shape, state.rng.shape
+        (0, (3, 2), (2,))
+        >>> len(jax.tree.leaves(state))  # step, w, Adam's count/mu/nu, rng, skipped_steps
+        7
     """
 
     step: jax.Array
@@ -59,6 +70,7 @@ class TrainState:
     rng: jax.Array
     model_state: PyTree = struct.field(default_factory=dict)
     skipped_steps: jax.Array = struct.field(default_factory=lambda: jnp.zeros((), jnp.int32))
+    loss_scale: PyTree = struct.field(default_factory=dict)
 
     @classmethod
     def create(
@@ -67,6 +79,8 @@ class TrainState:
         optimizer: optax.GradientTransformation,
         rng: jax.Array | int,
         model_state: PyTree | None = None,
+        *,
+        precision: Any = None,
     ) -> TrainState:
         """Builds the initial state.
 
@@ -76,6 +90,8 @@ class TrainState:
                 its ``init`` is called here.
             rng: an int seed, a typed key (``jax.random.key``) or raw key data.
             model_state: initial mutable collections, or None for none.
+            precision: the `jaxtrain.Policy` (or its name) the step will use; a policy
+                with loss scaling gets its initial `LossScaleState` here.
 
         Returns:
             A `TrainState` with ``step == 0``.
@@ -108,8 +124,17 @@ class TrainState:
             rng=as_key_data(rng),
             model_state={} if model_state is None else model_state,
             skipped_steps=jnp.zeros((), jnp.int32),
+            loss_scale=_initial_loss_scale(precision),
         )
 
     def step_rng(self) -> jax.Array:
         """The typed key for the current step: ``fold_in(rng, step)``."""
         return jax.random.fold_in(jax.random.wrap_key_data(self.rng), self.step)
+
+
+def _initial_loss_scale(precision: Any) -> PyTree:
+    """``TrainState.loss_scale`` for a policy, a policy name, or None (an empty dict)."""
+    from jaxtrain.precision import get_policy  # precision.py does not import state.py
+
+    policy = get_policy(precision)
+    return {} if policy is None else policy.init_loss_scale()

@@ -17,6 +17,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxtrain import metrics as metrics_lib
+from jaxtrain import precision as precision_lib
+from jaxtrain.parallel import fsdp_size, state_shardings
 from jaxtrain.state import TrainState
 
 PyTree = Any
@@ -37,6 +39,16 @@ class CompiledStep:
         fn: the pure, un-jitted step function (for ``jax.make_jaxpr``, ``vmap``, tests).
         jitted: the ``jax.jit`` object (``.lower(...)`` gives the compiled HLO and its
             memory/cost analysis).
+
+    Example:
+        >>> import jax, jax.numpy as jnp, optax
+        >>> opt = optax.sgd(0.1)
+        >>> step = make_train_step(lambda p, b: jnp.mean((b["x"] @ p["w"]) ** 2), opt)
+        >>> state = TrainState.create({"w": jnp.ones(3)}, opt, jax.random.key(0))
+        >>> for _ in range(3):
+        ...     state, metrics = step(state, {"x": jnp.ones((4, 3))})
+        >>> step.trace_count  # three calls, one batch shape [4, 3]: one compilation
+        1
     """
 
     def __init__(self, fn: Callable, jitted: Callable):
@@ -223,8 +235,10 @@ def _build_step(
     holder: CompiledStep,
     count_traces: bool,
     grad_accum_steps: int = 1,
+    precision: str | precision_lib.Policy | None = None,
 ) -> Callable:
     """The pure one-step function shared by `make_train_step` and `make_train_steps`."""
+    policy = precision_lib.get_policy(precision)
     if (
         isinstance(grad_accum_steps, bool)
         or not isinstance(grad_accum_steps, int)
@@ -246,18 +260,35 @@ def _build_step(
             compiled._count_trace()  # runs at trace time only, never per jitted call
         _check_opt_state(optimizer, state)
         rng = state.step_rng()
+        step_loss, scale = call_loss, None
+        if policy is not None:
+            precision_lib.check_params(policy, state.params)
+            precision_lib.check_loss_scale_state(policy, state.loss_scale)
+            if policy.loss_scale is not None:
+                scale = state.loss_scale.scale
+            # Casts inside the differentiated function: gradients come back in float32.
+            step_loss = precision_lib.wrap_loss(call_loss, policy, scale)
         if grad_accum_steps > 1:
             loss, aux, new_model_state, grads = _accumulate(
-                call_loss, state, batch, rng, grad_accum_steps
+                step_loss, state, batch, rng, grad_accum_steps
             )
         else:
 
             def objective(params):
-                return call_loss(params, batch, rng, state.model_state)
+                return step_loss(params, batch, rng, state.model_state)
 
             (loss, (aux, new_model_state)), grads = jax.value_and_grad(objective, has_aux=True)(
                 state.params
             )
+        overflow, new_loss_scale = None, state.loss_scale
+        if scale is not None:
+            # Exact divisions: the scale is always a power of two.
+            loss = loss / scale
+            grads = jax.tree.map(lambda g: g / scale.astype(g.dtype), grads)
+            overflow = ~jnp.all(
+                jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
+            )
+            new_loss_scale = policy.loss_scale.update(state.loss_scale, ~overflow)
         updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
 
@@ -270,26 +301,41 @@ def _build_step(
                 metrics["learning_rate"] = lr
         metrics.update({k: jnp.asarray(v) for k, v in aux.items()})
         skipped = state.skipped_steps
+        # Loss scaling always skips an overflowed step (its gradients are garbage).
+        skip = overflow
         if nonfinite is not None:
             named = jax.tree_util.tree_leaves_with_path(grads)
             if not compiled.nonfinite_names:
                 compiled.nonfinite_names = ["loss"] + [
                     "grads" + jax.tree_util.keystr(p) for p, _ in named
                 ]
-            flags = jnp.stack([~jnp.isfinite(loss)] + [~jnp.all(jnp.isfinite(g)) for _, g in named])
+            grad_flags = [~jnp.all(jnp.isfinite(g)) for _, g in named]
+            if overflow is not None:
+                # Under loss scaling a non-finite gradient is an expected overflow, handled
+                # above (skip, halve the scale), not an error -- unless the scale is already
+                # at its minimum, where halving cannot help: then it is genuine.
+                at_min = state.loss_scale.scale <= policy.loss_scale.min_scale
+                grad_flags = [f & at_min for f in grad_flags]
+            flags = jnp.stack([~jnp.isfinite(loss), *grad_flags])
             bad = jnp.any(flags)
-
-            def keep_old(new, old):
-                return jax.tree.map(lambda n, o: jnp.where(bad, o, n), new, old)
-
-            # A select, not a branch: bitwise the old values when bad, no host sync.
-            new_params = keep_old(new_params, state.params)
-            new_opt_state = keep_old(new_opt_state, state.opt_state)
-            new_model_state = keep_old(new_model_state, state.model_state)
+            skip = bad if skip is None else skip | bad
             skipped = skipped + bad.astype(skipped.dtype)
             metrics["skipped_steps"] = skipped
             metrics["nonfinite"] = jnp.where(bad, jnp.argmax(flags), -1).astype(jnp.int32)
+        if skip is not None:
+
+            def keep_old(new, old):
+                return jax.tree.map(lambda n, o: jnp.where(skip, o, n), new, old)
+
+            # A select, not a branch: bitwise the old values when skipped, no host sync.
+            new_params = keep_old(new_params, state.params)
+            new_opt_state = keep_old(new_opt_state, state.opt_state)
+            new_model_state = keep_old(new_model_state, state.model_state)
+        if scale is not None:
+            metrics["loss_scale"] = new_loss_scale.scale
+            metrics["loss_scale_overflows"] = new_loss_scale.overflows
         new_state = state.replace(
+            loss_scale=new_loss_scale,
             step=state.step + 1,
             params=new_params,
             opt_state=new_opt_state,
@@ -311,6 +357,7 @@ def make_train_step(
     jit: bool = True,
     nonfinite: str | None = None,
     grad_accum_steps: int = 1,
+    precision: str | precision_lib.Policy | None = None,
 ) -> CompiledStep:
     """Builds ``train_step(state, batch) -> (new_state, metrics)``.
 
@@ -328,8 +375,11 @@ def make_train_step(
         learning_rate_fn: the schedule, ``step -> learning rate``, reported as the
             ``learning_rate`` metric. Not needed for optimizers built with
             ``optax.inject_hyperparams``, whose rate is read from the state.
-        mesh: a mesh with a ``data`` axis. The new state and metrics are kept
-            replicated on it; batches must be sharded on ``data`` by the caller
+        mesh: a mesh with a ``data`` axis (`jaxtrain.data_mesh`), or ``data`` and
+            ``fsdp`` axes (`jaxtrain.make_mesh`). The new state is kept replicated on
+            it — or, with ``fsdp``, in the layout of `jaxtrain.state_shardings` (place
+            the initial state with `jaxtrain.shard_state`; `fit` does) — and the
+            metrics replicated; batches must be sharded by the caller
             (`jaxtrain.shard_batch`). None: wherever the inputs live.
         donate: donate the input state's buffers to the output (the caller must not
             reuse the old state). Halves the state's memory.
@@ -345,11 +395,25 @@ def make_train_step(
             after another inside the compiled step (``lax.scan``, one gradient-sized
             accumulator, a fresh key per microbatch, example-weighted means): the
             memory of a small batch, the update of the large one.
+        precision: mixed precision, a `jaxtrain.Policy` or its name (``"float32"``,
+            ``"bfloat16"``, ``"float16"``); None (default) runs ``loss_fn`` as given.
+            The parameters (float32 in the state) and the batch's ``Policy.input_keys``
+            are cast to the compute dtype inside the differentiated function, so the
+            gradients, the optimizer state and the update stay float32; the loss and
+            aux come back in float32. With dynamic loss scaling (float16) the state
+            must come from ``TrainState.create(..., precision=policy)``; an overflowed
+            step is skipped (bitwise-unchanged state, like ``nonfinite="skip"``), the
+            scale halved, and neither counted in ``skipped_steps`` nor raised by
+            ``nonfinite="raise"`` — expected overflows are how the scale is found. A
+            non-finite loss, or an overflow at the minimum scale, is a genuine
+            non-finite value and goes to the ``nonfinite`` guard.
 
     Returns:
         A `CompiledStep`. ``metrics`` holds device scalars: ``loss``, ``grad_norm``
         (global L2 norm of the gradients), ``learning_rate`` when known, and the
-        entries of ``aux``. Nothing in the step forces a host sync.
+        entries of ``aux``; with loss scaling also ``loss_scale`` (after the step) and
+        ``loss_scale_overflows`` (steps skipped for overflow so far). Nothing in the
+        step forces a host sync.
 
     Example:
         >>> import jax, jax.numpy as jnp, optax
@@ -366,7 +430,7 @@ def make_train_step(
     compiled = CompiledStep(None, None)
     compiled.nonfinite_policy = nonfinite
     train_step = _build_step(
-        loss_fn, optimizer, learning_rate_fn, nonfinite, compiled, True, grad_accum_steps
+        loss_fn, optimizer, learning_rate_fn, nonfinite, compiled, True, grad_accum_steps, precision
     )
     return _finish(compiled, train_step, jit=jit, mesh=mesh, donate=donate)
 
@@ -382,6 +446,7 @@ def make_train_steps(
     jit: bool = True,
     nonfinite: str | None = None,
     grad_accum_steps: int = 1,
+    precision: str | precision_lib.Policy | None = None,
 ) -> CompiledStep:
     """Builds ``train_steps(state, batches) -> (new_state, metrics)``: K steps, one call.
 
@@ -391,7 +456,7 @@ def make_train_steps(
 
     Args:
         loss_fn, optimizer, learning_rate_fn, mesh, donate, jit, nonfinite,
-            grad_accum_steps: as in `make_train_step`.
+            grad_accum_steps, precision: as in `make_train_step`.
         steps_per_call: K, the number of steps `fit` groups into one call (a shorter
             group at an epoch end or budget end compiles once more and is reused).
 
@@ -399,6 +464,16 @@ def make_train_steps(
         A `CompiledStep` with ``steps_per_call`` set. ``batches`` is a dict whose
         entries have a leading step axis ``[k, B, ...]`` (``k <= K``); ``metrics``
         holds per-step values stacked ``[k]``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, optax
+        >>> opt = optax.sgd(0.1)
+        >>> loss_fn = lambda p, b: jnp.mean((b["x"] @ p["w"]) ** 2)
+        >>> steps = make_train_steps(loss_fn, opt, steps_per_call=3)
+        >>> state = TrainState.create({"w": jnp.ones(2)}, opt, jax.random.key(0))
+        >>> state, metrics = steps(state, {"x": jnp.ones((3, 4, 2))})  # [K, B, features]
+        >>> int(state.step), metrics["loss"].shape
+        (3, (3,))
     """
     if (
         isinstance(steps_per_call, bool)
@@ -410,7 +485,14 @@ def make_train_steps(
     compiled.nonfinite_policy = nonfinite
     compiled.steps_per_call = steps_per_call
     one_step = _build_step(
-        loss_fn, optimizer, learning_rate_fn, nonfinite, compiled, False, grad_accum_steps
+        loss_fn,
+        optimizer,
+        learning_rate_fn,
+        nonfinite,
+        compiled,
+        False,
+        grad_accum_steps,
+        precision,
     )
 
     def train_steps(state: TrainState, batches: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -423,12 +505,29 @@ def make_train_steps(
 def _finish(
     compiled: CompiledStep, fn: Callable, *, jit: bool, mesh: Mesh | None, donate: bool
 ) -> CompiledStep:
-    """Attaches ``fn`` and its jit (state donated, outputs replicated on ``mesh``)."""
+    """Attaches ``fn`` and its jit (state donated, outputs replicated on ``mesh``).
+
+    On a mesh with an ``fsdp`` axis the new state instead keeps the FSDP layout of
+    `jaxtrain.parallel.state_shardings` (metrics stay replicated). The layout is pinned
+    with ``with_sharding_constraint`` from the traced shapes, so it needs no state at
+    build time and the step still compiles once: input and output layouts agree.
+    """
     compiled.fn = fn
     if not jit:
         compiled.jitted = fn
         return compiled
     out = _replicated(mesh)
+    if mesh is not None and fsdp_size(mesh) > 1:
+
+        def sharded(state, *args):
+            new_state, metrics = fn(state, *args)
+            new_state = jax.lax.with_sharding_constraint(
+                new_state, state_shardings(new_state, mesh)
+            )
+            return new_state, jax.lax.with_sharding_constraint(metrics, out)
+
+        compiled.jitted = jax.jit(sharded, donate_argnums=(0,) if donate else ())
+        return compiled
     compiled.jitted = jax.jit(
         fn,
         donate_argnums=(0,) if donate else (),
@@ -500,6 +599,18 @@ def make_eval_step(
         merge them over batches with `jaxtrain.metrics.merge` and read them once with
         `jaxtrain.metrics.compute` (see `jaxtrain.evaluate`). The last, padded batch has
         the same shape as the others, so the step compiles once.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, optax
+        >>> from jaxtrain import metrics
+        >>> def eval_fn(params, batch):  # per-example values [B]
+        ...     return {"err": jnp.abs(batch["x"] @ params["w"] - batch["y"])}
+        >>> state = TrainState.create({"w": jnp.ones(2)}, optax.sgd(0.1), jax.random.key(0))
+        >>> eval_step = make_eval_step(eval_fn)
+        >>> batch = {"x": jnp.ones((3, 2)), "y": jnp.array([0.0, 1.0, 9.0]),
+        ...          "mask": jnp.array([1.0, 1.0, 0.0])}  # the third row is padding
+        >>> metrics.compute(eval_step(state, batch))  # mean of |2 - 0| and |2 - 1|
+        {'err': 1.5}
     """
     call = _normalize_eval_fn(eval_fn)
     compiled: CompiledStep | None = None

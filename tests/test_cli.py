@@ -41,6 +41,8 @@ def test_short_run_writes_three_files_with_documented_fields(tmp_path, capsys):
         assert {"step", "epoch", "split", "loss", "accuracy", "grad_norm", "learning_rate"} <= set(
             r
         )
+    for r in train:  # fit got the step's FLOPs: throughput and MFU (no peak on CPU)
+        assert r["model_flops_per_second"] > 0 and r["mfu"] is None
     for r in evals:
         assert {"step", "epoch", "split", "loss", "accuracy"} <= set(r)
     assert [r["step"] for r in evals] == [23, 46]  # 1437 examples / 64 = 23 steps per epoch

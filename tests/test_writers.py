@@ -110,7 +110,12 @@ def test_train_cli_writes_tensorboard_and_csv(tmp_path, capsys):
     assert [s for s, _ in scalars["eval/accuracy"]] == [23]
     assert scalars["eval/accuracy"][0][1] == pytest.approx(evals[0]["accuracy"], rel=1e-6)
     assert scalars["train/loss"][-1][1] == pytest.approx(train[-1]["loss"], rel=1e-6)
-    assert read_csv(out / "metrics.csv") == records
+    # CSV has no null: a None (e.g. ``mfu`` on CPU, where the peak is unknown) is an
+    # empty cell, which read_csv leaves out.
+    assert any(r.get("mfu", 0) is None for r in train)
+    assert read_csv(out / "metrics.csv") == [
+        {k: v for k, v in r.items() if v is not None} for r in records
+    ]
     assert json.loads((out / "config.json").read_text())["tensorboard"] is True
 
 
