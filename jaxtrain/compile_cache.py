@@ -22,6 +22,15 @@ def enable_compilation_cache(directory: str | os.PathLike) -> str:
 
     Raises:
         ValueError: when the folder cannot be created or written.
+
+    Example:
+        >>> import os, tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> path = enable_compilation_cache(os.path.join(tmp.name, "jax_cache"))
+        >>> os.path.isdir(path), jax.config.jax_compilation_cache_dir == path
+        (True, True)
+        >>> jax.config.update("jax_compilation_cache_dir", None)  # off again, for this example
+        >>> tmp.cleanup()
     """
     path = os.path.abspath(os.fspath(directory))
     try:

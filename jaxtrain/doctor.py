@@ -171,6 +171,9 @@ def preflight(
         RuntimeError: ``strict=True`` and the expected platform is not the backend.
 
     Example:
+        >>> report = preflight(verbose=False)  # verbose=True prints it
+        >>> report["backend"] in ("cpu", "gpu", "tpu"), len(report["devices"]) >= 1
+        (True, True)
         >>> report = preflight(expect="cpu", verbose=False)  # doctest: +SKIP
         >>> report["backend"], report["devices"][0]["kind"], report["ok"]  # doctest: +SKIP
         ('cpu', 'cpu', True)

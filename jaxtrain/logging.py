@@ -36,6 +36,16 @@ class JsonlWriter:
     Args:
         path: the file (its folder must exist and be writable).
         mode: ``"w"`` to start afresh, ``"a"`` to append (resume).
+
+    Example:
+        >>> import os, tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> path = os.path.join(tmp.name, "metrics.jsonl")
+        >>> with JsonlWriter(path) as w:  # or jaxtrain.fit(..., writers=[w])
+        ...     w.write({"step": 1, "split": "train", "loss": 2.5})
+        >>> print(open(path).read().strip())
+        {"step": 1, "split": "train", "loss": 2.5}
+        >>> tmp.cleanup()
     """
 
     def __init__(self, path: str | os.PathLike, mode: str = "w"):
@@ -57,7 +67,25 @@ class JsonlWriter:
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Reads a metrics.jsonl file back into a list of dicts."""
+    """Reads a metrics.jsonl file back into a list of dicts.
+
+    Args:
+        path: a file written by `JsonlWriter` (one JSON object per line).
+
+    Returns:
+        One dict per line, in file order.
+
+    Example:
+        >>> import os, tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> path = os.path.join(tmp.name, "metrics.jsonl")
+        >>> with JsonlWriter(path) as w:
+        ...     w.write({"step": 1, "split": "train", "loss": 2.5})
+        ...     w.write({"step": 1, "split": "eval", "accuracy": 0.5})
+        >>> read_jsonl(path)
+        [{'step': 1, 'split': 'train', 'loss': 2.5}, {'step': 1, 'split': 'eval', 'accuracy': 0.5}]
+        >>> tmp.cleanup()
+    """
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 
@@ -88,13 +116,17 @@ class CsvWriter:
         columns: a fixed header; None (default) grows the header as described.
 
     Example:
-        >>> with CsvWriter("metrics.csv") as w:  # doctest: +SKIP
+        >>> import os, tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> path = os.path.join(tmp.name, "metrics.csv")
+        >>> with CsvWriter(path) as w:
         ...     w.write({"step": 1, "split": "train", "loss": 2.3})
         ...     w.write({"step": 1, "split": "eval", "loss": 2.2, "accuracy": 0.2})
-        >>> print(open("metrics.csv").read())  # doctest: +SKIP
+        >>> print(open(path).read().strip())
         step,split,loss,accuracy
         1,train,2.3,
         1,eval,2.2,0.2
+        >>> tmp.cleanup()
     """
 
     _FIRST = ("step", "epoch", "split")
@@ -166,7 +198,25 @@ class CsvWriter:
 
 
 def read_csv(path: str | os.PathLike) -> list[dict]:
-    """Reads a `CsvWriter` file back: numbers as int/float, ``split`` as text, empty cells left out."""
+    """Reads a `CsvWriter` file back: numbers as int/float, ``split`` as text, empty cells left out.
+
+    Args:
+        path: a CSV file with a header row (as `CsvWriter` writes it).
+
+    Returns:
+        One dict per row, in file order, without the row's empty cells.
+
+    Example:
+        >>> import os, tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> path = os.path.join(tmp.name, "metrics.csv")
+        >>> with CsvWriter(path) as w:
+        ...     w.write({"step": 1, "split": "train", "loss": 2.3})
+        ...     w.write({"step": 1, "split": "eval", "accuracy": 0.2})
+        >>> read_csv(path)
+        [{'step': 1, 'split': 'train', 'loss': 2.3}, {'step': 1, 'split': 'eval', 'accuracy': 0.2}]
+        >>> tmp.cleanup()
+    """
 
     def parse(v: str) -> Any:
         try:
@@ -203,8 +253,14 @@ class TensorBoardWriter:
         ImportError: tensorboardX is not installed (the message says how to install it).
 
     Example:
-        >>> with TensorBoardWriter("runs/digits/tensorboard") as tb:  # doctest: +SKIP
-        ...     tb.write({"step": 10, "split": "train", "loss": 1.7})
+        >>> import os, tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> logdir = os.path.join(tmp.name, "tensorboard")
+        >>> with TensorBoardWriter(logdir) as tb:
+        ...     tb.write({"step": 10, "split": "train", "loss": 1.7})  # scalar train/loss
+        >>> [f.startswith("events.out.tfevents") for f in os.listdir(logdir)]
+        [True]
+        >>> tmp.cleanup()
     """
 
     _NOT_SCALARS = ("step", "epoch", "split")

@@ -27,7 +27,21 @@ def _broadcast_mask(mask: jax.Array | None, shape: tuple[int, ...]) -> jax.Array
 
 
 def weighted_mean(values: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-    """Mean of ``values`` over entries where ``mask`` is nonzero (0 when nothing counts)."""
+    """Mean of ``values`` over entries where ``mask`` is nonzero (0 when nothing counts).
+
+    Args:
+        values: float array ``[B, ...]``.
+        mask: ``[B]`` (or any prefix of ``values.shape``) weights, 1 real and 0 padding;
+            None counts every entry.
+
+    Returns:
+        float32 scalar: ``sum(values * mask) / max(sum(mask), 1)`` over the broadcast mask.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> float(weighted_mean(jnp.array([1.0, 3.0, 100.0]), jnp.array([1.0, 1.0, 0.0])))
+        2.0
+    """
     w = _broadcast_mask(mask, values.shape)
     # where, not just *: padded rows may hold NaN/inf (NaN * 0 is NaN).
     # max(.., 1) keeps an all-padding batch at 0 instead of NaN.
@@ -47,6 +61,11 @@ def cross_entropy_per_example(
 
     Returns:
         float32 array ``[...]``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> cross_entropy_per_example(jnp.zeros((2, 3, 4)), jnp.zeros((2, 3), jnp.int32)).shape
+        (2, 3)
     """
     logits = logits.astype(jnp.float32)
     if not label_smoothing:
@@ -99,6 +118,11 @@ def mean_squared_error(
 
     Returns:
         float32 scalar.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> float(mean_squared_error(jnp.array([[1.0], [3.0]]), jnp.array([[0.0], [0.0]])))
+        5.0
     """
     err = jnp.square(predictions.astype(jnp.float32) - targets.astype(jnp.float32))
     return weighted_mean(err, mask)
@@ -114,10 +138,29 @@ def accuracy(logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None
 
     Returns:
         float32 scalar in [0, 1].
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> logits = jnp.array([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0]])  # predicts 0, 1, 0
+        >>> float(accuracy(logits, jnp.array([0, 0, 1]), mask=jnp.array([1.0, 1.0, 0.0])))
+        0.5
     """
     return weighted_mean(correct(logits, labels), mask)
 
 
 def correct(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """1.0 where ``argmax(logits) == labels`` else 0.0, shape ``labels.shape``."""
+    """1.0 where ``argmax(logits) == labels`` else 0.0, shape ``labels.shape``.
+
+    Args:
+        logits: ``[B, ..., C]``.
+        labels: ``[B, ...]`` int.
+
+    Returns:
+        float32 array ``labels.shape``, unmasked (see `accuracy` for the masked mean).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> correct(jnp.array([[2.0, 0.0], [2.0, 0.0]]), jnp.array([0, 1])).tolist()
+        [1.0, 0.0]
+    """
     return (jnp.argmax(logits, -1) == labels).astype(jnp.float32)

@@ -29,6 +29,13 @@ def sums_from_values(values: Mapping[str, jax.Array], mask: jax.Array | None) ->
 
     Returns:
         name -> (total, weight), float32 scalars.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> mask = jnp.array([1.0, 1.0, 0.0])  # the third example is padding
+        >>> sums = sums_from_values({"loss": jnp.array([1.0, 3.0, 9.0])}, mask)
+        >>> [float(x) for x in sums["loss"]]  # (total, weight): the padded 9.0 does not count
+        [4.0, 2.0]
     """
     out = {}
     for name, v in values.items():
@@ -44,12 +51,38 @@ def sums_from_values(values: Mapping[str, jax.Array], mask: jax.Array | None) ->
 
 
 def zeros_like_sums(sums: Sums) -> Sums:
-    """An empty accumulator with the same names."""
+    """An empty accumulator with the same names.
+
+    Args:
+        sums: an accumulator ``{name: (total, weight)}``.
+
+    Returns:
+        The same structure with every scalar 0 (the start of a `merge` over batches).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> zeros_like_sums({"loss": (jnp.float32(4.0), jnp.float32(2.0))})["loss"][1].item()
+        0.0
+    """
     return jax.tree.map(jnp.zeros_like, sums)
 
 
 def merge(a: Sums, b: Sums) -> Sums:
-    """Adds two accumulators (pure; runs on the device)."""
+    """Adds two accumulators (pure; runs on the device).
+
+    Args:
+        a, b: accumulators ``{name: (total, weight)}`` with the same names.
+
+    Returns:
+        ``{name: (total_a + total_b, weight_a + weight_b)}``, float32 scalars.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> a = sums_from_values({"loss": jnp.array([1.0, 3.0])}, None)
+        >>> b = sums_from_values({"loss": jnp.array([8.0])}, None)
+        >>> compute(merge(a, b))  # the mean of 1, 3, 8, not the mean of the batch means
+        {'loss': 4.0}
+    """
     return jax.tree.map(jnp.add, a, b)
 
 
@@ -57,6 +90,17 @@ def compute(sums: Sums) -> dict[str, float]:
     """Reads an accumulator back to the host as ``{name: mean}``.
 
     This is a host sync: call it at logging or evaluation time, not every step.
+
+    Args:
+        sums: an accumulator ``{name: (total, weight)}`` of device scalars.
+
+    Returns:
+        ``{name: total / weight}`` as Python floats (NaN where the weight is 0).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> compute({"accuracy": (jnp.float32(3.0), jnp.float32(4.0))})
+        {'accuracy': 0.75}
     """
     host = jax.device_get(sums)
     return {

@@ -119,6 +119,7 @@ def step_flops(step: Any, *args: Any) -> float | None:
         cost analysis.
 
     Example:
+        >>> import jax.numpy as jnp
         >>> f = jax.jit(lambda x, w: x @ w)
         >>> step_flops(f, jnp.ones((8, 16)), jnp.ones((16, 4)))  # 2 * 8 * 16 * 4
         1024.0
@@ -138,9 +139,23 @@ def step_flops(step: Any, *args: Any) -> float | None:
 
 
 def steps_per_second(history: Any) -> float | None:
-    """Steady training steps per second of a `jaxtrain.History`: steps after the first
-    (compiling) one over the loop's wall time after it (evaluation and logging included,
-    as for ``History.examples_per_second``); None when fewer than 2 steps ran."""
+    """Steady training steps per second of a `jaxtrain.History`.
+
+    Steps after the first (compiling) one over the loop's wall time after it
+    (evaluation and logging included, as for ``History.examples_per_second``).
+
+    Args:
+        history: the `jaxtrain.History` that `jaxtrain.fit` returned.
+
+    Returns:
+        ``(steps - 1) / (wall_seconds - first_step_seconds)``; None when fewer than 2
+        steps ran.
+
+    Example:
+        >>> import jaxtrain as jt
+        >>> steps_per_second(jt.History(steps=101, wall_seconds=3.0, first_step_seconds=1.0))
+        50.0
+    """
     seconds = history.wall_seconds - history.first_step_seconds
     if history.steps < 2 or seconds <= 0:
         return None
@@ -166,6 +181,11 @@ def perf_summary(
         ``peak_flops_per_second`` is the per-device peak times the device count;
         ``mfu = model_flops_per_second / peak_flops_per_second`` (a fraction, 0.35 is
         35%); each None when unknown (``peak_source`` is then ``"unknown"``, as on CPU).
+
+    Example:
+        >>> summary = perf_summary(1e9, 50.0, devices=jax.devices("cpu")[:1])
+        >>> summary["model_flops_per_second"], summary["mfu"], summary["peak_source"]
+        (50000000000.0, None, 'unknown')
     """
     devices = list(jax.devices() if devices is None else devices)
     peak = peak_flops(devices[0])

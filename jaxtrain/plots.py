@@ -28,6 +28,19 @@ def plot_curves(
 
     Returns:
         The path written.
+
+    Example:
+        >>> import os, tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> records = [
+        ...     {"step": 10, "split": "train", "loss": 2.0, "accuracy": 0.4},
+        ...     {"step": 20, "split": "train", "loss": 1.0, "accuracy": 0.7},
+        ...     {"step": 20, "split": "eval", "loss": 1.2, "accuracy": 0.6},
+        ... ]
+        >>> path = plot_curves(records, os.path.join(tmp.name, "curves.png"))
+        >>> os.path.basename(path), os.path.getsize(path) > 0
+        ('curves.png', True)
+        >>> tmp.cleanup()
     """
     import matplotlib
 
@@ -140,8 +153,19 @@ def plot_runs(
             unlike that of ``run_dirs``, an unsupported suffix, or no drawable metric.
 
     Example:
-        >>> plot_runs(["runs/adamw", "runs/sgd"], "compare.png")  # doctest: +SKIP
-        'compare.png'
+        >>> import os, tempfile
+        >>> from jaxtrain.logging import JsonlWriter
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> runs = [os.path.join(tmp.name, name) for name in ("adamw", "sgd")]
+        >>> for run, scale in zip(runs, (1.0, 2.0)):  # what `jaxtrain train --out` writes
+        ...     os.makedirs(run)
+        ...     with JsonlWriter(os.path.join(run, "metrics.jsonl")) as w:
+        ...         for step in (10, 20, 30):
+        ...             w.write({"step": step, "split": "train", "loss": scale / step})
+        >>> path = plot_runs(runs, os.path.join(tmp.name, "compare.png"), metrics=("loss",))
+        >>> os.path.basename(path), os.path.getsize(path) > 0
+        ('compare.png', True)
+        >>> tmp.cleanup()
     """
     import matplotlib
     import matplotlib.ticker

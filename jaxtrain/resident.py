@@ -42,6 +42,18 @@ def make_device_epoch(
         A `CompiledStep` with ``device_epoch`` set to ``dataset``. Call it with the
         arrays from `put_dataset` and an int32 epoch; ``metrics`` are stacked
         ``[steps_per_epoch]``. `fit` uses it when given as ``train_step``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, numpy as np, optax, jaxtrain as jt
+        >>> ds = jt.ArrayDataset({"x": np.ones((10, 2), np.float32)}, 4, seed=0)
+        >>> def loss_fn(params, batch):
+        ...     return jt.losses.weighted_mean((batch["x"] @ params["w"]) ** 2, batch["mask"])
+        >>> opt = optax.sgd(0.1)
+        >>> run_epoch = make_device_epoch(loss_fn, opt, ds)
+        >>> state = jt.TrainState.create({"w": jnp.ones(2)}, opt, jax.random.key(0))
+        >>> state, metrics = run_epoch(state, put_dataset(ds), jnp.int32(0))
+        >>> int(state.step), metrics["loss"].shape  # batches of 4, 4 and 2 (+2 padding)
+        (3, (3,))
     """
     compiled = CompiledStep(None, None)
     compiled.nonfinite_policy = nonfinite
@@ -81,6 +93,20 @@ def make_device_epoch(
 
 
 def put_dataset(dataset: ArrayDataset, mesh: Mesh | None = None) -> dict[str, Any]:
-    """The data set's arrays on the device(s), replicated on ``mesh`` when given."""
+    """The data set's arrays on the device(s), replicated on ``mesh`` when given.
+
+    Args:
+        dataset: the `ArrayDataset` (all of it is copied, ``[N, ...]`` per entry).
+        mesh: the data mesh to replicate over; None: the default device.
+
+    Returns:
+        ``{name: jax.Array [N, ...]}``, the input of a `make_device_epoch` step.
+
+    Example:
+        >>> import numpy as np, jaxtrain as jt
+        >>> arrays = put_dataset(jt.ArrayDataset({"x": np.zeros((10, 2), np.float32)}, 4))
+        >>> arrays["x"].shape, isinstance(arrays["x"], jax.Array)
+        ((10, 2), True)
+    """
     target = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
     return jax.device_put(dict(dataset.arrays), target)

@@ -52,6 +52,15 @@ def classification_loss(model: Model, label_smoothing: float = 0.0) -> Callable:
 
     Returns:
         The loss function; its aux holds ``accuracy`` and the new ``model_state``.
+
+    Example:
+        >>> import jax.numpy as jnp, jaxtrain as jt
+        >>> model = jt.from_function(lambda p, x: x @ p["w"])  # logits [B, 4]
+        >>> loss_fn = classification_loss(model)
+        >>> batch = {"x": jnp.ones((2, 3)), "y": jnp.array([0, 1])}
+        >>> loss, aux = loss_fn({"w": jnp.zeros((3, 4))}, batch, rng=None, model_state={})
+        >>> round(float(loss), 4), float(aux["accuracy"])  # log(4); argmax 0 is right once
+        (1.3863, 0.5)
     """
 
     def loss_fn(params, batch, *, rng, model_state):
@@ -69,9 +78,21 @@ def classification_loss(model: Model, label_smoothing: float = 0.0) -> Callable:
 def classification_eval(model: Model) -> Callable:
     """``eval_fn(params, batch, *, model_state) -> {"loss", "accuracy"}`` per example.
 
+    Args:
+        model: the `Model`; ``batch`` holds ``x [B, ...]`` and int labels ``y [B]`` (or
+            ``[B, T]``), the model's logits ``[B, C]`` (or ``[B, T, C]``).
+
     Returns:
         The eval function, for `make_eval_step`: values have the labels' shape
         (``[B]`` or ``[B, T]``) and are mask-weighted by the step.
+
+    Example:
+        >>> import jax.numpy as jnp, jaxtrain as jt
+        >>> eval_fn = classification_eval(jt.from_function(lambda p, x: x @ p["w"]))
+        >>> batch = {"x": jnp.ones((2, 3)), "y": jnp.array([0, 1])}
+        >>> out = eval_fn({"w": jnp.zeros((3, 4))}, batch, model_state={})
+        >>> {name: v.shape for name, v in out.items()}, out["accuracy"].tolist()
+        ({'loss': (2,), 'accuracy': (2,)}, [1.0, 0.0])
     """
 
     def eval_fn(params, batch, *, model_state):
@@ -87,7 +108,24 @@ def classification_eval(model: Model) -> Callable:
 
 
 def regression_loss(model: Model) -> Callable:
-    """Mean-squared-error ``loss_fn`` (``torch.nn.MSELoss`` semantics)."""
+    """Mean-squared-error ``loss_fn`` (``torch.nn.MSELoss`` semantics).
+
+    Args:
+        model: the `Model`; its predictions must have the shape of ``batch["y"]``
+            (``[B, ...]`` float targets).
+
+    Returns:
+        ``loss_fn(params, batch, *, rng, model_state) -> (loss, aux)``: the mask-weighted
+        mean squared error (float32 scalar); aux holds the new ``model_state``.
+
+    Example:
+        >>> import jax.numpy as jnp, jaxtrain as jt
+        >>> loss_fn = regression_loss(jt.from_function(lambda p, x: x * p["a"]))
+        >>> batch = {"x": jnp.ones((2, 1)), "y": jnp.zeros((2, 1))}
+        >>> loss, aux = loss_fn({"a": jnp.float32(2.0)}, batch, rng=None, model_state={})
+        >>> float(loss)
+        4.0
+    """
 
     def loss_fn(params, batch, *, rng, model_state):
         x, y = _get(batch, "x", "model inputs"), _get(batch, "y", "regression targets")
@@ -104,7 +142,22 @@ def regression_loss(model: Model) -> Callable:
 
 
 def regression_eval(model: Model) -> Callable:
-    """Per-example squared error ``{"mse": [B]}`` for `make_eval_step`."""
+    """Per-example squared error ``{"mse": [B]}`` for `make_eval_step`.
+
+    Args:
+        model: the `Model`; predictions ``[B, ...]`` of the shape of ``batch["y"]``.
+
+    Returns:
+        ``eval_fn(params, batch, *, model_state) -> {"mse": [B]}``, the mean over each
+        example's elements.
+
+    Example:
+        >>> import jax.numpy as jnp, jaxtrain as jt
+        >>> eval_fn = regression_eval(jt.from_function(lambda p, x: x * p["a"]))
+        >>> batch = {"x": jnp.array([[1.0], [2.0]]), "y": jnp.zeros((2, 1))}
+        >>> eval_fn({"a": jnp.float32(2.0)}, batch, model_state={})["mse"].tolist()
+        [4.0, 16.0]
+    """
 
     def eval_fn(params, batch, *, model_state):
         pred, _ = model.apply(params, model_state, batch["x"], train=False)
@@ -115,7 +168,23 @@ def regression_eval(model: Model) -> Callable:
 
 
 def init_model(model: Model, rng: jax.Array | int, sample_x) -> tuple:
-    """``model.init`` with an int seed or a key; returns ``(params, model_state)``."""
+    """``model.init`` with an int seed or a key; returns ``(params, model_state)``.
+
+    Args:
+        model: the `Model`.
+        rng: an int seed or a typed key (``jax.random.key``).
+        sample_x: a sample input batch ``[B, ...]`` (its values do not matter).
+
+    Returns:
+        ``(params, model_state)``.
+
+    Example:
+        >>> import numpy as np, jaxtrain as jt
+        >>> model = jt.from_linen(jt.MLP(hidden=(8,), num_outputs=2))
+        >>> params, model_state = init_model(model, 0, np.zeros((1, 3), np.float32))
+        >>> params["Dense_1"]["kernel"].shape, model_state
+        ((8, 2), {})
+    """
     if isinstance(rng, (int, np.integer)):
         rng = jax.random.key(int(rng))
     return model.init(rng, jnp.asarray(sample_x))

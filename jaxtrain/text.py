@@ -153,6 +153,11 @@ def stdlib_corpus(max_chars: int | None = 300_000, modules: Sequence[str] = STDL
 
     Raises:
         RuntimeError: when no docstrings are available (Python run with ``-OO``).
+
+    Example:
+        >>> text = stdlib_corpus(max_chars=1000, modules=("json",))
+        >>> len(text), text == stdlib_corpus(max_chars=1000, modules=("json",))
+        (1000, True)
     """
     if max_chars is not None and (not isinstance(max_chars, int) or max_chars < 1):
         raise ValueError(f"max_chars must be a positive integer or None; got {max_chars!r}.")
@@ -290,6 +295,11 @@ def lm_windows(
 
     Raises:
         ValueError: when ``L < T + 1`` (not even one window).
+
+    Example:
+        >>> w = lm_windows(list(range(10)), seq_len=4)  # L = 10, T = 4: N = 2 windows
+        >>> w["x"].shape, w["x"][0].tolist(), w["y"][0].tolist()
+        ((2, 4), [0, 1, 2, 3], [1, 2, 3, 4])
     """
     ids = np.asarray(ids, np.int32).reshape(-1)
     stride = seq_len if stride is None else stride
@@ -382,6 +392,15 @@ def generate(
 
     Returns:
         The new tokens only, int32 ``[num_tokens]`` (prompt not included).
+
+    Example:
+        >>> import jax.numpy as jnp, jaxtrain as jt
+        >>> # A bigram "model" [B, M] -> [B, M, V]: after token t, t + 1 (mod 5) is likely.
+        >>> model = jt.from_function(lambda p, tokens: p["table"][tokens])
+        >>> params = {"table": 10.0 * jnp.eye(5)[jnp.array([1, 2, 3, 4, 0])]}
+        >>> generate(model, params, {}, [0], num_tokens=6, rng=0, temperature=0.0,
+        ...          context_len=4).tolist()  # greedy
+        [1, 2, 3, 4, 0, 1]
     """
     prompt = np.asarray(prompt_ids, np.int32).reshape(-1)
     if prompt.size == 0:

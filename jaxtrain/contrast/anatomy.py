@@ -95,6 +95,17 @@ class StepAnatomy:
         memory: byte counts of the compiled step (arguments, outputs, temporaries,
             aliased i.e. donated, generated code); empty when unavailable.
         cost: every number ``cost_analysis()`` reported.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, optax, jaxtrain as jt
+        >>> opt = optax.sgd(0.1)
+        >>> step = jt.make_train_step(lambda p, b: jnp.mean((b["x"] @ p["w"]) ** 2), opt)
+        >>> state = jt.TrainState.create({"w": jnp.ones(3)}, opt, jax.random.key(0))
+        >>> anatomy = step_anatomy(step, state, {"x": jnp.ones((4, 3))})
+        >>> anatomy.forward_jaxpr is None, anatomy.step_primitives["dot_general"] >= 2
+        (True, True)
+        >>> anatomy.report().splitlines()[0].startswith("whole step:")
+        True
     """
 
     forward_jaxpr: str | None
@@ -153,6 +164,17 @@ def step_anatomy(
 
     Returns:
         A `StepAnatomy`.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, optax, jaxtrain as jt
+        >>> model = jt.from_function(lambda p, x: x @ p["w"])  # logits [B, 2]
+        >>> opt = optax.sgd(0.1)
+        >>> state = jt.TrainState.create({"w": jnp.zeros((3, 2))}, opt, jax.random.key(0))
+        >>> step = jt.make_train_step(jt.classification_loss(model), opt)
+        >>> batch = {"x": jnp.ones((4, 3)), "y": jnp.array([0, 1, 0, 1])}
+        >>> anatomy = step_anatomy(step, state, batch, model)
+        >>> "dot_general" in anatomy.forward_jaxpr, step.trace_count
+        (True, 1)
     """
     if train_step.jitted is train_step.fn:
         raise ValueError(

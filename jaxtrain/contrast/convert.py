@@ -169,6 +169,14 @@ class Converted:
             to the PyTorch weights at conversion time.
         input_shape: the PyTorch input shape of one example (``(C, H, W)`` or ``(F,)``).
         names: Flax layer name -> PyTorch module name (e.g. ``"Conv_0" -> "0"``).
+
+    Example:
+        >>> import numpy as np, torch
+        >>> conv = from_torch(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3)), (4,))
+        >>> conv.names, conv.input_shape
+        ({'Dense_0': '1'}, (4,))
+        >>> conv.apply(conv.params, np.ones((2, 4), np.float32)).shape  # [B, F] -> [B, 3]
+        (2, 3)
     """
 
     module: Sequential
@@ -212,6 +220,11 @@ def nchw_to_nhwc(x: Any) -> np.ndarray:
 
     Returns:
         numpy ``[B, H, W, C]`` for 4-D input; anything else unchanged (as numpy).
+
+    Example:
+        >>> import numpy as np
+        >>> nchw_to_nhwc(np.zeros((2, 3, 8, 8))).shape
+        (2, 8, 8, 3)
     """
     if hasattr(x, "detach"):  # a torch tensor
         x = x.detach().cpu().numpy()
@@ -220,7 +233,19 @@ def nchw_to_nhwc(x: Any) -> np.ndarray:
 
 
 def nhwc_to_nchw(x: Any) -> np.ndarray:
-    """The inverse of `nchw_to_nhwc`: ``[B, H, W, C]`` -> ``[B, C, H, W]`` (numpy)."""
+    """The inverse of `nchw_to_nhwc`: ``[B, H, W, C]`` -> ``[B, C, H, W]`` (numpy).
+
+    Args:
+        x: numpy array, JAX array or torch tensor; ``[B, H, W, C]`` or ``[B, F]``.
+
+    Returns:
+        numpy ``[B, C, H, W]`` for 4-D input; anything else unchanged (as numpy).
+
+    Example:
+        >>> import numpy as np
+        >>> nhwc_to_nchw(np.zeros((2, 8, 8, 3))).shape
+        (2, 3, 8, 8)
+    """
     x = np.asarray(x)
     return np.transpose(x, (0, 3, 1, 2)) if x.ndim == 4 else x
 
@@ -315,11 +340,15 @@ def from_torch(torch_model: Any, input_shape: Sequence[int]) -> Converted:
         TypeError: when ``torch_model`` is not an ``nn.Module``.
 
     Example:
-        >>> import torch  # doctest: +SKIP
-        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU())  # doctest: +SKIP
-        >>> conv = from_torch(net, (4,))  # doctest: +SKIP
-        >>> conv.params["Dense_0"]["kernel"].shape  # doctest: +SKIP
+        >>> import numpy as np, torch
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU())
+        >>> conv = from_torch(net, (4,))
+        >>> conv.params["Dense_0"]["kernel"].shape  # PyTorch's [out, in] weight, transposed
         (4, 3)
+        >>> x = np.ones((2, 4), np.float32)  # [B, F]
+        >>> expected = net(torch.from_numpy(x)).detach().numpy()
+        >>> bool(np.allclose(conv.apply(conv.params, x), expected, atol=1e-6))
+        True
     """
     torch = require_torch()
     tnn = torch.nn
@@ -513,6 +542,14 @@ def torch_twin(module: nn.Module, input_shape: Sequence[int]) -> Any:
         ReLU, Conv2d, ReLU, MaxPool2d(2); then Flatten, Dropout, Linear, ReLU, Dropout,
         Linear. For an MLP: Flatten, then Linear + ReLU (+ Dropout) per hidden width,
         then Linear.
+
+    Example:
+        >>> import jaxtrain as jt
+        >>> twin = torch_twin(jt.MLP(hidden=(8,), num_outputs=3), (4,))
+        >>> [type(m).__name__ for m in twin]
+        ['Flatten', 'Linear', 'ReLU', 'Linear']
+        >>> from_torch(twin, (4,)).params["Dense_1"]["kernel"].shape  # jt.MLP's tree
+        (8, 3)
     """
     from jaxtrain.models.builtin import CNN, MLP
 

@@ -62,6 +62,13 @@ class OptimizerSpec:
         step_size: ``StepLR``'s ``step_size`` (needed by ``"step"``).
         gamma: ``StepLR``'s ``gamma``.
         min_lr: ``CosineAnnealingLR``'s ``eta_min``.
+
+    Example:
+        >>> spec = OptimizerSpec("adamw", lr=1e-3, schedule="cosine", warmup_steps=10,
+        ...                      total_steps=100, clip_norm=1.0)
+        >>> optimizer, schedule = make_optax(spec)  # the optax side
+        >>> round(float(schedule(10)), 6)  # warmup done: the peak rate
+        0.001
     """
 
     name: str = "sgd"
@@ -135,6 +142,14 @@ def clip_by_global_norm_torch(max_norm: float, eps: float = 1e-6) -> optax.Gradi
 
     Returns:
         A stateless ``optax.GradientTransformation``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> clip = clip_by_global_norm_torch(1.0)
+        >>> grads = {"w": jnp.array([3.0, 4.0])}  # global norm 5
+        >>> updates, _ = clip.update(grads, clip.init(grads))
+        >>> round(float(jnp.linalg.norm(updates["w"])), 4)
+        1.0
     """
 
     def init_fn(params):
@@ -179,6 +194,14 @@ def make_optax(spec: OptimizerSpec) -> tuple[optax.GradientTransformation, Calla
         ``(optimizer, schedule)``: ``clip_by_global_norm_torch`` (if clipping), then
         ``add_decayed_weights`` (SGD/Adam with weight decay), then ``optax.sgd`` /
         ``optax.adam`` / ``optax.adamw`` driven by ``schedule`` (``step -> lr``).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> optimizer, schedule = make_optax(OptimizerSpec("sgd", lr=0.1, momentum=0.9))
+        >>> params = {"w": jnp.ones(2)}
+        >>> updates, _ = optimizer.update({"w": jnp.ones(2)}, optimizer.init(params), params)
+        >>> [round(u, 6) for u in updates["w"].tolist()]  # -lr * g on the first step
+        [-0.1, -0.1]
     """
     schedule = optax_schedule(spec)
     parts = []
@@ -215,6 +238,13 @@ def make_torch(spec: OptimizerSpec, params: Iterable[Any]) -> tuple[Any, Any]:
     Returns:
         ``(optimizer, scheduler)``; ``scheduler`` is None for a constant rate without
         warmup, else call ``scheduler.step()`` after every ``optimizer.step()``.
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Linear(2, 1)
+        >>> optimizer, scheduler = make_torch(OptimizerSpec("sgd", lr=0.1), net.parameters())
+        >>> type(optimizer).__name__, optimizer.param_groups[0]["lr"], scheduler
+        ('SGD', 0.1, None)
     """
     torch = require_torch()
     sched = torch.optim.lr_scheduler
@@ -262,6 +292,14 @@ def torch_clip(spec: OptimizerSpec, params: Iterable[Any]) -> float:
 
     Returns:
         The global L2 norm of the gradients, before clipping (as jaxtrain's ``grad_norm``).
+
+    Example:
+        >>> import torch
+        >>> w = torch.nn.Parameter(torch.zeros(2))
+        >>> w.grad = torch.tensor([3.0, 4.0])
+        >>> norm = torch_clip(OptimizerSpec(clip_norm=1.0), [w])
+        >>> round(float(norm), 4), round(float(w.grad.norm()), 4)  # before, after
+        (5.0, 1.0)
     """
     torch = require_torch()
     params = [p for p in params if p.grad is not None]
@@ -274,7 +312,7 @@ def torch_clip(spec: OptimizerSpec, params: Iterable[Any]) -> float:
 
 
 def torch_loss(kind: str, label_smoothing: float = 0.0) -> Any:
-    """The PyTorch criterion matching `jax_loss_fn`.
+    """The PyTorch criterion matching `jax_loss`.
 
     Args:
         kind: ``"cross_entropy"`` (``nn.CrossEntropyLoss``) or ``"mse"`` (``nn.MSELoss``).
@@ -282,6 +320,13 @@ def torch_loss(kind: str, label_smoothing: float = 0.0) -> Any:
 
     Returns:
         The ``torch.nn`` loss module (mean reduction).
+
+    Example:
+        >>> import torch
+        >>> criterion = torch_loss("cross_entropy")
+        >>> logits, labels = torch.zeros(2, 4), torch.tensor([0, 1])  # [B, C], [B]
+        >>> type(criterion).__name__, round(float(criterion(logits, labels)), 4)  # log(4)
+        ('CrossEntropyLoss', 1.3863)
     """
     torch = require_torch()
     if kind == "cross_entropy":
@@ -299,6 +344,20 @@ def jax_loss(kind: str, label_smoothing: float = 0.0) -> Callable:
     ``"cross_entropy"``: `jaxtrain.losses.softmax_cross_entropy` (same label smoothing as
     PyTorch: ``(1 - s) * one_hot + s / C``). ``"mse"``: `jaxtrain.losses.mean_squared_error`,
     which is ``2 * mean(optax.l2_loss(...))`` — ``l2_loss`` has a factor 0.5.
+
+    Args:
+        kind: ``"cross_entropy"`` (outputs ``[B, C]``, int targets ``[B]``) or ``"mse"``
+            (outputs and targets of one shape ``[B, ...]``).
+        label_smoothing: cross-entropy label smoothing.
+
+    Returns:
+        ``loss(outputs, targets, mask=None) -> float32 scalar`` (mask ``[B]``).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> mse = jax_loss("mse")
+        >>> float(mse(jnp.array([[1.0], [3.0]]), jnp.zeros((2, 1))))  # as nn.MSELoss()
+        5.0
     """
     if kind == "cross_entropy":
         return lambda out, y, mask=None: losses.softmax_cross_entropy(out, y, mask, label_smoothing)
@@ -333,6 +392,17 @@ def freeze(
 
     Returns:
         An optax transformation over the whole parameter tree.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, optax
+        >>> params = {"Dense_0": {"kernel": jnp.ones(2)}, "Dense_1": {"kernel": jnp.ones(2)}}
+        >>> optimizer = freeze(optax.sgd(0.1), lambda path: "Dense_1" in path)
+        >>> grads = jax.tree.map(jnp.ones_like, params)
+        >>> updates, _ = optimizer.update(grads, optimizer.init(params), params)
+        >>> updates["Dense_0"]["kernel"].tolist()  # frozen: exactly 0
+        [0.0, 0.0]
+        >>> [round(u, 6) for u in updates["Dense_1"]["kernel"].tolist()]
+        [-0.1, -0.1]
     """
 
     def labels(params):
@@ -431,7 +501,18 @@ CORRESPONDENCE: tuple[tuple[str, str, str], ...] = (
 
 
 def correspondence_markdown() -> str:
-    """`CORRESPONDENCE` as a Markdown table (PyTorch | optax / jaxtrain | note)."""
+    """`CORRESPONDENCE` as a Markdown table (PyTorch | optax / jaxtrain | note).
+
+    Returns:
+        The table: a header row, a separator row, then one row per entry.
+
+    Example:
+        >>> table = correspondence_markdown()
+        >>> table.splitlines()[0]
+        '| PyTorch | optax / jaxtrain | note |'
+        >>> len(table.splitlines()) == len(CORRESPONDENCE) + 2
+        True
+    """
     lines = ["| PyTorch | optax / jaxtrain | note |", "|---|---|---|"]
     lines += [f"| {t} | {o} | {n} |" for t, o, n in CORRESPONDENCE]
     return "\n".join(lines)

@@ -54,6 +54,16 @@ def presets(steps: int) -> dict[str, OptimizerSpec]:
         weight decay 5e-4), ``adam``, ``adamw`` (PyTorch's default weight decay 1e-2),
         ``clip`` (SGD with momentum, ``clip_grad_norm_`` at 1.0) and ``cosine-warmup``
         (AdamW, linear warmup over a tenth of the run, then cosine decay).
+
+    Args:
+        steps: the run's length (sets the warmup and the cosine decay).
+
+    Example:
+        >>> specs = presets(100)
+        >>> sorted(specs)
+        ['adam', 'adamw', 'clip', 'cosine-warmup', 'sgd', 'sgd-nesterov-wd']
+        >>> specs["cosine-warmup"].warmup_steps, specs["cosine-warmup"].total_steps
+        (10, 100)
     """
     return {
         "sgd": OptimizerSpec("sgd", lr=0.1),
@@ -84,6 +94,15 @@ class Comparison:
         param_diff: max |torch param - jax param| after update ``t`` (NaN where not
             measured).
         label: what ran (model, optimizer).
+
+    Example:
+        >>> import numpy as np
+        >>> lr = np.full(2, 0.1)
+        >>> c = Comparison(torch_loss=np.array([2.0, 1.0]), jax_loss=np.array([2.0, 1.001]),
+        ...                torch_grad_norm=np.ones(2), jax_grad_norm=np.ones(2),
+        ...                torch_lr=lr, jax_lr=lr, param_diff=np.array([0.0, 1e-6]))
+        >>> c.steps.tolist(), round(c.max_rel_diff(), 6), c.final_param_diff  # S = 2 steps
+        ([0, 1], 0.001, 1e-06)
     """
 
     torch_loss: np.ndarray
@@ -255,6 +274,18 @@ def compare(
 
     Returns:
         A `Comparison`.
+
+    Example:
+        >>> import numpy as np, torch
+        >>> _ = torch.manual_seed(0)
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 3))
+        >>> rng = np.random.default_rng(0)
+        >>> data = {"x": rng.normal(size=(16, 4)).astype(np.float32),  # [N, F]
+        ...         "y": rng.integers(0, 3, 16).astype(np.int32)}      # [N]
+        >>> result = compare(net, OptimizerSpec("sgd", lr=0.1), data, input_shape=(4,),
+        ...                  steps=3, batch_size=8)
+        >>> result.jax_loss.shape, result.max_rel_diff() < 1e-5
+        ((3,), True)
     """
     torch = require_torch()
     converted = from_torch(torch_model, input_shape)
@@ -350,6 +381,11 @@ def digits_models(kind: str, seed: int = 0) -> tuple[Any, Model | None]:
 
     Returns:
         ``(torch_model, jax_model)``; ``jax_model`` None means the converted model.
+
+    Example:
+        >>> torch_model, jax_model = digits_models("mlp-tanh")
+        >>> [type(m).__name__ for m in torch_model], jax_model
+        (['Flatten', 'Linear', 'Tanh', 'Linear', 'Tanh', 'Linear'], None)
     """
     from jaxtrain.models.builtin import CNN, MLP
 

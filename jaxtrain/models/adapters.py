@@ -31,6 +31,17 @@ class Model:
             (y, new_model_state)``. ``rng`` is a typed key for stochastic layers
             (dropout) when ``train`` is True.
         name: for messages and summaries.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> model = Model(
+        ...     init=lambda rng, x: ({"w": jnp.ones((x.shape[-1], 2))}, {}),
+        ...     apply=lambda params, state, x, *, train=False, rng=None: (x @ params["w"], state),
+        ... )
+        >>> params, model_state = model.init(None, jnp.ones((4, 3)))
+        >>> y, model_state = model.apply(params, model_state, jnp.ones((4, 3)))
+        >>> y.shape
+        (4, 2)
     """
 
     init: Callable[..., tuple[PyTree, PyTree]]
@@ -95,6 +106,15 @@ def from_linen(module: Any) -> Model:
 
     Returns:
         A `Model`.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, flax.linen as nn
+        >>> model = from_linen(nn.Dense(2))
+        >>> params, model_state = model.init(jax.random.key(0), jnp.ones((4, 3)))
+        >>> params["kernel"].shape, model_state
+        ((3, 2), {})
+        >>> model.apply(params, model_state, jnp.ones((4, 3)))[0].shape
+        (4, 2)
     """
     from flax import linen as nn
 
@@ -142,6 +162,15 @@ def from_nnx(module: Any) -> Model:
 
     Returns:
         A `Model`.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from flax import nnx
+        >>> model = from_nnx(nnx.Linear(3, 2, rngs=nnx.Rngs(0)))
+        >>> params, model_state = model.init(jax.random.key(0), jnp.ones((4, 3)))
+        >>> y, model_state = model.apply(params, model_state, jnp.ones((4, 3)))
+        >>> y.shape
+        (4, 2)
     """
     from flax import nnx
 
@@ -188,6 +217,18 @@ def from_function(
 
     Returns:
         A `Model` with an empty model state.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> model = from_function(
+        ...     lambda p, x: x @ p["w"],
+        ...     init_fn=lambda rng, x: {"w": jax.random.normal(rng, (x.shape[-1], 2))},
+        ... )
+        >>> params, model_state = model.init(jax.random.key(0), jnp.ones((4, 3)))
+        >>> params["w"].shape, model_state
+        ((3, 2), {})
+        >>> model.apply(params, model_state, jnp.ones((4, 3)))[0].shape
+        (4, 2)
     """
     if not callable(fn):
         raise TypeError(f"from_function expects a callable (params, x) -> y; got {fn!r}.")

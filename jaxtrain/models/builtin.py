@@ -56,6 +56,16 @@ class MLP(nn.Module):
         dropout: dropout rate after each hidden layer (training only).
         param_init: ``"flax"`` (default: lecun-normal kernels, zero biases) or ``"torch"``
             (PyTorch's ``nn.Linear`` defaults: kernels and biases U(±1/sqrt(fan_in))).
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> mlp = MLP(hidden=(16,), num_outputs=3)
+        >>> x = jnp.zeros((2, 4, 4))  # [B, ...], flattened to [B, 16]
+        >>> variables = jax.eval_shape(mlp.init, jax.random.key(0), x)  # shapes only
+        >>> variables["params"]["Dense_0"]["kernel"].shape
+        (16, 16)
+        >>> jax.eval_shape(mlp.apply, variables, x).shape  # logits [B, num_outputs]
+        (2, 3)
     """
 
     hidden: Sequence[int] = (128, 128)
@@ -90,6 +100,16 @@ class CNN(nn.Module):
         param_init: ``"flax"`` (default) or ``"torch"`` (PyTorch's ``nn.Conv2d`` /
             ``nn.Linear`` defaults: U(±1/sqrt(fan_in)), fan_in = 3 * 3 * in_channels for
             a conv).
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> cnn = CNN(channels=(4,), dense=8, num_classes=10)
+        >>> x = jnp.zeros((2, 8, 8, 1))  # NHWC [B, H, W, C]
+        >>> variables = jax.eval_shape(cnn.init, jax.random.key(0), x)  # shapes only
+        >>> variables["params"]["Conv_0"]["kernel"].shape  # [kh, kw, in, out]
+        (3, 3, 1, 4)
+        >>> jax.eval_shape(cnn.apply, variables, x).shape  # logits [B, num_classes]
+        (2, 10)
     """
 
     channels: Sequence[int] = (32, 64)
@@ -142,6 +162,14 @@ class TransformerLM(nn.Module):
         num_heads: attention heads (``d_model`` must be divisible by it).
         num_layers: transformer blocks.
         dropout: dropout rate (training only).
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> lm = TransformerLM(vocab_size=11, max_len=8, d_model=16, num_heads=2, num_layers=1)
+        >>> tokens = jnp.zeros((2, 5), jnp.int32)  # [B, T], T <= max_len
+        >>> variables = jax.eval_shape(lm.init, jax.random.key(0), tokens)  # shapes only
+        >>> jax.eval_shape(lm.apply, variables, tokens).shape  # logits [B, T, vocab_size]
+        (2, 5, 11)
     """
 
     vocab_size: int
