@@ -159,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="fuse K training steps into one compiled call (jax.lax.scan)",
     )
     t.add_argument(
+        "--unroll",
+        action="store_true",
+        help="unroll the K fused steps (faster for convolutional models on CPU, whose "
+        "gradients XLA:CPU runs on a slow path inside a loop; compile time grows with K)",
+    )
+    t.add_argument(
         "--nonfinite",
         choices=("skip", "raise", "off"),
         default="off",
@@ -291,6 +297,7 @@ def _train(args: argparse.Namespace) -> int:
         keep=args.keep,
         nonfinite=None if args.nonfinite == "off" else args.nonfinite,
         steps_per_call=args.steps_per_call,
+        unroll=args.unroll,
         grad_accum_steps=args.grad_accum_steps,
         precision=args.precision,
         tensorboard=args.tensorboard,

@@ -71,6 +71,7 @@ class TrainConfig:
     keep: int = 3
     nonfinite: str | None = None
     steps_per_call: int = 1
+    unroll: bool = False  # unroll the fused steps (conv models on CPU: see make_train_steps)
     grad_accum_steps: int = 1
     precision: str = "float32"  # compute dtype (jaxtrain.precision); params stay float32
     tensorboard: bool = False  # also write TensorBoard event files to OUT/tensorboard
@@ -104,6 +105,8 @@ class TrainConfig:
         ):
             if not isinstance(getattr(self, f), int) or getattr(self, f) < 1:
                 raise bad(f, "an integer >= 1")
+        if not isinstance(self.unroll, bool):
+            raise bad("unroll", "true or false")
         if self.nonfinite not in (None, "skip", "raise"):
             raise bad("nonfinite", "'skip', 'raise' or unset")
         if self.precision not in PRECISIONS:
@@ -224,7 +227,11 @@ def run(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     )
     if cfg.steps_per_call > 1:  # K steps per compiled call (lax.scan): less dispatch
         train_step = make_train_steps(
-            loss_fn, optimizer, steps_per_call=cfg.steps_per_call, **step_kwargs
+            loss_fn,
+            optimizer,
+            steps_per_call=cfg.steps_per_call,
+            unroll=True if cfg.unroll else 1,
+            **step_kwargs,
         )
     else:
         train_step = make_train_step(loss_fn, optimizer, **step_kwargs)

@@ -18,7 +18,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxtrain.data import MASK_KEY, ArrayDataset
-from jaxtrain.step import CompiledStep, LossFn, _build_step, _finish
+from jaxtrain.step import CompiledStep, LossFn, _build_step, _check_unroll, _finish
 
 
 def make_device_epoch(
@@ -30,12 +30,14 @@ def make_device_epoch(
     mesh: Mesh | None = None,
     donate: bool = True,
     nonfinite: str | None = None,
+    unroll: int | bool = 1,
 ) -> CompiledStep:
     """Builds ``run_epoch(state, arrays, epoch) -> (state, metrics)``: one epoch, one call.
 
     Args:
         loss_fn, optimizer, learning_rate_fn, mesh, donate, nonfinite: as in
             `make_train_step`.
+        unroll: as in `make_train_steps` (True for convolutional models on CPU).
         dataset: the `ArrayDataset` whose order, batch size and padding to reproduce.
 
     Returns:
@@ -59,6 +61,7 @@ def make_device_epoch(
     compiled.nonfinite_policy = nonfinite
     compiled.device_epoch = dataset
     one_step = _build_step(loss_fn, optimizer, learning_rate_fn, nonfinite, compiled, False)
+    _check_unroll(unroll)
     n, bsz, steps = dataset.num_examples, dataset.batch_size, dataset.steps_per_epoch
     batch_sharding = None if mesh is None else NamedSharding(mesh, PartitionSpec("data"))
 
@@ -87,7 +90,7 @@ def make_device_epoch(
                 batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
             return one_step(st, batch)
 
-        return jax.lax.scan(body, state, (idx, valid))
+        return jax.lax.scan(body, state, (idx, valid), unroll=unroll)
 
     return _finish(compiled, run_epoch, jit=True, mesh=mesh, donate=donate)
 

@@ -236,8 +236,11 @@ def _build_step(
     count_traces: bool,
     grad_accum_steps: int = 1,
     precision: str | precision_lib.Policy | None = None,
+    grad_norm: bool = True,
 ) -> Callable:
     """The pure one-step function shared by `make_train_step` and `make_train_steps`."""
+    if not isinstance(grad_norm, bool):
+        raise TypeError(f"grad_norm must be True or False; got {grad_norm!r}.")
     policy = precision_lib.get_policy(precision)
     if (
         isinstance(grad_accum_steps, bool)
@@ -292,7 +295,9 @@ def _build_step(
         updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
 
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        metrics = {"loss": loss}
+        if grad_norm:  # a reduction over every gradient leaf: ~10 small kernels on CPU
+            metrics["grad_norm"] = optax.tree.norm(grads)
         if learning_rate_fn is not None:
             metrics["learning_rate"] = jnp.asarray(learning_rate_fn(state.step), jnp.float32)
         else:
@@ -358,6 +363,7 @@ def make_train_step(
     nonfinite: str | None = None,
     grad_accum_steps: int = 1,
     precision: str | precision_lib.Policy | None = None,
+    grad_norm: bool = True,
 ) -> CompiledStep:
     """Builds ``train_step(state, batch) -> (new_state, metrics)``.
 
@@ -407,10 +413,15 @@ def make_train_step(
             ``nonfinite="raise"`` — expected overflows are how the scale is found. A
             non-finite loss, or an overflow at the minimum scale, is a genuine
             non-finite value and goes to the ``nonfinite`` guard.
+        grad_norm: report the global L2 norm of the gradients as the ``grad_norm``
+            metric (default). False saves its reduction over every gradient leaf, which
+            is measurable only for tiny models whose step takes microseconds
+            (BENCHMARKS.md).
 
     Returns:
         A `CompiledStep`. ``metrics`` holds device scalars: ``loss``, ``grad_norm``
-        (global L2 norm of the gradients), ``learning_rate`` when known, and the
+        (global L2 norm of the gradients; unless ``grad_norm=False``), ``learning_rate``
+        when known, and the
         entries of ``aux``; with loss scaling also ``loss_scale`` (after the step) and
         ``loss_scale_overflows`` (steps skipped for overflow so far). Nothing in the
         step forces a host sync.
@@ -430,7 +441,15 @@ def make_train_step(
     compiled = CompiledStep(None, None)
     compiled.nonfinite_policy = nonfinite
     train_step = _build_step(
-        loss_fn, optimizer, learning_rate_fn, nonfinite, compiled, True, grad_accum_steps, precision
+        loss_fn,
+        optimizer,
+        learning_rate_fn,
+        nonfinite,
+        compiled,
+        True,
+        grad_accum_steps,
+        precision,
+        grad_norm,
     )
     return _finish(compiled, train_step, jit=jit, mesh=mesh, donate=donate)
 
@@ -447,6 +466,8 @@ def make_train_steps(
     nonfinite: str | None = None,
     grad_accum_steps: int = 1,
     precision: str | precision_lib.Policy | None = None,
+    grad_norm: bool = True,
+    unroll: int | bool = 1,
 ) -> CompiledStep:
     """Builds ``train_steps(state, batches) -> (new_state, metrics)``: K steps, one call.
 
@@ -456,9 +477,15 @@ def make_train_steps(
 
     Args:
         loss_fn, optimizer, learning_rate_fn, mesh, donate, jit, nonfinite,
-            grad_accum_steps, precision: as in `make_train_step`.
+            grad_accum_steps, precision, grad_norm: as in `make_train_step`.
         steps_per_call: K, the number of steps `fit` groups into one call (a shorter
             group at an epoch end or budget end compiles once more and is reused).
+        unroll: ``jax.lax.scan``'s ``unroll``: 1 (default) compiles one step body and
+            loops over it; True unrolls all K steps into straight-line code (compile
+            time grows with K). Use True for convolutional models on CPU: XLA's CPU
+            backend runs convolution gradients inside a loop on a slow path (the
+            built-in CNN measured 18x slower per step than outside a loop,
+            BENCHMARKS.md); unrolled they run at the single-step speed.
 
     Returns:
         A `CompiledStep` with ``steps_per_call`` set. ``batches`` is a dict whose
@@ -493,13 +520,23 @@ def make_train_steps(
         False,
         grad_accum_steps,
         precision,
+        grad_norm,
     )
+    _check_unroll(unroll)
 
     def train_steps(state: TrainState, batches: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         compiled._count_trace()
-        return jax.lax.scan(one_step, state, batches)
+        return jax.lax.scan(one_step, state, batches, unroll=unroll)
 
     return _finish(compiled, train_steps, jit=jit, mesh=mesh, donate=donate)
+
+
+def _check_unroll(unroll: Any) -> None:
+    if not (isinstance(unroll, bool) or (isinstance(unroll, int) and unroll >= 1)):
+        raise ValueError(
+            f"unroll must be True, False or an integer >= 1 (steps per loop iteration); got "
+            f"{unroll!r}. Fix: unroll=True for convolutional models on CPU, else leave it at 1."
+        )
 
 
 def _finish(

@@ -1,5 +1,6 @@
 """Fused execution: K steps per compiled call with lax.scan, bitwise equal to K single steps."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -144,12 +145,73 @@ def test_cli_steps_per_call_gives_the_same_parameters(tmp_path, capsys):
     from jaxtrain import cli
 
     shas = []
-    for k in ("1", "4"):
-        out = tmp_path / k
+    for k in ("1", "4", "4 --unroll"):
+        out = tmp_path / k.replace(" ", "")
         args = ["train", "--model", "mlp", "--epochs", "2", "--no-checkpoint", "--no-progress"]
-        assert cli.main([*args, "--steps-per-call", k, "--out", str(out)]) == 0
+        assert cli.main([*args, "--steps-per-call", *k.split(), "--out", str(out)]) == 0
         summary = json.loads((out / "summary.json").read_text())
         assert summary["steps"] == 46
         shas.append(summary["params_sha256"])
-    assert shas[0] == shas[1]
+    assert shas[0] == shas[1] == shas[2]  # unrolled too: measured bitwise on CPU
     assert summary["train_step_compilations"] == 2  # groups of 4 and the leftover of 3
+
+
+@pytest.mark.parametrize("unroll", [True, 2])
+def test_unrolled_fused_steps_equal_single_steps(setup, unroll):
+    """``unroll`` (the fast path for convolutions on XLA:CPU) changes no result."""
+    train, model, params, opt = setup
+    loss = jt.classification_loss(model)
+    batches = list(jt.ArrayDataset(train, 64, seed=0).batches(0))[:4]
+    stacked = {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+    rolled = jt.make_train_steps(loss, opt, steps_per_call=4)
+    unrolled = jt.make_train_steps(loss, opt, steps_per_call=4, unroll=unroll)
+    s_ref, m_ref = rolled(_fresh(params, opt), stacked)
+    s_got, m_got = unrolled(_fresh(params, opt), stacked)
+    # Measured bitwise on CPU; the stated tolerance allows XLA to fuse unrolled steps
+    # differently on other backends.
+    chex.assert_trees_all_close(s_got, s_ref, rtol=1e-6, atol=1e-7)
+    chex.assert_trees_all_close(m_got, m_ref, rtol=1e-6, atol=1e-7)
+    assert unrolled.trace_count == 1
+
+
+def test_device_epoch_unrolled_matches_rolled(setup):
+    train, model, params, opt = setup
+    loss = jt.classification_loss(model)
+    ds = jt.ArrayDataset(train, 64, seed=4)
+    arrays = jt.put_dataset(ds)
+    got = [
+        jt.make_device_epoch(loss, opt, ds, unroll=u)(_fresh(params, opt), arrays, jnp.int32(0))
+        for u in (1, True)
+    ]
+    chex.assert_trees_all_close(got[1], got[0], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "yes"])
+def test_unroll_must_be_bool_or_positive_int(bad):
+    with pytest.raises(
+        ValueError, match=rf"unroll must be True, False or an integer >= 1.*got {bad!r}.*Fix"
+    ):
+        jt.make_train_steps(lambda p, b: 0.0, optax.sgd(0.1), steps_per_call=2, unroll=bad)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_grad_norm_metric_can_be_switched_off(setup, fused):
+    train, model, params, opt = setup
+    loss = jt.classification_loss(model)
+    batches = list(jt.ArrayDataset(train, 64, seed=0).batches(0))[:2]
+    if fused:
+        make = lambda **kw: jt.make_train_steps(loss, opt, steps_per_call=2, **kw)  # noqa: E731
+        feed = [{k: np.stack([b[k] for b in batches]) for k in batches[0]}]
+    else:
+        make = lambda **kw: jt.make_train_step(loss, opt, **kw)  # noqa: E731
+        feed = batches
+    results = []
+    for flag in (True, False):
+        step, state = make(grad_norm=flag), _fresh(params, opt)
+        for b in feed:
+            state, metrics = step(state, b)
+        results.append((state, metrics))
+    assert "grad_norm" in results[0][1] and "grad_norm" not in results[1][1]
+    _assert_bitwise(results[1][0], results[0][0])  # only the report differs
+    with pytest.raises(TypeError, match="grad_norm must be True or False; got 'no'"):
+        jt.make_train_step(loss, opt, grad_norm="no")
