@@ -279,10 +279,13 @@ def run(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         if cfg.csv and primary:
             writers.append(stack.enter_context(CsvWriter(csv_path, mode="a" if resume else "w")))
         if cfg.tensorboard and primary:
-            # A resumed run appends a new event file; steps between the last checkpoint and
-            # the interruption then appear twice in TensorBoard, with equal values.
+            # A resumed run appends a new event file that purges the steps after its
+            # checkpoint, which the killed run may have logged already: no step twice.
+            purge = None if resumed_from is None else resumed_from + 1
             writers.append(
-                stack.enter_context(TensorBoardWriter(os.path.join(cfg.out, TENSORBOARD_DIR)))
+                stack.enter_context(
+                    TensorBoardWriter(os.path.join(cfg.out, TENSORBOARD_DIR), purge_step=purge)
+                )
             )
         state, history = fit(
             state,

@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 import numbers
@@ -232,6 +233,9 @@ def read_csv(path: str | os.PathLike) -> list[dict]:
         return [{k: parse(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
 
 
+_WRITER_IDS = itertools.count()
+
+
 class TensorBoardWriter:
     """Writes each numeric metric as a TensorBoard scalar, tagged ``"{split}/{name}"``.
 
@@ -248,6 +252,9 @@ class TensorBoardWriter:
             writers at sibling folders (``runs/a/tb``, ``runs/b/tb``) and start
             TensorBoard on their parent to compare them.
         default_split: tag prefix for records without a ``split`` key.
+        purge_step: for a resumed run: TensorBoard then drops the events of earlier files
+            at steps >= this (logged before an interruption and logged again now), so
+            no step appears twice. `jaxtrain train --resume` passes checkpoint step + 1.
 
     Raises:
         ImportError: tensorboardX is not installed (the message says how to install it).
@@ -265,7 +272,12 @@ class TensorBoardWriter:
 
     _NOT_SCALARS = ("step", "epoch", "split")
 
-    def __init__(self, logdir: str | os.PathLike, default_split: str = "train"):
+    def __init__(
+        self,
+        logdir: str | os.PathLike,
+        default_split: str = "train",
+        purge_step: int | None = None,
+    ):
         try:
             from tensorboardX import SummaryWriter
         except ImportError:
@@ -277,7 +289,21 @@ class TensorBoardWriter:
         self.logdir = os.fspath(logdir)
         os.makedirs(self.logdir, exist_ok=True)
         self.default_split = default_split
-        self._w = SummaryWriter(logdir=self.logdir, flush_secs=3600)
+        if purge_step is not None and (
+            isinstance(purge_step, bool) or not isinstance(purge_step, int) or purge_step < 0
+        ):
+            raise ValueError(
+                f"purge_step must be a step number >= 0 or None; got {purge_step!r}. "
+                "Fix: pass the first step the resumed run will log, e.g. checkpoint step + 1."
+            )
+        # purge_step: TensorBoard drops the older files' events at steps >= purge_step,
+        # which a resumed run logs again (the steps between its checkpoint and the kill).
+        # The file name has the time in whole seconds: a second writer in the same second
+        # would overwrite the first file without a distinct suffix.
+        suffix = f".{os.getpid()}.{next(_WRITER_IDS)}"
+        self._w = SummaryWriter(
+            logdir=self.logdir, flush_secs=3600, purge_step=purge_step, filename_suffix=suffix
+        )
 
     def write(self, record: Mapping[str, Any]) -> None:
         if "step" not in record:

@@ -20,6 +20,7 @@ ARGS = [
     "--log-every",
     "5",
     "--no-progress",
+    "--tensorboard",
 ]  # 23 steps per epoch: saves at 10, 20, 23, 30, 40, 46, 50, 60, 69
 CLI = [sys.executable, "-m", "jaxtrain.cli", "train"]
 
@@ -79,6 +80,14 @@ def _metrics_without_timing(out):
     return recs
 
 
+def _tensorboard_steps(out):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    return {tag: [e.step for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
 SAVE_STEPS = {10, 20, 23, 30, 40, 46, 50, 60, 69}
 
 
@@ -104,6 +113,12 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path, uninterrupted, pause
     assert resumed["params_sha256"] == full["params_sha256"]
     assert resumed["test"] == full["test"]
     assert _metrics_without_timing(out) == _metrics_without_timing(full_out)
+    # TensorBoard, read back with its own reader: the steps the killed run logged after
+    # its checkpoint are purged, so every step appears once, as in metrics.jsonl.
+    assert _tensorboard_steps(out) == _tensorboard_steps(full_out)
+    assert _tensorboard_steps(out)["train/loss"] == [
+        r["step"] for r in _metrics_without_timing(out) if r["split"] == "train"
+    ]
     assert "test accuracy:" in res.stdout.splitlines()[-1]
 
 

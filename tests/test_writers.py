@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import time
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -121,3 +122,26 @@ def test_train_cli_writes_tensorboard_and_csv(tmp_path, capsys):
 
 def test_writers_are_exported():
     assert jaxtrain.CsvWriter is CsvWriter and jaxtrain.TensorBoardWriter is TensorBoardWriter
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "3"])
+def test_tensorboard_purge_step_must_be_a_step(tmp_path, bad):
+    with pytest.raises(
+        ValueError, match=rf"purge_step must be a step number >= 0 or None; got {bad!r}.*Fix"
+    ):
+        TensorBoardWriter(tmp_path / "tb", purge_step=bad)
+
+
+def test_tensorboard_purge_step_drops_steps_logged_twice(tmp_path):
+    logdir = tmp_path / "tb"
+    with TensorBoardWriter(logdir) as w:  # the interrupted run logged steps 1..7
+        for s in range(1, 8):
+            w.write({"step": s, "loss": float(s)})
+    time.sleep(1.1)  # TensorBoard orders event files by the creation time in their name
+    with TensorBoardWriter(logdir, purge_step=4) as w:  # resumed from the checkpoint at 3
+        for s in range(4, 10):
+            w.write({"step": s, "loss": s + 0.5})
+    scalars = _scalars(logdir)
+    assert scalars["train/loss"] == [(1, 1.0), (2, 2.0), (3, 3.0)] + [
+        (s, s + 0.5) for s in range(4, 10)
+    ]
