@@ -175,13 +175,32 @@ def _local_batches(data: ArrayDataset, epoch: int, start: int, mesh: Mesh | None
         yield local
 
 
+def _local_grain_batches(data: GrainData, epoch: int, start: int, mesh: Mesh | None):
+    """`GrainData` batches, cut to this process's rows when there are several processes.
+
+    Every process runs the same deterministic pipeline (same seed, same order) and keeps
+    its own block of rows of each global batch, as with `ArrayDataset`: the global batch
+    is the one a single process would see, so multi-process runs equal one-process runs.
+    (Each process reads every record; grain's own per-process sharding would change the
+    global batches.)
+    """
+    if mesh is None or jax.process_count() == 1:
+        yield from data.batches(epoch, start)
+        return
+    rows = process_rows(mesh, data.batch_size)
+    for batch in data.batches(epoch, start):
+        local = _LocalBatch({k: v[rows] for k, v in batch.items()})
+        local.num_real = int(np.sum(batch[MASK_KEY]))
+        yield local
+
+
 def _epoch_batches(
     data: Any, epoch: int, start: int, mesh: Mesh | None = None
 ) -> Iterator[Mapping[str, Any]]:
     if isinstance(data, ArrayDataset):
         return _local_batches(data, epoch, start, mesh)
     if isinstance(data, GrainData):
-        return data.batches(epoch, start)
+        return _local_grain_batches(data, epoch, start, mesh)
     if callable(data):  # epoch -> iterable of batches
         it = iter(data(epoch))
     elif isinstance(data, Iterable):
@@ -500,8 +519,9 @@ def fit(
         mesh: the data mesh; default all devices (`jaxtrain.data_mesh`). A mesh from
             `jaxtrain.make_mesh` with an ``fsdp`` axis also shards the state
             (`jaxtrain.shard_state`). With several processes (`jaxtrain.distributed`)
-            it spans all of them; an `ArrayDataset` then serves each process its own
-            rows of every global batch, and other data must yield this process's rows.
+            it spans all of them; an `ArrayDataset` or `GrainData` then serves each
+            process its own rows of every global batch; other data must yield this
+            process's rows.
         hooks: `PeriodicHook` callbacks.
         early_stopping: stop on an eval metric; needs ``eval_step``.
         writers: log sinks, each gets every train and eval record (on process 0

@@ -23,6 +23,7 @@ import optax
 import jaxtrain as jt
 from jaxtrain.checkpoint import Checkpointer
 
+GRAIN_STEPS = 8
 NUM_STEPS = 30  # crosses the end of epoch 0 (23 batches of 64, the last one padded)
 BATCH = 64
 WAIT_SECONDS = 150
@@ -63,6 +64,35 @@ def train(mesh, ckpt_dir):
     return state, history, writer, train_step, steps, (model, optimizer, params, model_state)
 
 
+def train_grain(mesh):
+    """A short run fed by `GrainData` (every process runs the same pipeline, keeps its rows)."""
+    train_data, _ = jt.load_digits()
+    records = [{"x": x, "y": y} for x, y in zip(train_data["x"], train_data["y"], strict=True)]
+    model = jt.from_linen(jt.MLP(hidden=(32,), num_outputs=10))
+    optimizer = optax.sgd(0.1, momentum=0.9)
+    params, model_state = jt.init_model(model, 0, train_data["x"][:1])
+    state = jt.TrainState.create(params, optimizer, 0, model_state)
+    loss = jt.classification_loss(model)
+    seen = []
+
+    def loss_fn(params, batch, **kwargs):
+        seen.append(batch["x"].shape[0])  # at trace time: the global batch the step sees
+        return loss(params, batch, **kwargs)
+
+    step = jt.make_train_step(loss_fn, optimizer, mesh=mesh)
+    state, history = jt.fit(
+        state,
+        step,
+        jt.GrainData(records, BATCH, seed=0),
+        num_steps=GRAIN_STEPS,
+        log_every=2,
+        mesh=mesh,
+        progress=False,
+    )
+    history.global_batch_rows = seen
+    return state, history
+
+
 def params_of(state):
     return {
         jt.checkpoint.leaf_name(p): np.asarray(jax.device_get(x))
@@ -98,6 +128,14 @@ def worker(port, pid, out):
         np.savez(os.path.join(out, "params_multi.tmp.npz"), **params_of(state))
         # Renamed when complete: the reference process, started alongside, waits for it.
         os.replace(os.path.join(out, "params_multi.tmp.npz"), os.path.join(out, "params_multi.npz"))
+    g_state, g_history = train_grain(mesh)
+    result["grain_losses"] = [r["loss"] for r in g_history.train]
+    result["grain_examples"] = g_history.examples
+    result["grain_global_batch_rows"] = g_history.global_batch_rows
+    if info.is_primary:
+        tmp = os.path.join(out, "params_grain_multi.tmp.npz")
+        np.savez(tmp, **params_of(g_state))
+        os.replace(tmp, os.path.join(out, "params_grain_multi.npz"))
     print("RESULT:" + json.dumps(result), flush=True)
     jt.distributed.shutdown()
 
@@ -142,7 +180,25 @@ def reference(out):
             for k in ref
         ),
     }
+    g_state, g_history = train_grain(mesh)
+    result["grain_losses"] = [r["loss"] for r in g_history.train]
+    result["grain_examples"] = g_history.examples
+    result["grain_global_batch_rows"] = g_history.global_batch_rows
+    g_ref = params_of(g_state)
+    g_multi = dict(np.load(wait_for(os.path.join(out, "params_grain_multi.npz"))))
+    result["grain_max_abs_diff_multi_vs_ref"] = max(
+        float(np.max(np.abs(g_multi[k] - g_ref[k]))) for k in g_ref
+    )
     print("RESULT:" + json.dumps(result), flush=True)
+
+
+def wait_for(path):
+    deadline = time.monotonic() + WAIT_SECONDS
+    while not os.path.exists(path):  # the 2-process run is still going
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the 2-process run wrote no {path} in {WAIT_SECONDS} s")
+        time.sleep(0.2)
+    return path
 
 
 if __name__ == "__main__":

@@ -111,6 +111,19 @@ def test_final_params_equal_single_process_run(runs):
     np.testing.assert_allclose(w0["eval"]["accuracy"], ref["eval"]["accuracy"], rtol=RTOL_LOSS)
 
 
+def test_grain_data_runs_equal_single_process_run(runs):
+    """GrainData under 2 processes: each keeps its rows of the same global batches."""
+    ref = runs["ref"]
+    for w in runs["workers"]:
+        assert len(w["grain_losses"]) == len(ref["grain_losses"]) == 4  # 8 steps, log every 2
+        np.testing.assert_allclose(w["grain_losses"], ref["grain_losses"], rtol=RTOL_LOSS)
+        assert w["grain_examples"] == ref["grain_examples"] == 8 * 64  # global, not local
+        # Each process contributes its 32 rows: the step sees a global batch of 64, not
+        # 128 (every process's full batch stacked: the same mean, twice the work).
+        assert w["grain_global_batch_rows"] == ref["grain_global_batch_rows"] == [64]
+    assert 0 <= ref["grain_max_abs_diff_multi_vs_ref"] <= ATOL_PARAMS
+
+
 def test_only_process_zero_prints_and_writes_logs(runs):
     w0, w1 = runs["workers"]
     assert w0["records_written"] > 0
