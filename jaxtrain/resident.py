@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxtrain import parallel
 from jaxtrain.data import MASK_KEY, ArrayDataset
 from jaxtrain.step import CompiledStep, LossFn, _build_step, _check_unroll, _finish
 
@@ -63,7 +64,8 @@ def make_device_epoch(
     one_step = _build_step(loss_fn, optimizer, learning_rate_fn, nonfinite, compiled, False)
     _check_unroll(unroll)
     n, bsz, steps = dataset.num_examples, dataset.batch_size, dataset.steps_per_epoch
-    batch_sharding = None if mesh is None else NamedSharding(mesh, PartitionSpec("data"))
+    # Split over every batch axis ("data", and "fsdp" on an FSDP mesh), as host-fed batches.
+    batch_sharding = None if mesh is None else parallel.batch_sharding(mesh)
 
     def run_epoch(state, arrays, epoch):
         compiled._count_trace()

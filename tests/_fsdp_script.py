@@ -83,6 +83,21 @@ def run(mesh, steps_per_call=None):
     }
 
 
+def device_epoch(mesh):
+    """One device-resident epoch (make_device_epoch) on ``mesh``: final params, traces."""
+    train, model, optimizer, state = setup()
+    data = jt.ArrayDataset(train, BATCH, seed=0)
+    fn = jt.make_device_epoch(jt.classification_loss(model), optimizer, data, mesh=mesh)
+    final, _ = jt.fit(state, fn, data, epochs=1, mesh=mesh, log_every=100, progress=False)
+    matches = all(
+        x.sharding.is_equivalent_to(want, x.ndim)
+        for x, want in zip(
+            jax.tree.leaves(final), jax.tree.leaves(jt.state_shardings(final, mesh)), strict=True
+        )
+    )
+    return host(final.params), fn.trace_count, matches
+
+
 def checkpoints(final_fsdp, mesh_fsdp, mesh_rep):
     _, _, _, target = setup()
     out = {}
@@ -124,6 +139,15 @@ def main():
     mixed = run(mesh_mixed)
     fused = run(mesh_mixed, steps_per_call=4)
     ckpt = checkpoints(fsdp["final_state"], mesh_fsdp, mesh_rep)
+    epoch_rep, _, _ = device_epoch(mesh_rep)
+    epoch_mixed, epoch_traces, epoch_layout = device_epoch(mesh_mixed)
+    epoch = {
+        "params_max_abs_diff": max(
+            float(np.max(np.abs(epoch_mixed[k] - v))) for k, v in epoch_rep.items()
+        ),
+        "trace_count": epoch_traces,
+        "final_matches_rule": epoch_layout,
+    }
     ref_params = host(rep["final_state"].params)
     for r in (fsdp, mixed, fused):
         got = host(r["final_state"].params)
@@ -151,6 +175,7 @@ def main():
         "mixed": mixed,
         "fused": fused,
         "checkpoint": ckpt,
+        "device_epoch": epoch,
         "errors": errors,
     }
     print("RESULT:" + json.dumps(result))

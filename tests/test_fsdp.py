@@ -61,6 +61,13 @@ def test_fsdp_losses_equal_replicated_run(result):
     assert 0 <= result["fused"]["params_max_abs_diff"] <= ATOL_PARAMS
 
 
+def test_device_resident_epoch_on_an_fsdp_mesh(result):
+    """make_device_epoch on data=2 x fsdp=4 equals it on the replicated data mesh."""
+    e = result["device_epoch"]
+    assert 0 <= e["params_max_abs_diff"] <= ATOL_PARAMS
+    assert e["trace_count"] == 1 and e["final_matches_rule"]
+
+
 def test_every_step_function_compiles_once(result):
     for name in ("replicated", "fsdp", "mixed", "fused"):
         assert result[name]["trace_count"] == 1, name
