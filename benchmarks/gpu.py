@@ -1,8 +1,9 @@
 """Transformer LM training on one GPU in bfloat16: jaxtrain next to PyTorch eager.
 
 jaxtrain's built-in `TransformerLM` trains with float32 parameters and Adam state and
-bfloat16 compute (the loss casts the parameters to bfloat16 inside the differentiated
-function, so activations are bfloat16 and gradients come back in float32). PyTorch
+bfloat16 compute through its mixed-precision policy (``precision="bfloat16"``: the step
+casts the parameters to bfloat16 inside the differentiated function, so activations are
+bfloat16 and gradients come back in float32). PyTorch
 eager trains an equivalent transformer (same dimensions, same parameter count:
 pre-LayerNorm blocks, ``nn.MultiheadAttention``, a 4x GELU MLP, learned positions) in
 float32 under ``torch.autocast(bfloat16)`` with Adam, on the same GPU and the same
@@ -72,17 +73,6 @@ SIZES: dict[str, dict[str, int]] = {
     ),
 }
 LEARNING_RATE = 3e-4
-
-
-def bf16_params(params):
-    """Floating parameters cast to bfloat16 (for the compute; the stored copy stays f32)."""
-    import jax
-    import jax.numpy as jnp
-
-    return jax.tree.map(
-        lambda a: a.astype(jnp.bfloat16) if jnp.issubdtype(a.dtype, jnp.floating) else a,
-        params,
-    )
 
 
 def count_params(tree) -> int:
@@ -223,15 +213,16 @@ def main(argv=None) -> dict[str, Any]:
     flops_6n_attn = flops_6n + 12.0 * cfg["layers"] * t * cfg["d_model"] * tokens_per_step
 
     def loss_fn(p, batch):
-        # float32 parameters in the state, bfloat16 compute: the cast is inside the
-        # differentiated function, so its transpose returns float32 gradients.
-        logits, _ = model.apply(bf16_params(p), {}, batch["x"], train=True)
+        logits, _ = model.apply(p, {}, batch["x"], train=True)
         return optax.softmax_cross_entropy_with_integer_labels(
             logits.astype(jnp.float32), batch["y"]
         ).mean()
 
     tx = optax.adam(LEARNING_RATE)
-    step = jt.make_train_step(loss_fn, tx)
+    # jaxtrain's own mixed-precision policy: float32 parameters and Adam state in the
+    # TrainState, the cast to bfloat16 inside the differentiated function (so gradients
+    # come back in float32); the token ids are integers and stay as they are.
+    step = jt.make_train_step(loss_fn, tx, precision="bfloat16")
     box = {"state": jt.TrainState.create(params, tx, 0)}
     t0 = time.perf_counter()
     # Compile once, ahead of time, and read XLA's FLOP count from that same executable.
