@@ -118,6 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="use the first N devices for data parallelism (default: all)",
     )
+    t.add_argument(
+        "--fsdp",
+        type=_positive_int,
+        default=d.fsdp,
+        metavar="N",
+        help="shard parameters and optimizer state over N of the devices (an 'fsdp' mesh "
+        "axis; the batch is split over all of them); N must divide the device count",
+    )
     t.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     t.add_argument(
         "--save-every",
@@ -291,6 +299,7 @@ def _train(args: argparse.Namespace) -> int:
         eval_every=args.eval_every,
         patience=args.patience,
         devices=args.devices,
+        fsdp=args.fsdp,
         progress=not args.no_progress,
         checkpoint=not args.no_checkpoint,
         save_every=args.save_every,

@@ -23,7 +23,14 @@ from jaxtrain.checkpoint import Checkpointer, state_digest
 from jaxtrain.logging import CsvWriter, JsonlWriter, TensorBoardWriter, read_jsonl
 from jaxtrain.loop import EarlyStopping, fit
 from jaxtrain.models import CNN, MLP, from_linen
-from jaxtrain.parallel import check_batch_size, data_mesh, process_rows, replicate, shard_batch
+from jaxtrain.parallel import (
+    check_batch_size,
+    data_mesh,
+    make_mesh,
+    process_rows,
+    shard_batch,
+    shard_state,
+)
 from jaxtrain.perf import perf_summary, step_flops, steps_per_second
 from jaxtrain.plots import plot_curves
 from jaxtrain.state import TrainState
@@ -65,6 +72,7 @@ class TrainConfig:
     eval_every: int | None = None
     patience: int | None = None
     devices: int | None = None
+    fsdp: int = 1  # shard params and optimizer state over this many devices (jaxtrain.make_mesh)
     progress: bool = True
     checkpoint: bool = True
     save_every: int | None = None
@@ -102,6 +110,7 @@ class TrainConfig:
             "log_every",
             "steps_per_call",
             "grad_accum_steps",
+            "fsdp",
         ):
             if not isinstance(getattr(self, f), int) or getattr(self, f) < 1:
                 raise bad(f, "an integer >= 1")
@@ -199,7 +208,14 @@ def run(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
             f"{jax.process_count()} processes and uses all their devices. Fix: drop --devices "
             "(or set the devices each process sees, e.g. CUDA_VISIBLE_DEVICES)."
         )
-    mesh = data_mesh(jax.devices()[: cfg.devices] if cfg.devices else None)
+    devices = jax.devices()[: cfg.devices] if cfg.devices else jax.devices()
+    if len(devices) % cfg.fsdp:
+        raise ValueError(
+            f"fsdp: --fsdp {cfg.fsdp} must divide the {len(devices)} device(s) the run uses. "
+            f"Fix: pick a divisor of {len(devices)} (1 turns parameter sharding off)."
+        )
+    # A ("data", "fsdp") mesh: with fsdp > 1 the state is split by jaxtrain.state_shardings.
+    mesh = make_mesh(fsdp=cfg.fsdp, devices=devices) if cfg.fsdp > 1 else data_mesh(devices)
     check_batch_size(cfg.batch_size, mesh)
     check_batch_size(cfg.eval_batch_size, mesh)
     # With several processes (jaxtrain.distributed) every process trains and writes the
@@ -263,7 +279,7 @@ def run(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         one_step = make_train_step(loss_fn, optimizer, **step_kwargs)
     flops = step_flops(
         one_step,
-        replicate(state, mesh),
+        shard_state(state, mesh),
         shard_batch(next(iter(train_ds.batches(0, rows=process_rows(mesh, cfg.batch_size)))), mesh),
     )
 

@@ -98,6 +98,36 @@ def device_epoch(mesh):
     return host(final.params), fn.trace_count, matches
 
 
+def train_command():
+    """`jaxtrain train --fsdp 4` (via job.run) next to the same run without sharding."""
+    from jaxtrain import job
+
+    out = {}
+    with tempfile.TemporaryDirectory() as d:
+        for n in (1, 4):
+            cfg = job.TrainConfig(
+                model="mlp",
+                epochs=1,
+                fsdp=n,
+                out=f"{d}/{n}",
+                progress=False,
+                checkpoint=False,
+            )
+            summary = job.run(cfg)
+            out[str(n)] = {
+                "test": summary["test"],
+                "train_loss": summary["train"]["loss"],
+                "steps": summary["steps"],
+                "compilations": summary["train_step_compilations"],
+            }
+        try:
+            job.run(job.TrainConfig(model="mlp", epochs=1, fsdp=3, out=f"{d}/3"))
+            out["error"] = None
+        except ValueError as e:
+            out["error"] = str(e)
+    return out
+
+
 def checkpoints(final_fsdp, mesh_fsdp, mesh_rep):
     _, _, _, target = setup()
     out = {}
@@ -176,6 +206,7 @@ def main():
         "fused": fused,
         "checkpoint": ckpt,
         "device_epoch": epoch,
+        "train_command": train_command(),
         "errors": errors,
     }
     print("RESULT:" + json.dumps(result))

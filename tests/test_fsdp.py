@@ -68,6 +68,18 @@ def test_device_resident_epoch_on_an_fsdp_mesh(result):
     assert e["trace_count"] == 1 and e["final_matches_rule"]
 
 
+def test_train_command_with_fsdp(result):
+    """`jaxtrain train --fsdp 4` on 8 devices trains like the unsharded run."""
+    t = result["train_command"]
+    one, four = t["1"], t["4"]
+    assert one["steps"] == four["steps"] == 23  # 1437 examples, batch 64 (default)
+    assert four["compilations"] == 1
+    assert four["train_loss"] == pytest.approx(one["train_loss"], rel=RTOL_LOSS)
+    assert four["test"]["loss"] == pytest.approx(one["test"]["loss"], rel=RTOL_LOSS)
+    assert four["test"]["accuracy"] == one["test"]["accuracy"]
+    assert "--fsdp 3 must divide the 8 device(s)" in t["error"] and "Fix:" in t["error"]
+
+
 def test_every_step_function_compiles_once(result):
     for name in ("replicated", "fsdp", "mixed", "fused"):
         assert result[name]["trace_count"] == 1, name
