@@ -61,6 +61,10 @@ class CompiledStep:
         self.nonfinite_names: list[str] = []
         # K for steps built by make_train_steps (fit then feeds [K, B, ...] groups).
         self.steps_per_call: int | None = None
+        # The mesh the compiled step keeps its state on (set by _finish), and whether a
+        # state has been placed there yet.
+        self.mesh: Mesh | None = None
+        self._placed = False
 
     @property
     def trace_count(self) -> int:
@@ -78,6 +82,15 @@ class CompiledStep:
         return self.jitted.lower(*args)
 
     def __call__(self, *args):
+        if self.mesh is not None and not self._placed:
+            # The first state usually comes straight from TrainState.create, on one
+            # device; the step returns it on the mesh. Placing it first gives every call
+            # the same input layout: one compilation, not two. Later calls pass the
+            # step's own output, already placed, and skip this.
+            from jaxtrain.parallel import shard_state
+
+            args = (shard_state(args[0], self.mesh), *args[1:])
+            self._placed = True
         return self.jitted(*args)
 
 
@@ -553,6 +566,7 @@ def _finish(
     if not jit:
         compiled.jitted = fn
         return compiled
+    compiled.mesh = mesh
     out = _replicated(mesh)
     if mesh is not None and fsdp_size(mesh) > 1:
 

@@ -464,3 +464,21 @@ def test_eval_fn_not_returning_dict_raises_type_error():
     msg = str(exc.value)
     assert "dict of per-example metric values" in msg
     assert "Fix: return {'accuracy': correct}" in msg
+
+
+@pytest.mark.parametrize("donate", [True, False])
+def test_step_on_a_mesh_compiles_once_for_an_unplaced_state(donate):
+    """A state straight from TrainState.create (one device, uncommitted) and the step's
+    own output (on the mesh) have different layouts; the step places the first state
+    itself, so a hand-written loop compiles once."""
+    opt = optax.sgd(0.1)
+    mesh = jt.data_mesh()
+    step = jt.make_train_step(
+        lambda p, b: jnp.mean((b["x"] @ p["w"]) ** 2), opt, mesh=mesh, donate=donate
+    )
+    state = jt.TrainState.create({"w": jnp.ones(3)}, opt, 0)
+    batch = jt.shard_batch({"x": np.ones((4, 3), np.float32)}, mesh)
+    for _ in range(3):
+        state, metrics = step(state, batch)
+    assert step.trace_count == 1
+    assert int(state.step) == 3 and np.isfinite(float(metrics["loss"]))
