@@ -1,14 +1,11 @@
 """Parameter sharding (FSDP) on 8 virtual CPU devices, in a subprocess (the device count
 is fixed when JAX starts). See tests/_fsdp_script.py for what the subprocess does."""
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from _subprocess import run_script
 
 import jaxtrain as jt
 
@@ -26,21 +23,7 @@ ATOL_PARAMS = 1e-5
 
 @pytest.fixture(scope="module")
 def result():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-    env["JAX_PLATFORMS"] = "cpu"
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert proc.returncode == 0, f"script failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT:")]
-    assert len(lines) == 1, proc.stdout[-4000:]
-    return json.loads(lines[0][len("RESULT:") :])
+    return run_script(SCRIPT, devices=8, timeout=300)
 
 
 def test_meshes(result):

@@ -1,8 +1,6 @@
 """Two real processes on 127.0.0.1 (CPU, gloo collectives, 2 virtual devices each) train
 the same run as one process with 4 devices. See tests/_multihost_script.py."""
 
-import json
-import os
 import socket
 import subprocess
 import sys
@@ -10,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _subprocess import device_env, parse_result
 
 SCRIPT = Path(__file__).with_name("_multihost_script.py")
 TIMEOUT = 180  # seconds per phase; a hung collective must fail the test, not hang CI
@@ -30,27 +29,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _env(devices: int) -> dict:
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    env["JAX_PLATFORMS"] = "cpu"
-    for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
-        env.pop(k, None)
-    return env
-
-
-def _result(out: str) -> dict:
-    lines = [line for line in out.splitlines() if line.startswith("RESULT:")]
-    assert len(lines) == 1, out[-4000:]
-    return json.loads(lines[0][len("RESULT:") :])
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("multihost")
     port = _free_port()
-    commands = [(["worker", str(port), str(pid), str(out)], _env(2)) for pid in (0, 1)] + [
-        (["reference", str(out)], _env(4))
+    commands = [(["worker", str(port), str(pid), str(out)], device_env(2)) for pid in (0, 1)] + [
+        (["reference", str(out)], device_env(4))
     ]  # runs alongside; waits for the workers' files
     procs = [
         subprocess.Popen(
@@ -76,7 +60,7 @@ def runs(tmp_path_factory):
         ("worker 0", "worker 1", "reference"), outputs, strict=True
     ):
         assert rc == 0, f"{name} failed:\n{stdout[-3000:]}\n{stderr[-3000:]}"
-    results = [_result(stdout) for _, stdout, _ in outputs]
+    results = [parse_result(stdout) for _, stdout, _ in outputs]
     return {"workers": results[:2], "stderr": [e for _, _, e in outputs[:2]], "ref": results[2]}
 
 
