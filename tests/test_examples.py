@@ -8,6 +8,10 @@ from pathlib import Path
 
 import pytest
 
+# One xdist group (pytest --dist loadgroup): the module fixture runs once, on one worker.
+pytestmark = pytest.mark.xdist_group("test_examples")
+
+
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 300
 

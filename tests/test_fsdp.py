@@ -9,6 +9,10 @@ from _subprocess import run_script
 
 import jaxtrain as jt
 
+# One xdist group (pytest --dist loadgroup): the module fixture runs once, on one worker.
+pytestmark = pytest.mark.xdist_group("test_fsdp")
+
+
 SCRIPT = Path(__file__).with_name("_fsdp_script.py")
 
 # FSDP runs the same mathematics as the replicated run, but XLA sums the gradient in

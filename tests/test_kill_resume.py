@@ -10,6 +10,10 @@ import time
 
 import pytest
 
+# One xdist group (pytest --dist loadgroup): the module fixture runs once, on one worker.
+pytestmark = pytest.mark.xdist_group("test_kill_resume")
+
+
 ARGS = [
     "--model",
     "mlp",

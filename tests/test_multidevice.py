@@ -7,6 +7,10 @@ import numpy as np
 import pytest
 from _subprocess import run_script
 
+# One xdist group (pytest --dist loadgroup): the module fixture runs once, on one worker.
+pytestmark = pytest.mark.xdist_group("test_multidevice")
+
+
 SCRIPT = Path(__file__).with_name("_multidevice_script.py")
 
 # The 8-device and 1-device runs compute the same mathematics, but the gradient is a sum

@@ -10,6 +10,10 @@ import numpy as np
 import pytest
 from _subprocess import device_env, parse_result
 
+# One xdist group (pytest --dist loadgroup): the module fixture runs once, on one worker.
+pytestmark = pytest.mark.xdist_group("test_multihost")
+
+
 SCRIPT = Path(__file__).with_name("_multihost_script.py")
 TIMEOUT = 180  # seconds per phase; a hung collective must fail the test, not hang CI
 

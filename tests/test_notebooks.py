@@ -33,18 +33,28 @@ def _install_kernel_spec(root: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def executed(tmp_path_factory):
-    """Each notebook executed once with JAXTRAIN_SMALL=1: ``{name: executed notebook}``.
-
-    A probe cell, added in memory only, records which interpreter the kernel runs.
-    """
+def kernel_root(tmp_path_factory):
+    """A JUPYTER_PATH whose 'python3' kernel is this interpreter (see _install_kernel_spec)."""
     root = tmp_path_factory.mktemp("jupyter")
     _install_kernel_spec(root)
-    out = {}
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("JUPYTER_PATH", str(root))
-        mp.setenv("JAXTRAIN_SMALL", "1")
-        for path in NOTEBOOKS:
+    return root
+
+
+_EXECUTED: dict = {}  # notebook name -> executed notebook, per test process
+
+
+@pytest.fixture
+def executed(kernel_root):
+    """``executed(name)``: the notebook run once with JAXTRAIN_SMALL=1 (cached per process).
+
+    A probe cell, added in memory only, records which interpreter the kernel runs. Tests
+    of one notebook share an xdist group (``--dist loadgroup``), so each notebook runs
+    once, and different notebooks run on different workers at the same time.
+    """
+
+    def run(name: str):
+        if name not in _EXECUTED:
+            path = next(p for p in NOTEBOOKS if p.name == name)
             nb = nbformat.read(path, as_version=4)
             nb.cells.insert(0, nbformat.v4.new_code_cell(PROBE))
             client = NotebookClient(
@@ -54,9 +64,19 @@ def executed(tmp_path_factory):
                 startup_timeout=120,
                 resources={"metadata": {"path": str(path.parent)}},
             )
-            client.execute()  # raises CellExecutionError, with the traceback, on any error
-            out[path.name] = nb
-    return out
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setenv("JUPYTER_PATH", str(kernel_root))
+                mp.setenv("JAXTRAIN_SMALL", "1")
+                client.execute()  # raises CellExecutionError, with the traceback, on any error
+            _EXECUTED[name] = nb
+        return _EXECUTED[name]
+
+    return run
+
+
+def _grouped(paths):
+    """One xdist group per notebook: its tests share one execution."""
+    return [pytest.param(p, marks=pytest.mark.xdist_group(p.name), id=p.name) for p in paths]
 
 
 def _text(cell) -> str:
@@ -80,9 +100,9 @@ def test_notebook_is_committed_stripped(path):
     assert not dirty, f"{path.name}: strip outputs before committing (code cells {dirty})"
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", _grouped(NOTEBOOKS))
 def test_notebook_runs_in_this_python(path, executed):
-    nb = executed[path.name]
+    nb = executed(path.name)
     probe, *code = [c for c in nb.cells if c.cell_type == "code"]
     assert _text(probe).strip() == sys.executable
     assert not [o for c in code for o in c.outputs if o.output_type == "error"]
@@ -90,8 +110,9 @@ def test_notebook_runs_in_this_python(path, executed):
     assert any(c.outputs for c in code)
 
 
+@pytest.mark.xdist_group("01_quickstart.ipynb")
 def test_quickstart_trains_and_reports(executed):
-    cells = executed["01_quickstart.ipynb"].cells
+    cells = executed("01_quickstart.ipynb").cells
     text = "".join(_text(c) for c in cells if c.cell_type == "code")
     assert "compilations so far: 1" in text
     assert "train compilations: 1" in text  # the manual step and fit share one compilation
