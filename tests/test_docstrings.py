@@ -139,8 +139,7 @@ def test_docstring_examples_run(name, tmp_path, monkeypatch):
     module = inspect.getmodule(obj)
     tests = finder.find(obj, name, module=module, globs=dict(vars(module)))
     tests = [t for t in tests if t.examples]
-    if not tests:
-        pytest.skip(f"{name} has no doctest (test_every_public_name_has_an_example says so)")
+    assert tests, f"{name} has no doctest: add an Example: section with >>> lines"
     output: list[str] = []
     runner = doctest.DocTestRunner(optionflags=FLAGS, verbose=False)
     failed = attempted = 0
