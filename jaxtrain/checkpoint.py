@@ -4,12 +4,19 @@ A checkpoint step folder holds two orbax items:
 
 * ``state``: the `TrainState` arrays (orbax's array format, no pickle anywhere);
 * ``meta``: JSON — data position, run configuration, metrics history, loop counters,
-  library versions, and a SHA-256 of every array of the state.
+  library versions, a SHA-256 of every array of the state, and a SHA-256 of the
+  metadata itself (``meta_sha256``, over its canonical JSON without that field).
 
-Restoring checks the saved array metadata against the expected state (leaf paths,
-shapes, dtypes) *before* reading any data, and checks the SHA-256 *after*, so a
-checkpoint of another model, a truncated file or flipped bytes is an error naming the
-checkpoint step and the problem, never a silent load of wrong values.
+Restoring checks the metadata's digest and that the step recorded inside it is the step
+folder's name, checks the saved array metadata against the expected state (leaf paths,
+shapes, dtypes) *before* reading any data, and checks the arrays' SHA-256 *after*, so a
+checkpoint of another model, a truncated file, flipped bytes in the arrays or the
+metadata, or a renamed step folder is an error naming the checkpoint step and the
+problem, never a silent load of wrong values. The digests protect against accidental
+damage, not deliberate edits: anyone can recompute them.
+
+Saving never fails silently: a step at or below one already saved (or being saved) is
+an error unless ``overwrite=True`` replaces the newer checkpoints explicitly.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import logging
+import math
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -32,8 +39,8 @@ from jax.sharding import Mesh
 from jaxtrain.parallel import state_shardings
 from jaxtrain.versions import versions
 
-FORMAT_VERSION = 1
-_log = logging.getLogger(__name__)
+FORMAT_VERSION = 2  # 2: the metadata carries meta_sha256
+READABLE_FORMATS = (1, 2)  # 1: written before meta_sha256 (not verified)
 
 
 class CheckpointError(ValueError):
@@ -106,6 +113,59 @@ def state_digest(host_state: Any) -> str:
         h.update(f"{a.dtype.str}{a.shape}".encode())
         h.update(a.tobytes())
     return h.hexdigest()
+
+
+def meta_digest(meta: Mapping[str, Any]) -> str:
+    """SHA-256 of the canonical JSON (sorted keys) of ``meta`` without ``meta_sha256``."""
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+_FLOAT_TAG = "$float"  # strict JSON has no NaN/Infinity: {"$float": "nan"} stands for one
+
+
+def _encode_nonfinite(x: Any) -> Any:
+    """``x`` with every non-finite float replaced by ``{"$float": "nan" | "inf" | "-inf"}``.
+
+    The metadata stays strict JSON (a NaN metric of a diverging run would otherwise be
+    written as a bare ``NaN`` token, which strict parsers reject), and
+    `_decode_nonfinite` gives the exact float back, so a resumed run folds a NaN pending
+    metric into its next record as the uninterrupted run does.
+    """
+    if isinstance(x, float) and not math.isfinite(x):
+        return {_FLOAT_TAG: "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")}
+    if isinstance(x, dict):
+        return {k: _encode_nonfinite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_encode_nonfinite(v) for v in x]
+    return x
+
+
+def _decode_nonfinite(x: Any) -> Any:
+    """The inverse of `_encode_nonfinite`."""
+    if isinstance(x, dict):
+        if len(x) == 1 and x.get(_FLOAT_TAG) in ("nan", "inf", "-inf"):
+            return float(x[_FLOAT_TAG])
+        return {k: _decode_nonfinite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_decode_nonfinite(v) for v in x]
+    return x
+
+
+def _check_step(step: Any) -> int:
+    """The step as a Python int; ValueError for bools, non-integers and negatives."""
+    if isinstance(step, (bool, np.bool_)) or not isinstance(step, (int, np.integer)):
+        raise ValueError(
+            f"checkpoint step must be a non-negative integer; got {step!r} "
+            f"({type(step).__name__}). Fix: pass the training step, e.g. int(state.step)."
+        )
+    if step < 0:
+        raise ValueError(
+            f"checkpoint step must be a non-negative integer; got {int(step)}. "
+            "Fix: pass the training step, e.g. int(state.step)."
+        )
+    return int(step)
 
 
 def _abstract(target: Any, mesh: Mesh | None) -> Any:
@@ -197,6 +257,7 @@ class Checkpointer:
         )
         self.best_metric = best_metric
         self.best_mode = best_mode
+        self._started: set[int] = set()  # steps this object saved (in flight or committed)
         # Handlers named up front, so a fresh process can read metadata before any save.
         self._manager = ocp.CheckpointManager(
             self.directory,
@@ -216,6 +277,7 @@ class Checkpointer:
         *,
         meta: Mapping[str, Any] | None = None,
         eval_metrics: Mapping[str, float] | None = None,
+        overwrite: bool = False,
     ) -> bool:
         """Starts saving ``state`` (and JSON ``meta``) as checkpoint ``step``.
 
@@ -224,20 +286,44 @@ class Checkpointer:
         written (orbax writes to a temporary folder and renames it on commit).
 
         Args:
-            step: the training step (the folder name).
+            step: the training step (the folder name): a non-negative integer above
+                every step already saved or being saved.
             state: the `TrainState` (any pytree of arrays).
             meta: JSON-serialisable extras (position, config, history, ...).
             eval_metrics: metrics used to rank checkpoints for ``best_metric``.
+            overwrite: first delete every checkpoint at ``step`` or newer (waiting for
+                pending saves), then save: an explicit rewind. Without it such a step
+                is an error.
 
         Returns:
-            Whether a save was started (False if ``step`` is already saved).
+            True: the save started (every other outcome raises).
+
+        Raises:
+            ValueError: ``step`` is a bool, not an integer, negative, or at or below a
+                step already saved or being saved (without ``overwrite``).
+            CheckpointError: orbax declined to save (the message names the step).
         """
-        if step in self._manager.all_steps():
-            return False
+        step = _check_step(step)
+        existing = sorted(set(self._manager.all_steps()) | self._started)
+        newer = [s for s in existing if s >= step]
+        if newer and not overwrite:
+            raise ValueError(
+                f"cannot save checkpoint step {step} in {self.directory}: step(s) {newer} "
+                f"are already saved or being saved there (newest {existing[-1]}), and "
+                "checkpoint steps must grow. Fix: save a later step, use another directory "
+                "(e.g. a new --out), or pass overwrite=True to delete the newer steps first."
+            )
+        if newer:
+            self._manager.wait_until_finished()
+            self._manager.reload()
+            for s in sorted(self._manager.all_steps()):
+                if s >= step:
+                    self._manager.delete(s)
+            self._started = {s for s in self._started if s < step}
         host = _to_host(state)
         full_meta = {
             "format": FORMAT_VERSION,
-            "step": int(step),
+            "step": step,
             "state_sha256": state_digest(host),
             **_versions(),
             "eval_metrics": dict(eval_metrics) if eval_metrics else None,
@@ -246,17 +332,47 @@ class Checkpointer:
         # A snapshot, taken now: the write happens in the background, and the caller's
         # lists (e.g. the metrics history) keep growing meanwhile. Also fails here, in the
         # caller, if meta is not JSON-ready.
-        full_meta = json.loads(json.dumps(full_meta))
+        full_meta = _encode_nonfinite(json.loads(json.dumps(full_meta)))
+        full_meta["meta_sha256"] = meta_digest(full_meta)
         metrics = None
         if self.best_metric is not None and eval_metrics and self.best_metric in eval_metrics:
             metrics = {self.best_metric: float(eval_metrics[self.best_metric])}
-        return self._manager.save(
-            int(step),
+        started = self._manager.save(
+            step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(host), meta=ocp.args.JsonSave(full_meta)
             ),
             metrics=metrics,
         )
+        if not started:  # orbax's silent "no": never pass it on as a return value
+            raise CheckpointError(
+                f"orbax did not save checkpoint step {step} in {self.directory} (its steps: "
+                f"{sorted(self._manager.all_steps())}). Fix: save a later step, or use "
+                "another directory."
+            )
+        self._started.add(step)
+        return True
+
+    def set_aside(self, step: int) -> str:
+        """Moves checkpoint ``step`` out of the directory (into ``DIRECTORY-damaged``).
+
+        For a damaged step passed over by ``restore(fallback=True)``: a resumed run saves
+        that step number again, which needs the folder gone; moving (not deleting)
+        keeps the evidence. Returns the new path.
+        """
+        step = _check_step(step)
+        self._manager.wait_until_finished()
+        dest_root = self.directory + "-damaged"
+        os.makedirs(dest_root, exist_ok=True)
+        dest = os.path.join(dest_root, str(step))
+        n = 1
+        while os.path.lexists(dest):
+            dest = os.path.join(dest_root, f"{step}.{n}")
+            n += 1
+        os.replace(os.path.join(self.directory, str(step)), dest)
+        self._manager.reload()
+        self._started.discard(step)
+        return dest
 
     def wait(self) -> None:
         """Blocks until every started save is committed; raises its error if one failed."""
@@ -317,12 +433,23 @@ class Checkpointer:
                 f"checkpoint step {step} in {self.directory}: its metadata {path} is not "
                 f"valid JSON ({type(e).__name__}: {e}); the checkpoint is corrupt."
             ) from None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
+        if not isinstance(meta, dict) or meta.get("format") not in READABLE_FORMATS:
             raise CheckpointError(
                 f"checkpoint step {step} in {self.directory}: metadata has no jaxtrain "
                 f"format {FORMAT_VERSION} marker (got format={_get(meta, 'format')!r})."
             )
-        return meta
+        if meta["format"] >= 2 and meta.get("meta_sha256") != meta_digest(meta):
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.directory}: its metadata {path} does not "
+                "match the SHA-256 saved with it; the file was changed or damaged after saving."
+            )
+        if meta.get("step") != step:
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.directory}: the folder is named {step} but "
+                f"holds the checkpoint of step {meta.get('step')!r} (renamed or copied?). "
+                f"Fix: rename it back to {meta.get('step')!r}, or remove it."
+            )
+        return _decode_nonfinite(meta)
 
     def _check_layout(self, step: int, target: Any) -> None:
         """Compares saved leaf names/shapes/dtypes with the target before reading data."""
@@ -448,8 +575,7 @@ class Checkpointer:
                     f"{sorted(problems, reverse=True)}, which could not be restored: "
                     + " | ".join(problems.values())
                 )
-                warnings.warn(msg, RuntimeWarning, stacklevel=2)
-                _log.warning(msg)
+                warnings.warn(msg, RuntimeWarning, stacklevel=2)  # (once: not also logged)
             restored.skipped = problems
             return restored
         raise CheckpointError(

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import math
+import os
 import sys
+import warnings
 from collections.abc import Sequence
 
+from jaxtrain._argtypes import field_list as _field_list
 from jaxtrain._argtypes import nonneg_float as _nonneg_float
 from jaxtrain._argtypes import positive_float as _positive_float
 from jaxtrain._argtypes import positive_int as _positive_int
+from jaxtrain._argtypes import seed as _seed
 from jaxtrain.contrast.cli import COMMAND as COMPARE
 from jaxtrain.contrast.cli import add_compare_parser, run_compare
 from jaxtrain.doctor import COMMAND as DOCTOR
@@ -20,11 +26,11 @@ from jaxtrain.plots import add_plot_parser, run_plot
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, with errors that say where the full list of options is."""
+    """argparse, with one-line errors that say where the full list of options is."""
 
     def error(self, message: str):  # type: ignore[override]
-        self.print_usage(sys.stderr)
-        self.exit(2, f"{self.prog}: error: {message}\nSee '{self.prog} --help' for every option.\n")
+        # One line, as every user error of the CLI (the usage is what --help is for).
+        self.exit(2, f"{self.prog}: error: {message}. See '{self.prog} --help' for every option.\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,8 +98,24 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.eval_batch_size,
         help="evaluation batch size (the last batch is padded and masked)",
     )
-    t.add_argument("--seed", type=int, default=d.seed, help="seed of init, shuffling and dropout")
-    t.add_argument("--out", default=d.out, help="output directory")
+    t.add_argument(
+        "--seed",
+        type=_seed,
+        default=d.seed,
+        help="seed of init, shuffling and dropout (0..2**32-1)",
+    )
+    t.add_argument(
+        "--split-seed",
+        type=_seed,
+        default=d.split_seed,
+        help="seed of the stratified 80/20 train/test split (0..2**32-1)",
+    )
+    t.add_argument(
+        "--out",
+        default=d.out,
+        help="output directory; a folder that already holds a run is refused (see --resume, "
+        "--auto-resume, --overwrite); a symlink is followed",
+    )
     t.add_argument(
         "--log-every",
         type=_positive_int,
@@ -175,15 +197,41 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--nonfinite",
         choices=("skip", "raise", "off"),
-        default="off",
-        help="non-finite loss/gradient guard: skip the update, stop with an error, or off",
+        default="raise" if d.nonfinite is None else d.nonfinite,
+        help="non-finite loss/gradient guard: stop with an error (exit 1) naming the step, "
+        "skip the update (the run then ends with exit 1 and the count of skipped steps), or "
+        "off (a diverged run still ends with exit 1)",
     )
     t.add_argument(
         "--resume",
         metavar="OUT",
+        nargs="?",
+        const="",
         default=None,
-        help="continue the run in folder OUT from its newest checkpoint, with the "
-        "configuration it was started with (other options are not allowed)",
+        help="continue the run in --out (or in folder OUT) from its newest checkpoint that "
+        "restores cleanly, with its saved configuration: options left out keep their saved "
+        "values; options that change the results must match them (see --allow-change)",
+    )
+    t.add_argument(
+        "--auto-resume",
+        action="store_true",
+        help="resume the run in --out if it has a checkpoint, start a new one if the folder "
+        "holds no run (for preemptible jobs: the same command every time)",
+    )
+    t.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh even if --out holds a run: first delete its files (config.json, "
+        "checkpoints, metrics, summary, curves, tensorboard; nothing else) and list them",
+    )
+    t.add_argument(
+        "--allow-change",
+        type=_field_list,
+        default=None,
+        metavar="FIELDS",
+        help="with --resume: change these result-changing settings of the saved run "
+        "(comma-separated, e.g. lr,epochs; exactly those that differ); recorded in "
+        "config.json, the checkpoints and summary.json",
     )
     dist = t.add_argument_group(
         "multi-process (several machines, or a TPU pod slice)",
@@ -214,8 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     if args.command == "train":
+        args.given = _given(argv)
         return _train(args)
     if args.command == COMPARE:
         return run_compare(args)
@@ -226,15 +276,48 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2  # pragma: no cover - argparse rejects unknown commands first
 
 
-_RESUME_ALLOWED = {
+_UNSET = object()
+
+
+def _given(argv: Sequence[str]) -> set[str]:
+    """The ``train`` options given on the command line (not left at their defaults)."""
+    parser = build_parser()
+    train = parser._subparsers._group_actions[0].choices["train"]
+    for action in train._actions:
+        action.default = _UNSET
+    return {k for k, v in vars(parser.parse_args(argv)).items() if v is not _UNSET}
+
+
+# Options that are not TrainConfig fields: what to do, not what to train.
+_NOT_CONFIG = {
     "command",
     "resume",
-    "no_progress",
+    "auto_resume",
+    "overwrite",
+    "allow_change",
     "coordinator_address",
     "num_processes",
     "process_id",
     "distributed",
+    "given",
 }
+
+
+def _config_values(args: argparse.Namespace, only: set[str] | None = None) -> dict:
+    """TrainConfig fields from the parsed options (``only``: from these options alone)."""
+    values = {}
+    for dest, v in vars(args).items():
+        if dest in _NOT_CONFIG or (only is not None and dest not in only):
+            continue
+        if dest == "no_progress":
+            values["progress"] = not v
+        elif dest == "no_checkpoint":
+            values["checkpoint"] = not v
+        elif dest == "nonfinite":
+            values["nonfinite"] = None if v == "off" else v
+        else:
+            values[dest] = v
+    return values
 
 
 def _start_distributed(args: argparse.Namespace) -> bool:
@@ -252,72 +335,92 @@ def _start_distributed(args: argparse.Namespace) -> bool:
     return True
 
 
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+@contextlib.contextmanager
+def _warnings_as_lines():
+    """Warnings printed as one line each, ``jaxtrain train: warning: ...``."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"jaxtrain train: warning: {_one_line(message)}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
+
+
 def _train(args: argparse.Namespace) -> int:
+    """``jaxtrain train``: 0 done; 1 the run failed (diverged); 2 a user error; 143 SIGTERM."""
     from jaxtrain import job
+    from jaxtrain.loop import Preempted
 
     if not _start_distributed(args):  # first: before anything starts a JAX backend
         return 2
-
-    if args.resume is not None:
-        defaults = vars(build_parser().parse_args(["train"]))
-        changed = sorted(
-            "--" + k.replace("_", "-")
-            for k, v in vars(args).items()
-            if k not in _RESUME_ALLOWED and v != defaults.get(k)
-        )
-        if changed:
-            print(
-                f"jaxtrain train: error: --resume continues the saved configuration of "
-                f"{args.resume}; remove {', '.join(changed)} (or start a new run with --out).",
-                file=sys.stderr,
-            )
-            return 2
-        try:
-            cfg = job.load_config(args.resume)
-            cfg = dataclasses.replace(cfg, out=args.resume, progress=not args.no_progress)
-            summary = job.run(cfg, resume=True)
-        except ValueError as e:
-            print(f"jaxtrain train: error: {e}", file=sys.stderr)
-            return 2
-        return _report(cfg, summary)
-
-    cfg = TrainConfig(
-        model=args.model,
-        optimizer=args.optimizer,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        schedule=args.schedule,
-        warmup_epochs=args.warmup_epochs,
-        label_smoothing=args.label_smoothing,
-        epochs=args.epochs,
-        max_steps=args.max_steps,
-        batch_size=args.batch_size,
-        eval_batch_size=args.eval_batch_size,
-        seed=args.seed,
-        out=args.out,
-        log_every=args.log_every,
-        eval_every=args.eval_every,
-        patience=args.patience,
-        devices=args.devices,
-        fsdp=args.fsdp,
-        progress=not args.no_progress,
-        checkpoint=not args.no_checkpoint,
-        save_every=args.save_every,
-        keep=args.keep,
-        nonfinite=None if args.nonfinite == "off" else args.nonfinite,
-        steps_per_call=args.steps_per_call,
-        unroll=args.unroll,
-        grad_accum_steps=args.grad_accum_steps,
-        precision=args.precision,
-        tensorboard=args.tensorboard,
-        csv=args.csv,
-    )
+    cfg = None
     try:
-        summary = job.run(cfg)
-    except ValueError as e:
-        print(f"jaxtrain train: error: {e}", file=sys.stderr)
+        with _warnings_as_lines():
+            cfg, resume = _train_config(args)
+            summary = job.run(
+                cfg,
+                resume=resume,
+                overwrite=args.overwrite,
+                allow_change=args.allow_change or (),
+            )
+    except Preempted as e:
+        out = cfg.out if cfg is not None else args.out
+        print(
+            f"jaxtrain train: {e}; continue with: jaxtrain train --resume {out}",
+            file=sys.stderr,
+        )
+        return 143  # 128 + SIGTERM, what the shell reports for a process it ended
+    except FloatingPointError as e:  # the non-finite guard: the run diverged
+        print(f"jaxtrain train: error: the run diverged: {_one_line(e)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(
+            "jaxtrain train: interrupted (pending checkpoint saves were committed)", file=sys.stderr
+        )
+        return 130
+    except (ValueError, OSError) as e:  # CheckpointError and RunLockError are ValueErrors
+        print(f"jaxtrain train: error: {_one_line(e)}", file=sys.stderr)
         return 2
     return _report(cfg, summary)
+
+
+def _train_config(args: argparse.Namespace) -> tuple[TrainConfig, bool | str]:
+    """The run's configuration and resume mode from the options (ValueError if they clash)."""
+    from jaxtrain import job, run_folder
+
+    given = args.given
+    if args.resume is not None and args.auto_resume:
+        raise ValueError("--resume and --auto-resume: pick one (--auto-resume also resumes).")
+    if args.overwrite and (args.resume is not None or args.auto_resume):
+        raise ValueError(
+            "--overwrite deletes the run in --out to start afresh; it cannot be combined with "
+            "--resume or --auto-resume. Fix: drop one of them."
+        )
+    if args.allow_change and args.resume is None and not args.auto_resume:
+        raise ValueError("--allow-change changes a resumed run. Fix: add --resume, or drop it.")
+    out = args.out
+    if args.resume:  # --resume OUT
+        if "out" in given and os.path.abspath(args.out) != os.path.abspath(args.resume):
+            raise ValueError(
+                f"--resume {args.resume} and --out {args.out} name different folders. "
+                "Fix: give the run folder once (--out OUT --resume, or --resume OUT)."
+            )
+        out = args.resume
+    resume: bool | str = "auto" if args.auto_resume else args.resume is not None
+    # Resuming: the saved configuration, with the options given on this command line
+    # on top (job.run refuses those that change the results, unless --allow-change);
+    # the progress bar follows this command.
+    if resume is True or (resume == "auto" and os.path.exists(os.path.join(out, job.CONFIG_FILE))):
+        run_folder.check_out_folder(out)  # a file or broken link named first, not "no config"
+        saved = job.load_config(out)
+        overrides = _config_values(args, only=given | {"no_progress"})
+        return dataclasses.replace(saved, **{**overrides, "out": out}), resume
+    return TrainConfig(**{**_config_values(args), "out": out}), resume
 
 
 def _report(cfg: TrainConfig, summary: dict) -> int:
@@ -326,6 +429,7 @@ def _report(cfg: TrainConfig, summary: dict) -> int:
     if jax.process_index() != 0:  # one report per run, from process 0
         return 0
     acc = summary["test_accuracy"]
+    loss = summary["train"].get("loss")
     print(
         f"wrote {cfg.out}/metrics.jsonl, {cfg.out}/summary.json, {cfg.out}/curves.png "
         f"({summary['steps']} steps, {summary['wall_seconds']:.1f} s, "
@@ -341,6 +445,26 @@ def _report(cfg: TrainConfig, summary: dict) -> int:
         )
     verdict = "reached" if acc >= TARGET_ACCURACY else "NOT reached"
     print(f"test accuracy: {acc * 100:.2f}% (target >= {TARGET_ACCURACY * 100:.1f}%: {verdict})")
+    # A diverged run is a failed run, whatever the guard did: never exit 0 (1, not 2:
+    # the command was valid, the training failed).
+    if summary.get("skipped_steps"):
+        print(
+            f"jaxtrain train: error: {summary['skipped_steps']} training step(s) were skipped "
+            "because their loss or gradients were not finite (--nonfinite skip); the run is "
+            f"not trustworthy. Fix: lower --lr (now {cfg.lr}) or use --nonfinite raise to stop "
+            "at the first one.",
+            file=sys.stderr,
+        )
+        return 1
+    test_loss = summary["test"].get("loss")
+    if not all(isinstance(v, float) and math.isfinite(v) for v in (loss, test_loss, acc)):
+        print(
+            f"jaxtrain train: error: the run diverged: final train loss {loss}, test loss "
+            f"{test_loss}. Fix: lower --lr (now {cfg.lr}), or use --nonfinite raise to stop at "
+            "the first non-finite step.",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

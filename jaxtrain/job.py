@@ -1,26 +1,37 @@
 """The main job: train a built-in model on the embedded digits data and write a run folder.
 
 ``run(TrainConfig(...))`` is what ``jaxtrain train`` calls; it writes
-``OUT/metrics.jsonl``, ``OUT/summary.json`` and ``OUT/curves.png`` (and, when asked,
-``OUT/metrics.csv`` and TensorBoard event files in ``OUT/tensorboard``).
+``OUT/config.json``, ``OUT/checkpoints``, ``OUT/metrics.jsonl``, ``OUT/summary.json``
+and ``OUT/curves.png`` (and, when asked, ``OUT/metrics.csv`` and TensorBoard event
+files in ``OUT/tensorboard``).
+
+A run folder holds one run, written by one process at a time (`jaxtrain.run_folder`):
+a new run into a folder that holds one is refused (unless ``overwrite=True``), and a
+resumed run must have the configuration it was started with, except for the fields
+listed in ``allow_change``, whose changes are recorded in the run.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import json
 import math
 import os
 import time
+import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import jax
+import numpy as np
 import optax
 
 from jaxtrain import data as data_lib
+from jaxtrain import run_folder
 from jaxtrain.checkpoint import Checkpointer, state_digest
-from jaxtrain.logging import CsvWriter, JsonlWriter, TensorBoardWriter, read_jsonl
+from jaxtrain.logging import CsvWriter, JsonlWriter, TensorBoardWriter, dumps_strict, read_jsonl
 from jaxtrain.loop import EarlyStopping, fit
 from jaxtrain.models import CNN, MLP, from_linen
 from jaxtrain.parallel import (
@@ -43,6 +54,7 @@ OPTIMIZERS = ("adamw", "adam", "sgd", "momentum")
 SCHEDULES = ("cosine", "constant")
 PRECISIONS = ("float32", "bfloat16", "float16")  # jaxtrain.precision.NAMES
 TARGET_ACCURACY = 0.98
+SEED_LIMIT = 2**32  # seeds are 0 .. 2**32 - 1: a uint32 PRNG key and numpy's generators
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +89,7 @@ class TrainConfig:
     checkpoint: bool = True
     save_every: int | None = None
     keep: int = 3
-    nonfinite: str | None = None
+    nonfinite: str | None = "raise"  # a diverged run stops with an error (None: off)
     steps_per_call: int = 1
     unroll: bool = False  # unroll the fused steps (conv models on CPU: see make_train_steps)
     grad_accum_steps: int = 1
@@ -90,6 +102,23 @@ class TrainConfig:
 
         def bad(field: str, expected: str) -> ValueError:
             return ValueError(f"{field} must be {expected}; got {getattr(self, field)!r}.")
+
+        # Types first (a config.json can hold anything): the checks below compare values.
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            optional = str(f.type).endswith("| None")
+            base = str(f.type).split("|")[0].strip()
+            if v is None and optional:
+                continue
+            ok = isinstance(v, _TYPES[base][0]) and (base == "bool" or not isinstance(v, bool))
+            if not ok:
+                raise ValueError(
+                    f"{f.name} must be {_TYPES[base][1]}{' or unset' if optional else ''}; "
+                    f"got {v!r} ({type(v).__name__})."
+                )
+        for f in ("seed", "split_seed"):
+            if not 0 <= getattr(self, f) < SEED_LIMIT:
+                raise bad(f, "an integer from 0 to 2**32 - 1")
 
         if self.model not in MODELS:
             raise bad("model", f"one of {', '.join(MODELS)}")
@@ -128,6 +157,31 @@ class TrainConfig:
                 raise bad(f, "an integer >= 1 or unset")
         if self.devices is not None and self.devices > jax.device_count():
             raise bad("devices", f"at most the {jax.device_count()} available device(s)")
+
+
+_TYPES = {
+    "str": (str, "a string"),
+    "float": ((int, float), "a number"),
+    "int": (int, "an integer"),
+    "bool": (bool, "true or false"),
+}
+
+# Fields that do not change the numbers a run produces: output and bookkeeping. Every
+# other field changes them (the math: model, optimizer, schedule, data, seeds, stop
+# points; or the floating-point rounding: device count, sharding, fused steps), so a
+# resumed run may change it only when told to (``allow_change``), and the change is
+# recorded in the run.
+FREE_FIELDS = (
+    "out",
+    "progress",
+    "checkpoint",
+    "save_every",
+    "keep",
+    "log_every",
+    "tensorboard",
+    "csv",
+)
+RESULT_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in FREE_FIELDS)
 
 
 def _optimizer(cfg: TrainConfig, steps_per_epoch: int):
@@ -173,6 +227,17 @@ TENSORBOARD_DIR = "tensorboard"
 
 def load_config(out: str) -> TrainConfig:
     """The configuration a run in ``out`` was started with (``OUT/config.json``)."""
+    return load_run(out)[0]
+
+
+def load_run(out: str) -> tuple[TrainConfig, list[dict]]:
+    """``OUT/config.json``: the run's current configuration and its recorded changes.
+
+    Raises:
+        ValueError: one line naming the file and the problem: missing, not a file,
+            not JSON, not an object of `TrainConfig` fields, or a field of the wrong
+            type or value.
+    """
     path = os.path.join(out, CONFIG_FILE)
     try:
         with open(path, encoding="utf-8") as f:
@@ -182,25 +247,198 @@ def load_config(out: str) -> TrainConfig:
             f"resume: {out!r} has no {CONFIG_FILE}, so it is not a jaxtrain run folder "
             "(or the run never started). Fix: pass the --out folder of an earlier run."
         ) from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"resume: {path} is not valid JSON ({e}).") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(
+            f"resume: {path} cannot be read as JSON ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}). Fix: restore the run's {CONFIG_FILE}, "
+            "or start a new run with another --out."
+        ) from None
+    if not isinstance(saved, dict):
+        raise ValueError(
+            f"resume: {path} must hold a JSON object of configuration fields; got a "
+            f"{type(saved).__name__}. Fix: restore the run's {CONFIG_FILE}, or start a new run."
+        )
+    changes = saved.pop("changes", [])
+    if not isinstance(changes, list) or not all(isinstance(c, dict) for c in changes):
+        raise ValueError(f"resume: {path}: 'changes' must be a list of objects; got {changes!r}.")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(saved) - known)
     if unknown:
         raise ValueError(f"resume: {path} has unknown keys {unknown}; was it written by jaxtrain?")
-    return TrainConfig(**saved)
+    cfg = TrainConfig(**saved)
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise ValueError(f"resume: {path}: {e} Fix: restore the run's {CONFIG_FILE}.") from None
+    return cfg, changes
 
 
-def run(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
+def _fmt(v: Any) -> str:
+    return json.dumps(v)
+
+
+def _diff(a: dict, b: dict) -> list[str]:
+    return [f for f in RESULT_FIELDS if f in a and f in b and a[f] != b[f]]
+
+
+def _check_changes(
+    cfg: TrainConfig, saved: TrainConfig, allow_change: Sequence[str]
+) -> list[tuple[str, Any, Any]]:
+    """Result fields this run changes against the saved run; refuses unlisted ones."""
+    listed = [f.strip().replace("-", "_") for f in allow_change if f.strip()]
+    for f in listed:
+        if f not in RESULT_FIELDS:
+            raise ValueError(
+                f"allow_change: {f!r} is not a field that changes a run's results; those are "
+                f"{', '.join(RESULT_FIELDS)} (the others may change freely)."
+            )
+    new, old = dataclasses.asdict(cfg), dataclasses.asdict(saved)
+    changed = _diff(new, old)
+    unlisted = [f for f in changed if f not in listed]
+    if unlisted:
+        what = ", ".join(f"{f} {_fmt(new[f])} (the run has {_fmt(old[f])})" for f in unlisted)
+        raise ValueError(
+            f"resume: this run's configuration differs from the saved one ({cfg.out}/"
+            f"{CONFIG_FILE}) in {what}; that changes the results. Fix: drop those options to "
+            "continue the run as it was, start a new run with another --out, or pass "
+            f"--allow-change {','.join(unlisted)} to change them deliberately (recorded in "
+            "the run)."
+        )
+    unchanged = [f for f in listed if f not in changed]
+    if unchanged:
+        raise ValueError(
+            "allow_change: "
+            + ", ".join(f"{f} is listed but unchanged ({_fmt(old[f])})" for f in unchanged)
+            + ". Fix: list exactly the fields this run changes"
+            + (f": {','.join(changed)}." if changed else " (none).")
+        )
+    return [(f, old[f], new[f]) for f in changed]
+
+
+def _config_at(config: dict, changes: list[dict], step: int) -> dict:
+    """The configuration the run had at checkpoint ``step`` (changes made later undone)."""
+    config = dict(config)
+    for ch in reversed(changes):
+        if ch.get("step", -1) >= step and ch.get("field") in config:
+            config[ch["field"]] = ch.get("old")
+    return config
+
+
+def _committed_steps(ckpt_dir: str) -> list[int]:
+    if not os.path.isdir(ckpt_dir):
+        return []
+    with Checkpointer(ckpt_dir) as c:
+        return c.all_steps()
+
+
+def _agree(value: int) -> int:
+    """Process 0's ``value`` on every process (the run folder is decided by process 0)."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+
+
+def _open_run_folder(cfg: TrainConfig, resume: bool | str, overwrite: bool):
+    """Process 0: checks OUT, takes its lock, decides fresh (0) or resume (1).
+
+    Returns ``(lock, mode)``; raises ValueError (after releasing the lock) when the
+    folder cannot be used as asked.
+    """
+    out = cfg.out
+    run_folder.check_out_folder(out)
+    _prepare_out(out)
+    lock = run_folder.RunLock(out).acquire()
+    try:
+        found = run_folder.existing_run_files(out)
+        ckpt_dir = os.path.join(out, CHECKPOINT_DIR)
+        if resume == "auto":
+            if not found:
+                return lock, 0
+            if os.path.exists(os.path.join(out, CONFIG_FILE)) and _committed_steps(ckpt_dir):
+                return lock, 1
+            saved = load_config(out)  # a run killed before its first checkpoint
+            differ = _diff(dataclasses.asdict(cfg), dataclasses.asdict(saved))
+            if differ:
+                raise ValueError(
+                    f"resume: {out!r} holds another run without a checkpoint (it differs in "
+                    f"{', '.join(differ)}). Fix: pass another --out, or --overwrite to replace it."
+                )
+            removed = run_folder.remove_run(out)
+            warnings.warn(
+                f"out: the run in {out!r} saved no checkpoint before it stopped; starting it "
+                f"again (removed {', '.join(removed)}).",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return lock, 0
+        if resume:
+            load_config(out)  # a clear error when there is no (valid) config.json
+            if not _committed_steps(ckpt_dir):
+                raise ValueError(
+                    f"resume: no checkpoint in {ckpt_dir}: the run in {out!r} saved none yet. "
+                    "Fix: start it again without --resume (adding --overwrite to replace its "
+                    "files), or use --auto-resume."
+                )
+            return lock, 1
+        if found:
+            if not overwrite:
+                run_folder.check_no_run(out)
+            removed = run_folder.remove_run(out)
+            print(f"--overwrite: removed the earlier run in {out}: {', '.join(removed)}")
+        return lock, 0
+    except BaseException:
+        lock.release()
+        raise
+
+
+def run(
+    cfg: TrainConfig,
+    resume: bool | str = False,
+    *,
+    overwrite: bool = False,
+    allow_change: Sequence[str] = (),
+) -> dict[str, Any]:
     """Trains, evaluates and writes the run folder.
+
+    ``cfg.out`` is locked for the run (``OUT/.jaxtrain.lock``, see
+    `jaxtrain.run_folder.RunLock`): a second process on the same folder is refused.
 
     Args:
         cfg: the configuration (validated here).
-        resume: continue the run in ``cfg.out`` from its newest committed checkpoint.
+        resume: True continues the run in ``cfg.out`` from its newest checkpoint that
+            restores cleanly (a damaged newer one is moved to ``OUT/checkpoints-damaged``
+            with a warning); ``cfg`` must equal the run's saved configuration in every
+            `RESULT_FIELDS` field except those in ``allow_change``. ``"auto"``: resume
+            when ``cfg.out`` holds a run with a checkpoint, start afresh when it holds
+            none (or only a run of the same configuration that saved no checkpoint yet).
+            False: start a new run; a folder that already holds one is refused.
+        overwrite: with ``resume=False``, delete the run files in ``cfg.out`` first
+            (`jaxtrain.run_folder.RUN_FILES`; other files stay) and say so.
+        allow_change: result fields that ``cfg`` deliberately changes on resume; each
+            must differ from the saved run. The changes are recorded (field, old and
+            new value, step) in ``OUT/config.json``, the checkpoints and the summary.
 
     Returns:
         The summary dict (also written to ``OUT/summary.json``).
+
+    Raises:
+        ValueError: a bad configuration, or a run folder that cannot be used as asked
+            (the message names the problem and the fix).
     """
+    if resume not in (False, True, "auto"):
+        raise ValueError(f"resume must be True, False or 'auto'; got {resume!r}.")
+    if overwrite and resume:
+        raise ValueError(
+            "overwrite: --overwrite deletes the run in --out to start afresh; it cannot be "
+            "combined with --resume or --auto-resume. Fix: drop one of them."
+        )
+    if allow_change and not resume:
+        raise ValueError(
+            "allow_change: --allow-change changes a resumed run; this run starts afresh. "
+            "Fix: drop --allow-change (or add --resume)."
+        )
     cfg.validate()
     if cfg.devices and jax.process_count() > 1:
         raise ValueError(
@@ -219,11 +457,35 @@ def run(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     check_batch_size(cfg.batch_size, mesh)
     check_batch_size(cfg.eval_batch_size, mesh)
     # With several processes (jaxtrain.distributed) every process trains and writes the
-    # checkpoints together, but only process 0 writes the run folder's other files.
+    # checkpoints together, but only process 0 writes the run folder's other files, takes
+    # its lock and decides whether it starts afresh or resumes (then tells the others).
     primary = jax.process_index() == 0
+    lock, mode, error = None, -1, None
     if primary:
-        _prepare_out(cfg.out)
+        try:
+            lock, mode = _open_run_folder(cfg, resume, overwrite)
+        except ValueError as e:
+            error = e
+    mode = _agree(mode)
+    if error is not None:
+        raise error
+    if mode < 0:
+        raise ValueError(f"out: process 0 refused the run folder {cfg.out!r} (see its error).")
+    try:
+        return _run(cfg, mode == 1, allow_change, mesh, primary)
+    finally:
+        if lock is not None:
+            lock.release()
 
+
+def _run(
+    cfg: TrainConfig,
+    resume: bool,
+    allow_change: Sequence[str],
+    mesh: Any,
+    primary: bool,
+) -> dict[str, Any]:
+    """`run` once the run folder is locked and the mode decided."""
     train, test = data_lib.load_digits(seed=cfg.split_seed)
     train_ds = data_lib.ArrayDataset(train, cfg.batch_size, seed=cfg.seed, num_classes=10)
     test_ds = data_lib.ArrayDataset(test, cfg.eval_batch_size, shuffle=False)
@@ -253,21 +515,24 @@ def run(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         train_step = make_train_step(loss_fn, optimizer, **step_kwargs)
     eval_step = make_eval_step(classification_eval(model), mesh=mesh)
 
-    config = dataclasses.asdict(cfg)
     ckpt_dir = os.path.join(cfg.out, CHECKPOINT_DIR)
     checkpointer = None
+    changes: list[dict] = []
+    resumed_from, skipped = None, {}
     if cfg.checkpoint or resume:
         checkpointer = Checkpointer(ckpt_dir, keep_last=cfg.keep, best_metric="accuracy")
-        if resume and checkpointer.latest_step() is None:
-            checkpointer.close()
-            raise ValueError(
-                f"resume: no checkpoint in {ckpt_dir}: the run in {cfg.out!r} saved none yet. "
-                "Fix: start it again without --resume."
+    if resume:
+        try:
+            resumed_from, skipped, changes = _verify_resume(
+                cfg, allow_change, checkpointer, state, mesh, primary
             )
-    if not resume and primary:
+        except BaseException:
+            checkpointer.close()
+            raise
+    config = {**dataclasses.asdict(cfg), "changes": changes}
+    if primary:
         with open(os.path.join(cfg.out, CONFIG_FILE), "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2)
-    resumed_from = checkpointer.latest_step() if resume else None
+            f.write(dumps_strict(config, indent=2))
 
     # FLOPs of one step from the compiled step's cost analysis, for the progress bar's
     # TFLOP/s and MFU and for summary.json. Lowered for the placement fit uses, so fit's
@@ -363,12 +628,15 @@ def run(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         "target_reached": final_test["accuracy"] >= TARGET_ACCURACY,
         "steps": int(jax.device_get(state.step)),
         "resumed_from_step": resumed_from,
+        "skipped_checkpoints": {str(k): v for k, v in skipped.items()},
+        "changes": changes,
         "skipped_steps": int(jax.device_get(state.skipped_steps)),
         "params_sha256": state_digest(jax.device_get(state.params)),
         "epochs_completed": history.position.epoch,
         "stopped_early": history.stopped_early,
         "wall_seconds": wall,
         "first_step_seconds": history.first_step_seconds,
+        "compile_seconds": train_step.compile_seconds,  # tracing + XLA compile (or cache load)
         "examples_per_second": history.examples_per_second,
         **perf,  # flops_per_step, model_flops_per_second, peak_flops_per_second, mfu, peak_source
         "train_step_compilations": train_step.trace_count,
@@ -379,7 +647,59 @@ def run(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         "versions": versions(),
         "config": config,
     }
-    if primary:
+    if primary:  # strict JSON: a diverged run's NaN losses are written as null
         with open(os.path.join(cfg.out, "summary.json"), "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=2)
+            f.write(dumps_strict(summary, indent=2))
     return summary
+
+
+def _verify_resume(
+    cfg: TrainConfig,
+    allow_change: Sequence[str],
+    checkpointer: Checkpointer,
+    state: TrainState,
+    mesh: Any,
+    primary: bool,
+) -> tuple[int, dict[int, str], list[dict]]:
+    """Checks that ``cfg`` continues the run in ``cfg.out``; picks the checkpoint.
+
+    The command's configuration is compared with ``OUT/config.json`` (refused unless
+    the change is listed in ``allow_change``), and ``OUT/config.json`` with the one
+    stored in the checkpoint (refused: the folder's files do not belong together).
+    Returns the step to resume from, the damaged newer steps passed over (moved to
+    ``OUT/checkpoints-damaged``), and the run's changes, this run's appended.
+    """
+    saved, changes = load_run(cfg.out)
+    new_changes = _check_changes(cfg, saved, allow_change)
+    # Single process: fall back past a damaged newest step (with a warning). With
+    # several, every process would have to agree on the step: restore the newest or fail.
+    fallback = jax.process_count() == 1
+    probe = checkpointer.restore(state, mesh=mesh, fallback=fallback)
+    step = probe.step
+    stored = probe.meta.get("config")
+    if isinstance(stored, dict):
+        expected = _config_at(dataclasses.asdict(saved), changes, step)
+        differ = _diff(stored, expected)
+        if differ:
+            what = ", ".join(
+                f"{f} {_fmt(stored[f])} (config.json: {_fmt(expected[f])})" for f in differ
+            )
+            raise ValueError(
+                f"resume: checkpoint step {step} in {checkpointer.directory} was saved by a run "
+                f"with {what}: {cfg.out}/{CONFIG_FILE} was edited or belongs to another run. "
+                f"Fix: put back the run's {CONFIG_FILE}, or start a new run with another --out."
+            )
+    if probe.skipped:
+        moved = [checkpointer.set_aside(s) for s in sorted(probe.skipped)]
+        warnings.warn(
+            f"resume: moved the damaged checkpoint(s) {sorted(probe.skipped)} out of the way, "
+            f"to {', '.join(moved)}; resuming from step {step}.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    changes = changes + [
+        {"step": step, "field": f, "old": old, "new": new, "time": now}
+        for f, old, new in new_changes
+    ]
+    return step, probe.skipped, changes

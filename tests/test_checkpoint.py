@@ -2,6 +2,7 @@
 checkpoints, no pickle, and restoring onto another device count."""
 
 import json
+import math
 import os
 import pathlib
 import pickle
@@ -334,6 +335,7 @@ def test_partial_save_is_never_the_latest(tmp_path, setup):
         assert c.restore(_fresh(setup)).step == 10
 
 
+@pytest.mark.slow  # starts a subprocess
 def test_restore_onto_another_device_count():
     """8 virtual CPU devices -> 1 and 1 -> 8, bitwise (subprocess: the flag needs a fresh jax)."""
     env = dict(
@@ -349,3 +351,81 @@ def test_restore_onto_another_device_count():
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out == {"devices": 8, "8_to_1": [1, True], "1_to_8": [8, True]}
+
+
+# -- saves never fail silently; metadata digest; step folder name ---------------------
+
+
+def test_save_refuses_steps_that_would_not_be_written(tmp_path, setup):
+    state = _fresh(setup)
+    with Checkpointer(tmp_path) as c:
+        assert c.save(10, state) is True
+        for step in (10, 5):  # orbax would return False and write nothing
+            with pytest.raises(
+                ValueError, match=rf"cannot save checkpoint step {step} .*step\(s\) \[10\]"
+            ):
+                c.save(step, state)
+        for bad in (-1, True, 2.5, "30", None):
+            with pytest.raises(ValueError, match="checkpoint step must be a non-negative integer"):
+                c.save(bad, state)
+        assert c.save(np.int64(20), state)
+        c.wait()
+        # An explicit rewind: deletes 20 (and anything newer), then saves 15.
+        assert c.save(15, state, overwrite=True)
+        c.wait()
+        assert c.all_steps() == [10, 15]
+        c._manager.save = lambda *a, **k: False  # orbax's silent "no" becomes an error
+        with pytest.raises(CheckpointError, match="orbax did not save checkpoint step 16"):
+            c.save(16, state)
+    # A stray step folder with a huge number blocks every later save, loudly.
+    (tmp_path / "15").rename(tmp_path / "1000000")
+    with Checkpointer(tmp_path) as c:
+        with pytest.raises(ValueError, match=r"step 20 .*\[1000000\]"):
+            c.save(20, state)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("edit_meta", "step 30 .*its metadata .* does not match the SHA-256 saved with it"),
+        ("rename", "folder is named 40 but holds the checkpoint of step 30"),
+    ],
+)
+def test_metadata_digest_and_step_folder_name_are_checked(three_checkpoints, damage, message):
+    root, state = three_checkpoints
+    newest = 30
+    meta_path = root / "30" / "meta" / "metadata"
+    if damage == "edit_meta":  # valid JSON, one value changed (e.g. the data position)
+        meta = json.loads(meta_path.read_text())
+        meta["versions"]["jax"] += "x"
+        meta_path.write_text(json.dumps(meta))
+    else:
+        (root / "30").rename(root / "40")
+        newest = 40
+    with Checkpointer(root, keep_last=5) as c:
+        with pytest.raises(CheckpointError, match=message):
+            c.restore(state)
+        with warnings.catch_warnings(record=True):
+            warnings.simplefilter("always")
+            r = c.restore(state, fallback=True)
+    assert r.step == 20 and list(r.skipped) == [newest]
+
+
+def test_metadata_with_non_finite_metrics_is_strict_json_and_round_trips(tmp_path):
+    """A NaN pending metric (a diverging run with nonfinite='skip') is saved as strict JSON
+    and read back as the same float, so a resumed run logs what the uninterrupted one does."""
+    state = jt.TrainState.create({"w": jnp.arange(3.0)}, optax.sgd(0.1), jax.random.key(0))
+    meta = {"pending_metrics": [{"loss": float("nan"), "grad_norm": float("inf")}], "x": -math.inf}
+    with Checkpointer(tmp_path / "ckpt") as ckpt:
+        ckpt.save(1, state, meta=meta)
+        ckpt.wait()
+        text = (tmp_path / "ckpt" / "1" / "meta" / "metadata").read_text()
+
+        def refuse(token):
+            raise ValueError(f"non-strict JSON token {token}")
+
+        json.loads(text, parse_constant=refuse)  # strict: no NaN / Infinity tokens
+        back = ckpt.read_meta(1)
+    assert math.isnan(back["pending_metrics"][0]["loss"])
+    assert back["pending_metrics"][0]["grad_norm"] == math.inf
+    assert back["x"] == -math.inf

@@ -90,6 +90,7 @@ def test_default_run_reaches_98_percent(tmp_path, capsys):
     )
 
 
+@pytest.mark.slow  # starts a subprocess
 def test_help_documents_every_option():
     top = _run_cli(["--help"])
     assert top.returncode == 0 and "train" in top.stdout
@@ -118,6 +119,7 @@ def test_help_documents_every_option():
         ([], ["the following arguments are required: COMMAND"]),
     ],
 )
+@pytest.mark.slow  # starts a subprocess
 def test_bad_options_fail_clearly(args, expected):
     res = _run_cli(args)
     assert res.returncode == 2
@@ -125,6 +127,7 @@ def test_bad_options_fail_clearly(args, expected):
         assert text in res.stderr, (text, res.stderr)
 
 
+@pytest.mark.slow  # starts a subprocess
 def test_unwritable_output_directory(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
