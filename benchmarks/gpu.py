@@ -33,7 +33,6 @@ import os
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import argparse
-import json
 import math
 import platform
 import statistics
@@ -342,8 +341,10 @@ def main(argv=None) -> dict[str, Any]:
     print(report["markdown"])
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        from jaxtrain.logging import dumps_strict  # strict JSON: no NaN tokens
+
         with open(args.out, "w") as f:
-            json.dump(report, f, indent=1, default=float)
+            f.write(dumps_strict(report, indent=1, default=float))
         print(f"wrote {args.out}")
     return report
 

@@ -1245,8 +1245,10 @@ def main(argv=None) -> dict[str, Any]:
     )
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        from jaxtrain.logging import dumps_strict  # strict JSON: no NaN tokens
+
         with open(args.out, "w") as f:
-            json.dump(report, f, indent=1, default=float)
+            f.write(dumps_strict(report, indent=1, default=float))
         print(f"wrote {args.out}")
     return report
 

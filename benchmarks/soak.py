@@ -10,7 +10,6 @@ compilations. Goals: growth < 5%, exactly 1 compilation.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import tempfile
@@ -21,6 +20,7 @@ import optax
 
 import jaxtrain as jt
 from jaxtrain.checkpoint import Checkpointer
+from jaxtrain.logging import dumps_strict
 
 
 def rss_mib() -> float:
@@ -102,10 +102,10 @@ def main(argv=None) -> dict:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {jax.default_backend()}",
         "versions": {"jax": jax.__version__, "optax": optax.__version__},
     }
-    print(json.dumps(result, indent=2))
+    print(dumps_strict(result, indent=2))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+            f.write(dumps_strict(result, indent=2))
     return result
 
 

@@ -14,6 +14,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxtrain.state import check_key_seed
+
 MASK_KEY = "mask"
 
 
@@ -50,6 +52,125 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
     return int(value)
 
 
+# Data seeds become `jax.random.key(seed)`, which keeps 32 bits without x64: seed 2**32
+# would shuffle exactly like seed 0, and larger ones overflow. One range for every seed.
+MAX_SEED = 2**32 - 1
+
+
+def check_seed(value: Any, name: str = "seed") -> int:
+    """``value`` as an int, or a clear error unless it is an integer in ``[0, 2**32 - 1]``.
+
+    Args:
+        value: the seed.
+        name: how the message names it.
+
+    Returns:
+        ``int(value)``.
+
+    Example:
+        >>> check_seed(7)
+        7
+        >>> check_seed(2**32)
+        Traceback (most recent call last):
+        ...
+        ValueError: seed must be an integer in [0, 4294967295] (2**32 - 1); got 4294967296. ...
+    """
+    # One rule for every seed in jaxtrain (jaxtrain.state.check_key_seed): 32 bits, as
+    # jax.random.key keeps them, also for the shuffles grain draws from it.
+    return check_key_seed(value, name, top=MAX_SEED)
+
+
+def _mask_weights(mask: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray | None:
+    """``mask > 0`` broadcast over ``shape`` (None without a usable mask): rows to check."""
+    if mask is None or tuple(mask.shape) != tuple(shape[: mask.ndim]):
+        return None
+    real = np.asarray(mask) > 0
+    return np.broadcast_to(real.reshape(real.shape + (1,) * (len(shape) - real.ndim)), shape)
+
+
+def check_batch(
+    batch: Mapping[str, Any],
+    where: str,
+    *,
+    label_key: str | None = "y",
+    num_classes: int | None = None,
+) -> None:
+    """Host check of one batch's values before it is placed on the devices.
+
+    Checks, in numpy on the host (no device work): the ``mask`` entry holds finite values
+    in ``[0, 1]``; no floating-point entry holds NaN or Inf; integer labels
+    (``batch[label_key]``) are ``>= 0`` (and ``< num_classes`` when given). Positions
+    whose mask is 0 (padding) are not checked: they are never read. Entries that are
+    already ``jax.Array`` s are skipped (reading them would be a host sync).
+
+    Args:
+        batch: name -> array ``[B, ...]``.
+        where: names the batch in messages, e.g. ``"train_data batch 3 of epoch 0"``.
+        label_key: the integer labels' entry (None: no label check).
+        num_classes: the labels' upper bound, when known.
+
+    Raises:
+        ValueError: naming the entry, the index (``[0]`` is the example within the
+            batch), the value and the fix.
+
+    Example:
+        >>> import numpy as np
+        >>> check_batch({"x": np.ones((2, 3)), "y": np.array([0, 1])}, "batch 0")  # fine
+        >>> check_batch({"x": np.ones(2), "y": np.array([0, -1])}, "batch 4")
+        Traceback (most recent call last):
+        ...
+        ValueError: batch 4: batch['y'] holds the label -1 at index (1,) (example 1 of the batch); ...
+    """
+    host = {
+        k: np.asarray(v)
+        for k, v in batch.items()
+        if not isinstance(v, jax.Array) and isinstance(k, str)
+    }
+    mask = host.get(MASK_KEY)
+    if mask is not None and mask.size:
+        m = mask.astype(np.float64) if mask.dtype != np.float64 else mask
+        bad = ~(np.isfinite(m) & (m >= 0) & (m <= 1))
+        if bad.any():
+            i = tuple(int(j) for j in np.argwhere(bad)[0])
+            raise ValueError(
+                f"{where}: batch['{MASK_KEY}'] holds {mask[i].item()!r} at index {i} (example {i[0]} "
+                "of the batch); a mask must hold finite weights in [0, 1] (1 real, 0 "
+                "padding), else the mask-weighted means are skewed. Fix: build the mask as "
+                "(example is real).astype(np.float32)."
+            )
+    for k, v in host.items():
+        if k == MASK_KEY or v.size == 0:
+            continue
+        real = _mask_weights(mask, v.shape) if mask is not None and v.ndim else None
+        if np.issubdtype(v.dtype, np.floating) or np.issubdtype(v.dtype, np.complexfloating):
+            bad = ~np.isfinite(v)
+            if real is not None:
+                bad &= real
+            if bad.any():
+                i = tuple(int(j) for j in np.argwhere(bad)[0])
+                raise ValueError(
+                    f"{where}: batch[{k!r}] holds {v[i].item()!r} at index {i}"
+                    f"{f' (example {i[0]} of the batch)' if i else ''}; NaN/Inf inputs "
+                    "train NaN parameters. Fix: clean or impute the data before training "
+                    "(or set mask=0 for examples that must be ignored)."
+                )
+        elif k == label_key and np.issubdtype(v.dtype, np.integer):
+            bad = v < 0
+            if num_classes is not None:
+                bad |= v >= num_classes
+            if real is not None:
+                bad &= real
+            if bad.any():
+                i = tuple(int(j) for j in np.argwhere(bad)[0])
+                rng = f"in [0, {num_classes})" if num_classes is not None else ">= 0"
+                raise ValueError(
+                    f"{where}: batch[{k!r}] holds the label {int(v[i])} at index {i}"
+                    f"{f' (example {i[0]} of the batch)' if i else ''}; class labels must "
+                    f"be {rng}. Fix: remap the labels, or set mask=0 at positions to ignore "
+                    "(e.g. PyTorch's ignore_index -100): masked positions are never read."
+                )
+
+
 class ArrayDataset:
     """A dict of equal-length arrays served as fixed-shape, masked batches.
 
@@ -61,12 +182,14 @@ class ArrayDataset:
         arrays: name -> array ``[N, ...]`` (e.g. ``{"x": images, "y": labels}``).
         batch_size: examples per batch ``B``.
         shuffle: reshuffle every epoch (False: the stored order).
-        seed: int seed of the shuffle.
+        seed: int seed of the shuffle, in ``[0, 2**32 - 1]``.
         drop_remainder: drop the last partial batch instead of padding it (training
             only; never for evaluation).
         num_classes: when given, ``arrays[label_key]`` must hold integers in
             ``[0, num_classes)`` (checked once here, not in the compiled step).
-        label_key: the labels' entry for that check.
+        label_key: the labels' entry: integer labels there must be ``>= 0`` even
+            without ``num_classes`` (None: no label check, for data whose integer
+            ``y`` is not class labels).
 
     Raises:
         ValueError: for an empty data set, unequal lengths, a bad batch size, NaN or
@@ -89,7 +212,7 @@ class ArrayDataset:
         seed: int = 0,
         drop_remainder: bool = False,
         num_classes: int | None = None,
-        label_key: str = "y",
+        label_key: str | None = "y",
     ):
         if not isinstance(arrays, Mapping) or not arrays:
             raise ValueError(
@@ -113,7 +236,7 @@ class ArrayDataset:
                 "Fix: lower batch_size or set drop_remainder=False."
             )
         self.shuffle = bool(shuffle)
-        self.seed = _check_int("seed", seed, 0)
+        self.seed = check_seed(seed)
         self.drop_remainder = bool(drop_remainder)
         for k, v in self.arrays.items():
             if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all():
@@ -123,7 +246,17 @@ class ArrayDataset:
                     f"{v[tuple(bad)]}). Fix: clean or impute the data before training."
                 )
         if num_classes is not None:
-            check_labels(self.arrays.get(label_key), num_classes, label_key)
+            check_labels(self.arrays.get(label_key or "y"), num_classes, label_key or "y")
+        elif label_key is not None:
+            labels = self.arrays.get(label_key)
+            if labels is not None and np.issubdtype(labels.dtype, np.integer) and labels.size:
+                if labels.min() < 0:
+                    i = tuple(int(j) for j in np.argwhere(labels < 0)[0])
+                    raise ValueError(
+                        f"labels {label_key!r} must be >= 0 (class indices); found "
+                        f"{int(labels[i])} at index {i} (example {i[0]}). Fix: remap the "
+                        "labels; pass label_key=None if this integer entry is not labels."
+                    )
 
     @property
     def steps_per_epoch(self) -> int:

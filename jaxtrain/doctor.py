@@ -18,7 +18,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import textwrap
@@ -303,5 +302,7 @@ def run_doctor(args: argparse.Namespace) -> int:
     """Runs ``jaxtrain doctor``: 0 when JAX runs where expected, 1 when it does not."""
     report = preflight(args.expect, verbose=not args.json)
     if args.json:
-        print(json.dumps(report, indent=2))
+        from jaxtrain.logging import dumps_strict
+
+        print(dumps_strict(report, indent=2))
     return 0 if report["ok"] else 1

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxtrain.data import MASK_KEY, DataPosition
+from jaxtrain.data import MASK_KEY, DataPosition, check_batch, check_seed
 
 # How many per-batch iterator states are kept for checkpoints. `fit` reads at most two
 # calls (2 * steps_per_call batches) ahead of the step it saves at; far more is kept.
@@ -130,14 +130,22 @@ class GrainData:
         batch_size: examples per batch ``B``.
         shuffle: shuffle a random-access source each epoch (default True). An
             ``IterDataset`` is served as it comes; do not pass ``shuffle`` with one.
-        seed: int seed of the shuffle; epoch ``e`` uses a seed derived from
-            ``(seed, e)``.
+        seed: int seed of the shuffle, in ``[0, 2**32 - 1]`` (as for `ArrayDataset`);
+            epoch ``e`` uses a seed derived from ``(seed, e)``.
         drop_remainder: drop an epoch's last partial batch instead of padding it.
         read_threads: grain threads reading (and batching) ahead.
         prefetch: batches grain buffers ahead of the training loop.
         worker_count: grain worker processes (``mp_prefetch``; 0: read in this process).
             Workers are started each epoch with the ``spawn`` method, so scripts need the
             ``if __name__ == "__main__":`` guard and the pipeline must be picklable.
+        num_classes: when given, integer labels (``record[label_key]``) must be in
+            ``[0, num_classes)``; without it they must be ``>= 0``.
+        label_key: the labels' entry (None: no label check).
+
+    Every batch is checked on the host as it is served (`jaxtrain.data.check_batch`):
+    NaN/Inf in a floating-point entry, a label out of range, or a mask outside
+    ``[0, 1]`` is a ``ValueError`` naming the epoch, the batch, the entry, the index and
+    the value.
 
     Attributes:
         steps_per_epoch: batches per epoch for a random-access source; None for an
@@ -171,11 +179,21 @@ class GrainData:
         read_threads: int = 4,
         prefetch: int = 8,
         worker_count: int = 0,
+        num_classes: int | None = None,
+        label_key: str | None = "y",
     ):
         grain = _grain()
+        check_seed(seed, "GrainData seed")
+        if num_classes is not None and (
+            isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1
+        ):
+            raise ValueError(
+                f"GrainData num_classes must be a positive integer or None; got {num_classes!r}."
+            )
+        self.num_classes = num_classes
+        self.label_key = label_key
         for name, value, low in (
             ("batch_size", batch_size, 1),
-            ("seed", seed, 0),
             ("read_threads", read_threads, 1),
             ("prefetch", prefetch, 1),
             ("worker_count", worker_count, 0),
@@ -323,6 +341,14 @@ class GrainData:
     def _serve(self, it: Any, epoch: int, index: int) -> Iterator[dict[str, np.ndarray]]:
         try:
             for batch in it:
+                # On the host, as produced: cheaper than any check on the device, and
+                # the message can say which batch of which epoch.
+                check_batch(
+                    batch,
+                    f"GrainData batch {index} of epoch {epoch}",
+                    label_key=self.label_key,
+                    num_classes=self.num_classes,
+                )
                 index += 1
                 self._states[(epoch, index)] = it.get_state()
                 if len(self._states) > _KEPT_STATES:

@@ -25,14 +25,66 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)  # JSON has no NaN/Infinity; keep the information as text
-    return v
+def json_safe(value: Any) -> Any:
+    """``value`` made fit for strict JSON: non-finite floats become None (``null``).
+
+    JSON has no NaN or Infinity; Python's ``json`` writes them as bare ``NaN`` /
+    ``Infinity`` tokens that strict parsers (``jq``, JavaScript, Go, Rust's serde) reject,
+    so one diverged value would make a whole file unreadable. Numpy scalars and arrays
+    become Python numbers and lists; dicts, lists and tuples are converted recursively.
+    Every JSON file jaxtrain writes goes through this and ``json.dumps(...,
+    allow_nan=False)``.
+
+    Args:
+        value: a JSON-ready value, possibly holding NaN/Inf floats or numpy values.
+
+    Returns:
+        The same structure with each non-finite float replaced by None.
+
+    Example:
+        >>> import json, numpy as np
+        >>> json.dumps(json_safe({"loss": float("nan"), "acc": np.float32(0.5), "l": [np.inf]}),
+        ...            allow_nan=False)
+        '{"loss": null, "acc": 0.5, "l": [null]}'
+    """
+    if isinstance(value, Mapping):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if hasattr(value, "tolist") and hasattr(value, "dtype"):  # numpy / jax values
+        return json_safe(value.tolist())
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    return value
+
+
+def dumps_strict(value: Any, **kwargs: Any) -> str:
+    """``json.dumps`` of `json_safe` ``(value)`` with ``allow_nan=False``: strict JSON text.
+
+    Args:
+        value: what to write.
+        **kwargs: passed to ``json.dumps`` (e.g. ``indent=2``).
+
+    Returns:
+        The JSON text, with ``null`` where a value was NaN or infinite.
+
+    Example:
+        >>> dumps_strict({"step": 3, "loss": float("inf")})
+        '{"step": 3, "loss": null}'
+    """
+    return json.dumps(json_safe(value), allow_nan=False, **kwargs)
 
 
 class JsonlWriter:
     """Appends each record to ``path`` as one JSON line, flushed at once.
+
+    The file is strict JSON Lines: a NaN or infinite value (a diverged loss) is written
+    as ``null`` (`json_safe`), never as a ``NaN``/``Infinity`` token.
 
     Args:
         path: the file (its folder must exist and be writable).
@@ -54,7 +106,9 @@ class JsonlWriter:
         self._f = open(self.path, mode, encoding="utf-8")
 
     def write(self, record: Mapping[str, Any]) -> None:
-        self._f.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
+        # Strict JSON: a non-finite value (a diverged loss) is written as null, so
+        # every line stays readable by any JSON parser.
+        self._f.write(dumps_strict(record) + "\n")
         self._f.flush()
 
     def close(self) -> None:
@@ -74,7 +128,8 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
         path: a file written by `JsonlWriter` (one JSON object per line).
 
     Returns:
-        One dict per line, in file order.
+        One dict per line, in file order (``null``, a value that was NaN or infinite
+        when written, reads back as None).
 
     Example:
         >>> import os, tempfile

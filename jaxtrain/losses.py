@@ -10,7 +10,103 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+
+# Metrics the built-in losses report: counts of invalid labels (outside [0, C) where the
+# mask is > 0) and of mask values outside [0, 1]. Under jit nothing can raise, so they
+# are counted on the device; `fit` raises at the next logging point when one is > 0 and
+# `jaxtrain.metrics.compute` (hence `evaluate`) raises at once. Hidden from logs.
+INVALID_LABELS = "invalid_labels"
+INVALID_MASK = "invalid_mask"
+INVALID_COUNT_KEYS = (INVALID_LABELS, INVALID_MASK)
+
+
+def _concrete(x) -> bool:
+    """Whether ``x`` holds values now (outside jit), so it can be checked on the host."""
+    return x is not None and not isinstance(x, jax.core.Tracer)
+
+
+def _bad_mask(mask) -> jax.Array:
+    m = jnp.asarray(mask, jnp.float32)
+    return ~(jnp.isfinite(m) & (m >= 0) & (m <= 1))
+
+
+def _bad_labels(num_classes: int, labels, mask) -> jax.Array:
+    bad = (labels < 0) | (labels >= num_classes)
+    if mask is not None:
+        bad = bad & (_broadcast_mask(mask, labels.shape) > 0)
+    return bad
+
+
+def _invalid_counts(num_classes: int, labels, mask) -> tuple[jax.Array, jax.Array]:
+    """(invalid labels, invalid mask values) as float32 device scalars (no host sync)."""
+    n_labels = jnp.sum(_bad_labels(num_classes, labels, mask), dtype=jnp.float32)
+    n_mask = jnp.float32(0) if mask is None else jnp.sum(_bad_mask(mask), dtype=jnp.float32)
+    return n_labels, n_mask
+
+
+def _raise_first(what: str, bad: np.ndarray, values: np.ndarray, rule: str, fix: str) -> None:
+    i = tuple(int(j) for j in np.argwhere(bad)[0])
+    example = f"example {i[0]} of the batch; " if i else ""
+    raise ValueError(
+        f"{what} holds {values[i].item()!r} at index {i} ({example}"
+        f"{int(bad.sum())} such value(s) in all): {rule}. Fix: {fix}"
+    )
+
+
+def _check_mask(fn: str, mask) -> jax.Array | None:
+    """Raises now for a bad concrete mask; under jit returns the count of bad values."""
+    if mask is None:
+        return None
+    if not _concrete(mask):
+        return jnp.sum(_bad_mask(mask), dtype=jnp.float32)
+    m = np.asarray(mask)
+    with np.errstate(invalid="ignore"):
+        bad = ~(np.isfinite(m.astype(np.float64)) & (m >= 0) & (m <= 1))
+    if bad.any():
+        _raise_first(
+            f"{fn}: mask",
+            bad,
+            m,
+            "a mask holds weights in [0, 1] (1 real, 0 padding), or the mean is skewed",
+            "build the mask as (example is real).astype(np.float32).",
+        )
+    return None
+
+
+def _check_labels(fn: str, num_classes: int, labels, mask) -> jax.Array | None:
+    """Raises now for bad concrete labels; under jit returns the count of bad labels."""
+    if not (_concrete(labels) and (mask is None or _concrete(mask))):
+        return jnp.sum(_bad_labels(num_classes, labels, mask), dtype=jnp.float32)
+    y = np.asarray(labels)
+    bad = (y < 0) | (y >= num_classes)
+    if mask is not None:
+        bad &= np.asarray(_broadcast_mask(mask, y.shape)) > 0
+    if bad.any():
+        _raise_first(
+            f"{fn}: labels",
+            bad,
+            y,
+            f"labels must be in [0, {num_classes}) for logits with {num_classes} classes "
+            "where the mask is > 0",
+            "remap the labels, or set mask=0 at positions to ignore (e.g. PyTorch's "
+            "ignore_index -100): masked positions are never read.",
+        )
+    return None
+
+
+def _poison(value: jax.Array, *counts: jax.Array | None) -> jax.Array:
+    """NaN when a device count of invalid labels or mask values is > 0 (under jit).
+
+    An out-of-range label otherwise gives a NaN loss or, with label smoothing, a small
+    finite one: training would go on silently. NaN is caught by ``nonfinite=`` and shows
+    in every log; the built-in `jaxtrain.classification_loss` also reports the counts.
+    """
+    counts = [c for c in counts if c is not None]
+    if not counts:
+        return value
+    return jnp.where(sum(counts) > 0, jnp.nan, value).astype(value.dtype)
 
 
 def _broadcast_mask(mask: jax.Array | None, shape: tuple[int, ...]) -> jax.Array:
@@ -93,15 +189,23 @@ def softmax_cross_entropy(
         float32 scalar. Labels of masked-out positions are never read (they may be
         anything, e.g. PyTorch's ``ignore_index`` -100).
 
+    Raises:
+        ValueError: outside jit, for a label outside ``[0, C)`` where the mask is > 0 or
+            a mask value outside ``[0, 1]``, naming the index and value. Under jit it
+            cannot raise: the loss is NaN instead (never a silent, wrong value).
+
     Example:
         >>> import jax.numpy as jnp
         >>> float(softmax_cross_entropy(jnp.zeros((2, 4)), jnp.array([0, 1])))  # log(4)
         1.3862943649291992
     """
+    n_mask = _check_mask("softmax_cross_entropy", mask)
+    n_labels = _check_labels("softmax_cross_entropy", logits.shape[-1], labels, mask)
     if mask is not None:
         # An out-of-range label in a padded row would give NaN values and gradients.
         labels = jnp.where(_broadcast_mask(mask, labels.shape) > 0, labels, 0)
-    return weighted_mean(cross_entropy_per_example(logits, labels, label_smoothing), mask)
+    loss = weighted_mean(cross_entropy_per_example(logits, labels, label_smoothing), mask)
+    return _poison(loss, n_labels, n_mask)
 
 
 def mean_squared_error(
@@ -124,8 +228,9 @@ def mean_squared_error(
         >>> float(mean_squared_error(jnp.array([[1.0], [3.0]]), jnp.array([[0.0], [0.0]])))
         5.0
     """
+    n_mask = _check_mask("mean_squared_error", mask)
     err = jnp.square(predictions.astype(jnp.float32) - targets.astype(jnp.float32))
-    return weighted_mean(err, mask)
+    return _poison(weighted_mean(err, mask), n_mask)
 
 
 def accuracy(logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -137,7 +242,8 @@ def accuracy(logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None
         mask: ``[B]`` or ``labels.shape``.
 
     Returns:
-        float32 scalar in [0, 1].
+        float32 scalar in [0, 1]; NaN under jit for an invalid label or mask (outside
+        jit that is a ``ValueError``, as in `softmax_cross_entropy`).
 
     Example:
         >>> import jax.numpy as jnp
@@ -145,7 +251,9 @@ def accuracy(logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None
         >>> float(accuracy(logits, jnp.array([0, 0, 1]), mask=jnp.array([1.0, 1.0, 0.0])))
         0.5
     """
-    return weighted_mean(correct(logits, labels), mask)
+    n_mask = _check_mask("accuracy", mask)
+    n_labels = _check_labels("accuracy", logits.shape[-1], labels, mask)
+    return _poison(weighted_mean(correct(logits, labels), mask), n_labels, n_mask)
 
 
 def correct(logits: jax.Array, labels: jax.Array) -> jax.Array:

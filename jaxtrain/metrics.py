@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtrain.losses import _broadcast_mask
+from jaxtrain.losses import INVALID_COUNT_KEYS, INVALID_LABELS, _broadcast_mask
 
 # A metric accumulator: {name: (total, weight)} with float32 scalar leaves.
 Sums = dict[str, tuple[jax.Array, jax.Array]]
@@ -40,7 +40,11 @@ def sums_from_values(values: Mapping[str, jax.Array], mask: jax.Array | None) ->
     out = {}
     for name, v in values.items():
         v = jnp.asarray(v, jnp.float32)
-        if v.ndim == 0:
+        if name in INVALID_COUNT_KEYS:
+            # Counts of invalid labels / mask values (jaxtrain.classification_eval):
+            # summed unweighted, so a bad mask cannot weight its own error away.
+            out[name] = (jnp.sum(v), jnp.float32(1))
+        elif v.ndim == 0:
             w = jnp.sum(jnp.asarray(mask, jnp.float32)) if mask is not None else jnp.float32(1)
             out[name] = (v * w, w)
         else:
@@ -95,7 +99,14 @@ def compute(sums: Sums) -> dict[str, float]:
         sums: an accumulator ``{name: (total, weight)}`` of device scalars.
 
     Returns:
-        ``{name: total / weight}`` as Python floats (NaN where the weight is 0).
+        ``{name: total / weight}`` as Python floats (NaN where the weight is 0). The
+        counts ``invalid_labels`` / ``invalid_mask`` (from `jaxtrain.classification_eval`)
+        are left out when 0.
+
+    Raises:
+        ValueError: when such a count is > 0: the evaluated data held labels outside
+            ``[0, C)`` (where the mask is > 0) or mask values outside ``[0, 1]``, and the
+            other metrics are meaningless.
 
     Example:
         >>> import jax.numpy as jnp
@@ -103,7 +114,20 @@ def compute(sums: Sums) -> dict[str, float]:
         {'accuracy': 0.75}
     """
     host = jax.device_get(sums)
+    for name in INVALID_COUNT_KEYS:
+        if name in host and float(host[name][0]) > 0:
+            what = (
+                "label(s) outside [0, num_classes) where the mask is > 0"
+                if name == INVALID_LABELS
+                else "mask value(s) outside [0, 1]"
+            )
+            raise ValueError(
+                f"evaluation: the data held {int(float(host[name][0]))} {what}, so its loss "
+                "and accuracy are meaningless. Fix: remap the labels to [0, num_classes), "
+                "set mask=0 at positions to ignore, and keep mask values in [0, 1]."
+            )
     return {
         name: float(np.asarray(t) / np.asarray(w)) if float(w) > 0 else float("nan")
         for name, (t, w) in host.items()
+        if name not in INVALID_COUNT_KEYS
     }

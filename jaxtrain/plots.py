@@ -52,7 +52,9 @@ def plot_curves(
     axes = list(axes) if hasattr(axes, "__len__") else [axes]
     for ax, m in zip(axes, shown, strict=False):
         for split, style in (("train", "-"), ("eval", "o-")):
-            pts = [(r["step"], r[m]) for r in records if r.get("split") == split and m in r]
+            pts = [
+                (r["step"], _number(r[m])) for r in records if r.get("split") == split and m in r
+            ]
             if pts:
                 xs, ys = zip(*pts, strict=False)
                 ax.plot(xs, ys, style, label=split, markersize=3)
@@ -68,6 +70,17 @@ def plot_curves(
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return os.fspath(path)
+
+
+def _number(v) -> float:
+    """A logged value as a float: ``null`` (a non-finite value, written as strict JSON)
+    and the text "nan"/"inf" of older files are NaN/inf, drawn as a gap."""
+    if v is None:
+        return float("nan")
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return float("nan")
 
 
 COMMAND = "plot"

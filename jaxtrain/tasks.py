@@ -51,7 +51,12 @@ def classification_loss(model: Model, label_smoothing: float = 0.0) -> Callable:
         label_smoothing: as in ``torch.nn.CrossEntropyLoss(label_smoothing=...)``.
 
     Returns:
-        The loss function; its aux holds ``accuracy`` and the new ``model_state``.
+        The loss function; its aux holds ``accuracy``, the new ``model_state`` and the
+        counts ``invalid_labels`` (labels outside ``[0, C)`` where the mask is > 0) and
+        ``invalid_mask`` (mask values outside ``[0, 1]``). Under jit these cannot raise:
+        `fit` raises at the next logging point when one is > 0 (and leaves them out of
+        the logs while they are 0); the loss is then NaN. Outside jit the loss raises
+        at once.
 
     Example:
         >>> import jax.numpy as jnp, jaxtrain as jt
@@ -70,7 +75,13 @@ def classification_loss(model: Model, label_smoothing: float = 0.0) -> Callable:
         mask = batch.get("mask")
         loss = losses.softmax_cross_entropy(logits, y, mask, label_smoothing)
         acc = losses.accuracy(logits, y, mask)
-        return loss, {"accuracy": acc, "model_state": new_model_state}
+        n_labels, n_mask = losses._invalid_counts(logits.shape[-1], y, mask)
+        return loss, {
+            "accuracy": acc,
+            losses.INVALID_LABELS: n_labels,
+            losses.INVALID_MASK: n_mask,
+            "model_state": new_model_state,
+        }
 
     return loss_fn
 
@@ -83,15 +94,18 @@ def classification_eval(model: Model) -> Callable:
             ``[B, T]``), the model's logits ``[B, C]`` (or ``[B, T, C]``).
 
     Returns:
-        The eval function, for `make_eval_step`: values have the labels' shape
-        (``[B]`` or ``[B, T]``) and are mask-weighted by the step.
+        The eval function, for `make_eval_step`: ``loss`` and ``accuracy`` have the
+        labels' shape (``[B]`` or ``[B, T]``) and are mask-weighted by the step;
+        ``invalid_labels`` and ``invalid_mask`` flag labels outside ``[0, C)`` (where the
+        mask is > 0) and mask values outside ``[0, 1]``: `jaxtrain.metrics.compute` (and
+        so `jaxtrain.evaluate`) raises when any is set, and leaves them out otherwise.
 
     Example:
         >>> import jax.numpy as jnp, jaxtrain as jt
         >>> eval_fn = classification_eval(jt.from_function(lambda p, x: x @ p["w"]))
         >>> batch = {"x": jnp.ones((2, 3)), "y": jnp.array([0, 1])}
         >>> out = eval_fn({"w": jnp.zeros((3, 4))}, batch, model_state={})
-        >>> {name: v.shape for name, v in out.items()}, out["accuracy"].tolist()
+        >>> {name: out[name].shape for name in ("loss", "accuracy")}, out["accuracy"].tolist()
         ({'loss': (2,), 'accuracy': (2,)}, [1.0, 0.0])
     """
 
@@ -99,9 +113,21 @@ def classification_eval(model: Model) -> Callable:
         x, y = _get(batch, "x", "model inputs"), _get(batch, "y", "integer labels")
         logits, _ = model.apply(params, model_state, x, train=False)
         _check_labels(logits, y)
+        mask = batch.get("mask")
+        # Flags, summed unweighted by the eval step (see jaxtrain.metrics): a padded
+        # row's label is never read, a bad mask value always counts.
+        bad_mask = (
+            jnp.zeros(y.shape[:1], jnp.float32)
+            if mask is None
+            else losses._bad_mask(mask).astype(jnp.float32)
+        )
         return {
             "loss": losses.cross_entropy_per_example(logits, y),
             "accuracy": losses.correct(logits, y),
+            losses.INVALID_LABELS: losses._bad_labels(logits.shape[-1], y, mask).astype(
+                jnp.float32
+            ),
+            losses.INVALID_MASK: bad_mask,
         }
 
     return eval_fn

@@ -263,7 +263,7 @@ class CharVocab:
 
     def to_json(self) -> str:
         """`to_dict` as a JSON string."""
-        return json.dumps(self.to_dict(), ensure_ascii=False)
+        return json.dumps(self.to_dict(), ensure_ascii=False, allow_nan=False)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, CharVocab) and self.chars == other.chars

@@ -67,6 +67,37 @@ def _resume_without_checkpoint(tmp_path):
     return ["train", "--resume", str(tmp_path)]
 
 
+def _fused_without_k_axis():
+    model, st, opt = _model_and_state()
+    steps = jt.make_train_steps(jt.classification_loss(model), opt, steps_per_call=4)
+    # B=8 != K. (B == K is not visible in the shapes; the model's input check then
+    # catches the missing batch axis.)
+    b = {"x": jnp.zeros((8, 8, 8, 1)), "y": jnp.zeros((8,), jnp.int32), "mask": jnp.ones(8)}
+    return steps(st, b)
+
+
+def _fit_plain(batches):
+    model, st, opt = _model_and_state()
+    step = jt.make_train_step(jt.classification_loss(model), opt)
+    return jt.fit(st, step, batches, epochs=1, progress=False)
+
+
+def _np_batch(**over):
+    b = {"x": np.zeros((4, 8, 8, 1), np.float32), "y": np.zeros(4, np.int32)}
+    b["mask"] = np.ones(4, np.float32)
+    b.update(over)
+    return b
+
+
+def _early_stopping_typo():
+    model, st, opt = _model_and_state()
+    step = jt.make_train_step(jt.classification_loss(model), opt)
+    eval_step = jt.make_eval_step(jt.classification_eval(model))
+    ds = jt.ArrayDataset({"x": X, "y": Y}, 4)
+    stop = jt.EarlyStopping("acuracy", "max")
+    return jt.fit(st, step, ds, epochs=1, eval_step=eval_step, eval_data=ds, early_stopping=stop)
+
+
 CASES = [
     # (id, build(tmp_path) -> callable, exception, substrings the message must contain)
     (
@@ -122,6 +153,106 @@ CASES = [
         lambda t: lambda: jt.ArrayDataset({"x": X, "y": Y * 1.0}, 4, num_classes=10),
         TypeError,
         ["labels 'y'", "must be integers", "float64"],
+    ),
+    (
+        "dataset-seed-over-key-range",
+        lambda t: lambda: jt.ArrayDataset({"x": X}, 4, seed=2**32),
+        ValueError,
+        ["seed must be an integer in [0, 4294967295]", "got 4294967296", "Fix"],
+    ),
+    (
+        "grain-seed-negative",
+        lambda t: lambda: jt.GrainData([{"x": X[0]}] * 4, 2, seed=-1),
+        ValueError,
+        ["GrainData seed must be an integer in [0, 4294967295]", "got -1"],
+    ),
+    (
+        "dataset-label-minus-one",
+        lambda t: lambda: jt.ArrayDataset({"x": X, "y": np.where(Y == 4, -1, Y)}, 4),
+        ValueError,
+        ["labels 'y' must be >= 0", "found -1 at index (4,)", "Fix"],
+    ),
+    (
+        "loss-label-out-of-range",
+        lambda t: lambda: jt.losses.softmax_cross_entropy(jnp.zeros((2, 10)), jnp.array([3, 10])),
+        ValueError,
+        ["labels holds 10 at index (1,)", "must be in [0, 10)", "Fix"],
+    ),
+    (
+        "loss-mask-negative",
+        lambda t: (
+            lambda: jt.losses.accuracy(jnp.zeros((2, 3)), jnp.array([0, 1]), jnp.array([1, -1]))
+        ),
+        ValueError,
+        ["accuracy: mask holds -1 at index (1,)", "[0, 1]", "Fix"],
+    ),
+    (
+        "fit-iterable-nan-input",
+        lambda t: lambda: _fit_plain([_np_batch(), _np_batch(x=np.full((4, 8, 8, 1), np.nan))]),
+        ValueError,
+        ["train_data epoch 0, batch 1", "batch['x'] holds nan at index (0, 0, 0, 0)", "Fix"],
+    ),
+    (
+        "fit-iterable-negative-label",
+        lambda t: lambda: _fit_plain([_np_batch(y=np.array([0, 1, -1, 2], np.int32))]),
+        ValueError,
+        ["batch 0: batch['y'] holds the label -1 at index (2,)", "ignore_index", "Fix"],
+    ),
+    (
+        "fit-iterable-mask-over-1",
+        lambda t: lambda: _fit_plain([_np_batch(mask=np.full(4, 2.0, np.float32))]),
+        ValueError,
+        ["batch['mask'] holds 2.0 at index (0,)", "[0, 1]", "Fix"],
+    ),
+    (
+        "aux-collides-with-loss",
+        lambda t: lambda: _train_step_on(_batch(), lambda p, b: (jnp.float32(0), {"loss": 1.0})),
+        ValueError,
+        ["aux has the key 'loss'", "replace the real 'loss'", "Fix: rename it"],
+    ),
+    (
+        "aux-not-scalar",
+        lambda t: (
+            lambda: _train_step_on(_batch(), lambda p, b: (jnp.float32(0), {"a": jnp.ones(3)}))
+        ),
+        ValueError,
+        ["aux['a'] has shape (3,)", "must be scalars", "Fix: reduce it"],
+    ),
+    (
+        "fused-missing-k-axis",
+        lambda t: _fused_without_k_axis,
+        ValueError,
+        ["steps_per_call=4", "leading step axis [K=4, B, ...]", "missing the [K] axis", "Fix"],
+    ),
+    (
+        "hook-period-0",
+        lambda t: lambda: jt.PeriodicHook(0, print),
+        ValueError,
+        ["PeriodicHook every_steps must be an integer >= 1", "got 0", "Fix"],
+    ),
+    (
+        "early-stopping-min-delta-negative",
+        lambda t: lambda: jt.EarlyStopping("loss", min_delta=-0.1),
+        ValueError,
+        ["min_delta must be a finite number >= 0", "got -0.1", "Fix"],
+    ),
+    (
+        "early-stopping-min-delta-nan",
+        lambda t: lambda: jt.EarlyStopping("loss", min_delta=float("nan")),
+        ValueError,
+        ["min_delta must be a finite number >= 0", "got nan"],
+    ),
+    (
+        "early-stopping-patience-float",
+        lambda t: lambda: jt.EarlyStopping("loss", patience=2.5),
+        ValueError,
+        ["patience must be >= 1; got 2.5", "whole number of evaluations", "Fix"],
+    ),
+    (
+        "early-stopping-metric-typo",
+        lambda t: _early_stopping_typo,
+        ValueError,
+        ["early_stopping.metric='acuracy' is not a metric", "['accuracy', 'loss']", "Fix"],
     ),
     (
         "mask-key-reserved",
@@ -316,3 +447,35 @@ def test_bad_input_is_a_clear_error(build, exc, parts, tmp_path, capsys):
         assert e.value.code == 2
     for part in parts:
         assert part in text, (part, text)
+
+
+def test_early_stopping_typo_is_refused_before_the_first_step():
+    model, st, opt = _model_and_state()
+    step = jt.make_train_step(jt.classification_loss(model), opt)
+    eval_step = jt.make_eval_step(jt.classification_eval(model))
+    ds = jt.ArrayDataset({"x": X, "y": Y}, 4)
+    for eval_data in (ds, list(ds.batches(0))):
+        with pytest.raises(ValueError, match="early_stopping.metric='acc' is not a metric"):
+            jt.fit(
+                st,
+                step,
+                ds,
+                epochs=1,
+                eval_step=eval_step,
+                eval_data=eval_data,
+                early_stopping=jt.EarlyStopping("acc", "max"),
+                progress=False,
+            )
+    assert step.trace_count == 0 and eval_step.trace_count == 0  # nothing ran, nothing compiled
+    # A correct name trains, with one trace of each step as before.
+    jt.fit(
+        st,
+        step,
+        ds,
+        epochs=1,
+        eval_step=eval_step,
+        eval_data=ds,
+        early_stopping=jt.EarlyStopping("accuracy", "max"),
+        progress=False,
+    )
+    assert step.trace_count == 1 and eval_step.trace_count == 1

@@ -209,8 +209,56 @@ def test_drop_remainder_with_batch_larger_than_dataset_errors():
 
 
 def test_negative_seed_errors():
-    with pytest.raises(ValueError, match="seed must be an integer >= 0"):
+    with pytest.raises(
+        ValueError, match=r"seed must be an integer in \[0, 4294967295\] \(2\*\*32 - 1\); got -1"
+    ):
         ArrayDataset(_arrays(), 4, seed=-1)
+
+
+def test_seed_range_is_the_key_range_at_both_ends():
+    """jax.random.key keeps 32 bits: 2**32 would shuffle exactly like seed 0."""
+    for ok in (0, 2**32 - 1):
+        assert ArrayDataset(_arrays(), 4, seed=ok).seed == ok
+    ArrayDataset(_arrays(), 4, seed=2**32 - 1).order(0)  # a usable key
+    for bad in (2**32, 2**63, -1, 1.0, True):
+        with pytest.raises(ValueError, match=rf"seed must be .*got {bad!r}\..*Fix"):
+            ArrayDataset(_arrays(), 4, seed=bad)
+
+
+def test_negative_labels_are_refused_without_num_classes():
+    arrays = {"x": np.zeros((6, 2), np.float32), "y": np.array([0, 1, 2, -1, 0, 1])}
+    with pytest.raises(ValueError, match=r"labels 'y' must be >= 0.*found -1 at index \(3,\)"):
+        ArrayDataset(arrays, 4)
+    ArrayDataset(arrays, 4, label_key=None)  # explicitly not labels: accepted
+    with pytest.raises(ValueError, match=r"in \[0, 2\) for 2 classes; found 2"):
+        ArrayDataset(arrays, 4, num_classes=2)
+
+
+def test_check_batch_names_entry_index_and_value():
+    from jaxtrain.data import check_batch
+
+    x = np.zeros((4, 3), np.float32)
+    x[2, 1] = np.nan
+    with pytest.raises(
+        ValueError, match=r"^b 7: batch\['x'\] holds nan at index \(2, 1\) \(example 2 of"
+    ):
+        check_batch({"x": x}, "b 7")
+    # A padded (mask 0) row is never read: NaN there, or a label of -100, is fine.
+    mask = np.array([1, 1, 0, 1], np.float32)
+    check_batch({"x": x, "y": np.array([0, 1, -100, 2]), "mask": mask}, "b")
+    with pytest.raises(ValueError, match=r"batch\['y'\] holds the label -100 at index \(1,\)"):
+        check_batch({"y": np.array([0, -100, 1, 1]), "mask": mask}, "b")
+    with pytest.raises(ValueError, match=r"in \[0, 3\).*Fix"):
+        check_batch({"y": np.array([0, 3])}, "b", num_classes=3)
+    for bad in (-0.5, 1.5, np.inf):
+        with pytest.raises(
+            ValueError, match=rf"batch\['mask'\] holds {bad!r} at index \(1,\).*\[0, 1\]"
+        ):
+            check_batch({"mask": np.array([1.0, bad], np.float32)}, "b")
+    # Device arrays are not read back (no host sync per step).
+    import jax.numpy as jnp
+
+    check_batch({"x": jnp.full(2, jnp.nan)}, "b")
 
 
 # -------------------------------------------------------------------------- digits

@@ -215,3 +215,29 @@ def test_grad_norm_metric_can_be_switched_off(setup, fused):
     _assert_bitwise(results[1][0], results[0][0])  # only the report differs
     with pytest.raises(TypeError, match="grad_norm must be True or False; got 'no'"):
         jt.make_train_step(loss, opt, grad_norm="no")
+
+
+def test_batch_without_the_step_axis_is_an_error_naming_it(setup):
+    """A [B, ...] batch would otherwise run B one-example steps."""
+    train, model, params, opt = setup
+    fused = jt.make_train_steps(jt.classification_loss(model), opt, steps_per_call=4)
+    batch = next(jt.ArrayDataset(train, 64, seed=0).batches(0))  # [64, 8, 8, 1]: no [K]
+    with pytest.raises(
+        ValueError,
+        match=r"make_train_steps\(steps_per_call=4\) runs 4 steps per call and needs batches "
+        r"with a leading step axis \[K=4, B, \.\.\.\]; got batches\['mask'\] of shape \(64,\) "
+        r"\(leading size 64\), which is missing the \[K\] axis.*Fix: stack 4 batches",
+    ):
+        fused(_fresh(params, opt), batch)
+    # A group of another size (here 2 of 4) is refused outside fit too.
+    two = {k: np.stack([batch[k]] * 2) for k in batch}
+    with pytest.raises(ValueError, match=r"got batches\['mask'\] of shape \(2, 64\)"):
+        fused(_fresh(params, opt), two)
+
+
+def test_fit_may_pass_a_shorter_last_group(setup):
+    train, model, params, opt = setup
+    fused = jt.make_train_steps(jt.classification_loss(model), opt, steps_per_call=4)
+    ds = jt.ArrayDataset(train, 64, seed=0)  # 5 batches: a group of 4, then one of 1
+    _, h = jt.fit(_fresh(params, opt), fused, ds, epochs=1, progress=False)
+    assert h.steps == 5 and fused.trace_count == 2 and fused._group_size is None

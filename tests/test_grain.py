@@ -14,7 +14,7 @@ import optax
 import pytest
 
 import jaxtrain as jt
-from jaxtrain.checkpoint import Checkpointer
+from jaxtrain.checkpoint import Checkpointer, meta_digest
 from jaxtrain.data import DataPosition
 
 N, B = 200, 32  # 7 batches per epoch, the last one 8 real + 24 padding
@@ -265,7 +265,15 @@ def test_shapes_that_change_between_batches_are_a_clear_error(setup):
         ("loader", {}, TypeError, r"not a grain.DataLoader.*pass the loader's data source"),
         ([], {}, ValueError, r"source is empty \(0 records\)"),
         ("records", {"batch_size": 0}, ValueError, r"batch_size must be an integer >= 1; got 0"),
-        ("records", {"seed": -1}, ValueError, r"seed must be an integer >= 0; got -1"),
+        ("records", {"seed": -1}, ValueError, r"seed must be an integer in \[0, 4294967295\]"),
+        (
+            "records",
+            {"seed": 2**32},
+            ValueError,
+            r"GrainData seed must be an integer in \[0, 4294967295\] \(2\*\*32 - 1\); got "
+            r"4294967296.*Fix",
+        ),
+        ("records", {"num_classes": 0}, ValueError, r"num_classes must be a positive integer"),
         (
             "records",
             {"batch_size": 50, "drop_remainder": True},
@@ -315,6 +323,9 @@ def _tampered(saved_run, tmp_path, change):
     with open(path) as f:
         meta = json.load(f)
     change(meta)
+    # A deliberate edit re-stamps the metadata digest (which guards against damage, not
+    # edits), so the iterator-state checks below are what must catch it.
+    meta["meta_sha256"] = meta_digest(meta)
     with open(path, "w") as f:
         json.dump(meta, f)
     return directory
@@ -374,3 +385,26 @@ def test_resuming_with_another_seed_or_workers_is_a_clear_error(saved_run, setup
                 resume=True,
                 progress=False,
             )
+
+
+def test_bad_values_are_caught_per_batch_on_the_host():
+    """NaN inputs and out-of-range labels fail as the batch is served, naming it."""
+    records = _indexed(10)
+    records[6] = {"i": np.int32(6), "x": np.array([0.0, np.inf], np.float32)}
+    data = jt.GrainData(records, batch_size=4, shuffle=False)
+    batches = data.batches(0)
+    next(batches)  # records 0-3 are fine
+    with pytest.raises(
+        ValueError,
+        match=r"GrainData batch 1 of epoch 0: batch\['x'\] holds inf at index \(2, 1\) "
+        r"\(example 2 of the batch\).*Fix",
+    ):
+        next(batches)
+    labels = [{"x": np.zeros(2, np.float32), "y": np.int32(i % 3)} for i in range(8)]
+    with pytest.raises(ValueError, match=r"batch\['y'\] holds the label 2 .*in \[0, 2\)"):
+        list(jt.GrainData(labels, batch_size=4, shuffle=False, num_classes=2).batches(0))
+    labels[5]["y"] = np.int32(-1)
+    with pytest.raises(ValueError, match=r"batch 1 of epoch 0: batch\['y'\] holds the label -1"):
+        list(jt.GrainData(labels, batch_size=4, shuffle=False).batches(0))
+    # label_key=None: an integer entry that is not class labels is not checked.
+    assert len(list(jt.GrainData(labels, 4, shuffle=False, label_key=None).batches(0))) == 2

@@ -88,7 +88,7 @@ def test_mask_weighting_ignores_padded_rows_with_garbage(data):
 
 def test_fractional_mask_is_a_weighted_mean(data):
     logits, labels = data
-    w = np.linspace(0.0, 2.0, 12).astype(np.float32)
+    w = np.linspace(0.0, 1.0, 12).astype(np.float32)  # weights in [0, 1]; > 1 is an error
     ce = _np_ce(logits, labels)
     got = losses.softmax_cross_entropy(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(w))
     np.testing.assert_allclose(got, (ce * w).sum() / w.sum(), rtol=1e-6)
@@ -234,3 +234,111 @@ def test_padded_rows_with_nan_or_bad_labels_never_leak():
         lambda w: jt.losses.softmax_cross_entropy(jnp.ones((2, 2)) @ w, jnp.array([0, -100]), mask)
     )(jnp.eye(2))
     assert np.isfinite(np.asarray(g)).all()
+
+
+# ------------------------------------------------------- invalid labels and masks
+
+
+@pytest.mark.parametrize("label", [4, -1])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_invalid_label_never_gives_a_finite_loss(label, smoothing):
+    """Out of [0, C) (or -1): an error outside jit, NaN under jit (never a small loss)."""
+    import jax
+
+    logits, labels = jnp.zeros((3, 4)), jnp.array([0, label, 2])
+    with pytest.raises(
+        ValueError,
+        match=rf"softmax_cross_entropy: labels holds {label} at index \(1,\) \(example 1 of "
+        r"the batch; 1 such value\(s\) in all\): labels must be in \[0, 4\).*Fix",
+    ):
+        losses.softmax_cross_entropy(logits, labels, label_smoothing=smoothing)
+    with pytest.raises(ValueError, match=rf"accuracy: labels holds {label} at index \(1,\)"):
+        losses.accuracy(logits, labels)
+    jitted = jax.jit(lambda lg, y: losses.softmax_cross_entropy(lg, y, None, smoothing))
+    assert np.isnan(float(jitted(logits, labels)))
+    assert np.isnan(float(jax.jit(losses.accuracy)(logits, labels)))
+    assert np.isfinite(float(jitted(logits, jnp.array([0, 3, 2]))))
+
+
+@pytest.mark.parametrize("bad", [-1.0, 2.0, float("nan")])
+def test_mask_outside_0_1_is_an_error_or_nan(bad):
+    import jax
+
+    logits, labels = jnp.zeros((3, 4)), jnp.array([0, 1, 2])
+    mask = jnp.array([1.0, bad, 1.0])
+    with pytest.raises(ValueError, match=rf"mask holds {bad!r} at index \(1,\).*\[0, 1\]"):
+        losses.softmax_cross_entropy(logits, labels, mask)
+    with pytest.raises(ValueError, match=r"mean_squared_error: mask holds"):
+        losses.mean_squared_error(jnp.zeros(3), jnp.zeros(3), mask)
+    assert np.isnan(float(jax.jit(losses.softmax_cross_entropy)(logits, labels, mask)))
+    assert np.isnan(float(jax.jit(losses.mean_squared_error)(jnp.zeros(3), jnp.zeros(3), mask)))
+
+
+def _tiny_classifier():
+    import jax
+    import optax
+
+    import jaxtrain as jt
+
+    model = jt.from_function(lambda p, x: x @ p["w"])  # 3 classes
+    opt = optax.sgd(0.1)
+    state = jt.TrainState.create({"w": jnp.zeros((2, 3))}, opt, jax.random.key(0))
+    return jt, model, opt, state
+
+
+def _label_batches(bad_label, bad_at=2, n=4):
+    out = []
+    for i in range(n):
+        y = np.array([0, 1, 2, 1], np.int32)
+        if i == bad_at:
+            y[3] = bad_label
+        # Device arrays: not read back by the host check; the loss counts on the device.
+        out.append({"x": jnp.ones((4, 2)), "y": jnp.asarray(y), "mask": jnp.ones(4)})
+    return out
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_fit_raises_at_the_next_log_for_labels_out_of_range(fused):
+    jt, model, opt, state = _tiny_classifier()
+    loss = jt.classification_loss(model, label_smoothing=0.1)
+    if fused:
+        step = jt.make_train_steps(loss, opt, steps_per_call=2)
+    else:
+        step = jt.make_train_step(loss, opt)
+    with pytest.raises(
+        ValueError,
+        match=r"invalid batch at training step 3: the loss counted 1 label\(s\) outside "
+        r"\[0, num_classes\).*'invalid_labels'.*Fix: remap the labels",
+    ):
+        jt.fit(state, step, _label_batches(3), epochs=1, log_every=4, progress=False)
+    assert step.trace_count == 1
+
+
+def test_fit_hides_the_counts_when_they_are_zero_and_checks_masks():
+    jt, model, opt, state = _tiny_classifier()
+    step = jt.make_train_step(jt.classification_loss(model), opt)
+    _, h = jt.fit(state, step, _label_batches(1), epochs=1, log_every=2, progress=False)
+    assert h.train and not any("invalid_labels" in r or "invalid_mask" in r for r in h.train)
+    batches = _label_batches(1)
+    batches[1]["mask"] = jnp.array([1.0, -1.0, 1.0, 1.0])
+    step = jt.make_train_step(jt.classification_loss(model), opt, grad_accum_steps=2)
+    with pytest.raises(
+        ValueError, match=r"training step 2: the loss counted 1 mask value\(s\) outside \[0, 1\]"
+    ):
+        jt.fit(state, step, batches, epochs=1, log_every=4, progress=False)
+
+
+def test_evaluate_raises_for_labels_out_of_range():
+    jt, model, opt, state = _tiny_classifier()
+    eval_step = jt.make_eval_step(jt.classification_eval(model))
+    assert set(jt.evaluate(eval_step, state, _label_batches(1))) == {"loss", "accuracy"}
+    with pytest.raises(
+        ValueError,
+        match=r"evaluation: the data held 1 label\(s\) outside \[0, num_classes\).*Fix",
+    ):
+        jt.evaluate(eval_step, state, _label_batches(-7))
+    # A masked-out position may hold anything (e.g. ignore_index -100).
+    batches = _label_batches(-100)
+    batches[2]["mask"] = jnp.array([1.0, 1.0, 1.0, 0.0])
+    assert set(jt.evaluate(eval_step, state, batches)) == {"loss", "accuracy"}
+    assert eval_step.trace_count == 1

@@ -70,7 +70,9 @@ def test_raise_stops_fit_at_next_log_with_step_and_leaf(setup):
 
     step = jt.make_train_step(jt.classification_loss(model), opt, nonfinite="raise")
     state = jt.TrainState.create(_copy(params), opt, 0)
-    batches = _nan_batches(train, 2)
+    # Already on the device: fit does not read such batches back (numpy batches are
+    # checked on the host, see below); the guard catches the NaN inside the step.
+    batches = [jax.tree.map(jnp.asarray, b) for b in _nan_batches(train, 2)]
     with pytest.raises(FloatingPointError) as e:
         jt.fit(state, step, batches, epochs=1, log_every=4, progress=False)
     msg = str(e.value)
@@ -113,3 +115,86 @@ def test_guard_does_not_sync_per_step(setup):
 def test_bad_policy_is_rejected():
     with pytest.raises(ValueError, match="nonfinite must be 'skip', 'raise' or None; got 'ignore'"):
         jt.make_train_step(lambda p, b: 0.0, optax.sgd(0.1), nonfinite="ignore")
+
+
+def _lr_nan_setup(setup):
+    train, model, params = setup
+    batches = list(jt.ArrayDataset(train, 64, shuffle=False).batches(0))
+    return model, params, batches
+
+
+@pytest.mark.parametrize("how", ["inject", "schedule"])
+@pytest.mark.parametrize("kind", ["single", "fused", "accum"])
+def test_nan_learning_rate_is_skipped_not_written_into_params(setup, how, kind):
+    """Finite loss and gradients, NaN update: the guard checks the update and new params."""
+    model, params, batches = _lr_nan_setup(setup)
+    if how == "inject":
+        opt = optax.inject_hyperparams(optax.sgd)(learning_rate=jnp.nan)
+    else:
+        opt = optax.sgd(lambda step: jnp.where(step >= 1, jnp.nan, 0.1))  # NaN from step 1
+    loss = jt.classification_loss(model)
+    if kind == "fused":
+        step = jt.make_train_steps(loss, opt, steps_per_call=2, nonfinite="skip")
+        batch = {k: np.stack([batches[0][k], batches[1][k]]) for k in batches[0]}
+    else:
+        step = jt.make_train_step(
+            loss, opt, nonfinite="skip", grad_accum_steps=2 if kind == "accum" else 1
+        )
+        batch = batches[0]
+    state = jt.TrainState.create(_copy(params), opt, 0)
+    state, m = step(state, batch)
+    if kind != "fused":
+        state, m = step(state, batches[1])
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+    assert int(state.step) == 2
+    skipped = 2 if how == "inject" else 1  # the schedule is finite at step 0
+    assert int(state.skipped_steps) == skipped
+    if how == "schedule":  # step 0 ran, step 1 was skipped: the params of step 1
+        ref = jt.TrainState.create(_copy(params), optax.sgd(0.1), 0)
+        accum = 2 if kind == "accum" else 1
+        ref, _ = jt.make_train_step(loss, optax.sgd(0.1), grad_accum_steps=accum)(ref, batches[0])
+        for a, b in zip(jax.tree.leaves(ref.params), jax.tree.leaves(state.params), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_nan_learning_rate_raise_names_the_update(setup):
+    model, params, batches = _lr_nan_setup(setup)
+    opt = optax.inject_hyperparams(optax.sgd)(learning_rate=jnp.nan)
+    step = jt.make_train_step(jt.classification_loss(model), opt, nonfinite="raise")
+    state = jt.TrainState.create(_copy(params), opt, 0)
+    with pytest.raises(
+        FloatingPointError,
+        match=r"step 1 \(update skipped\): first non-finite leaf is "
+        r"updates\['Dense_0'\]\['bias'\] \(the loss and gradients were finite: check the "
+        r"learning rate",
+    ):
+        jt.fit(state, step, batches, epochs=1, log_every=2, progress=False)
+
+
+def test_infinite_param_names_the_new_params(setup):
+    """An update that is finite but overflows the parameter: named as 'new params'."""
+    train, model, params = setup
+    opt = optax.sgd(3e38)  # loss, gradient (-1) and update (+3e38) are finite
+    step = jt.make_train_step(lambda p, b: -p["Dense_1"]["bias"][0], opt, nonfinite="skip")
+    p = _copy(params)
+    p["Dense_1"]["bias"] = p["Dense_1"]["bias"] + 3e38
+    state = jt.TrainState.create(p, opt, 0)
+    state, m = step(state, {"x": jnp.zeros((1,))})
+    name = step.nonfinite_names[int(m["nonfinite"])]
+    assert name == "new params['Dense_1']['bias']", name
+    np.testing.assert_array_equal(np.asarray(state.params["Dense_1"]["bias"]), p["Dense_1"]["bias"])
+
+
+def test_nan_input_from_a_plain_iterable_is_an_error_naming_the_batch(setup):
+    """Numpy batches from any iterable are checked on the host before placement."""
+    train, model, params = setup
+    opt = optax.sgd(0.1)
+    step = jt.make_train_step(jt.classification_loss(model), opt)
+    state = jt.TrainState.create(_copy(params), opt, 0)
+    with pytest.raises(
+        ValueError,
+        match=r"train_data epoch 0, batch 1: batch\['x'\] holds nan at index \(3, 2, 2, 0\) "
+        r"\(example 3 of the batch\).*Fix",
+    ):
+        jt.fit(state, step, _nan_batches(train, 1), epochs=1, progress=False)
+    assert step.trace_count <= 1  # refused before the bad batch reached the device

@@ -376,13 +376,21 @@ def test_aux_metrics_pass_through_and_model_state_updates_state():
 def test_all_metric_values_are_device_scalars():
     optimizer, step, eval_step = _shared_steps()
     state, metrics = step(_init_state(optimizer), _batches(1)[0])
-    assert set(metrics) == {"loss", "grad_norm", "learning_rate", "accuracy"}
+    # The built-in loss also counts invalid labels / mask values (fit hides them).
+    assert set(metrics) == {
+        "loss",
+        "grad_norm",
+        "learning_rate",
+        "accuracy",
+        "invalid_labels",
+        "invalid_mask",
+    }
     for name, value in metrics.items():
         assert isinstance(value, jax.Array), (name, type(value))
         assert value.shape == (), (name, value.shape)
         assert jnp.issubdtype(value.dtype, jnp.floating), (name, value.dtype)
     sums = eval_step(state, _batches(1)[0])
-    assert set(sums) == {"loss", "accuracy"}
+    assert set(sums) == {"loss", "accuracy", "invalid_labels", "invalid_mask"}
     for name, leaf in jax.tree_util.tree_leaves_with_path(sums):
         assert isinstance(leaf, jax.Array) and leaf.shape == (), jax.tree_util.keystr(name)
 
@@ -482,3 +490,40 @@ def test_step_on_a_mesh_compiles_once_for_an_unplaced_state(donate):
         state, metrics = step(state, batch)
     assert step.trace_count == 1
     assert int(state.step) == 3 and np.isfinite(float(metrics["loss"]))
+
+
+@pytest.mark.parametrize("key", ["loss", "grad_norm", "learning_rate", "skipped_steps", "step"])
+def test_aux_key_colliding_with_a_builtin_metric_is_an_error(key):
+    optimizer = optax.sgd(0.1)
+
+    def loss_fn(params, batch):
+        loss = _linear_loss(params, batch)
+        return loss, {key: 2 * loss}
+
+    step = make_train_step(loss_fn, optimizer)
+    with pytest.raises(
+        ValueError,
+        match=rf"aux has the key '{key}', the name of a metric jaxtrain reports itself; it "
+        rf"would replace the real '{key}'\. Fix: rename it \(e\.g\. 'my_{key}'\)",
+    ):
+        step(_linear_state(optimizer), _linear_batch())
+
+
+def test_non_scalar_aux_value_is_an_error_at_trace_time():
+    optimizer = optax.sgd(0.1)
+
+    def loss_fn(params, batch):
+        per_example = (batch["x"] @ params["w"] - batch["y"]) ** 2
+        return jnp.mean(per_example), {"per_example": per_example}
+
+    for accum in (1, 2):
+        step = make_train_step(loss_fn, optimizer, grad_accum_steps=accum)
+        with pytest.raises(
+            ValueError,
+            match=r"aux\['per_example'\] has shape \((8|4),\); aux metrics must be scalars.*"
+            r"Fix: reduce it, e\.g\. jnp\.mean",
+        ):
+            step(_linear_state(optimizer), _linear_batch())
+    step = make_train_step(lambda p, b: (_linear_loss(p, b), {"d": {"a": 1.0}}), optimizer)
+    with pytest.raises(TypeError, match=r"aux\['d'\] is a dict; aux metrics must be scalar"):
+        step(_linear_state(optimizer), _linear_batch())

@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import os
 import time
 
 import pytest
@@ -88,11 +89,50 @@ def test_tensorboard_scalars_read_back(tmp_path):
         w.write({"loss": 1.0})
 
 
-def test_jsonl_writer_unchanged(tmp_path):
+def _strict_loads(text):
+    """A strict JSON parser: NaN / Infinity tokens are errors (as in jq, JavaScript, Go)."""
+
+    def refuse(token):
+        raise ValueError(f"not strict JSON: {token}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_jsonl_writer_writes_null_for_non_finite_values(tmp_path):
+    import numpy as np
+
     with JsonlWriter(tmp_path / "m.jsonl") as w:
-        w.write({**TRAIN_1, "loss": float("inf")})
-    assert json.loads((tmp_path / "m.jsonl").read_text())["loss"] == "inf"
-    assert read_jsonl(tmp_path / "m.jsonl")[0]["step"] == 20
+        w.write({**TRAIN_1, "loss": float("inf"), "grad_norm": np.float32("nan")})
+        w.write({**TRAIN_2, "extra": [1.0, float("-inf")], "n": np.int64(3)})
+    lines = (tmp_path / "m.jsonl").read_text().splitlines()
+    first = _strict_loads(lines[0])
+    assert first["loss"] is None and first["grad_norm"] is None and first["step"] == 20
+    assert _strict_loads(lines[1])["extra"] == [1.0, None] and _strict_loads(lines[1])["n"] == 3
+    assert read_jsonl(tmp_path / "m.jsonl")[0] == {**TRAIN_1, "loss": None, "grad_norm": None}
+
+
+def test_diverged_run_writes_strict_json(tmp_path):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from jaxtrain.plots import load_run, plot_curves, plot_runs
+
+    opt = optax.sgd(1e30)  # diverges: inf, then NaN loss and parameters
+    step = jaxtrain.make_train_step(lambda p, b: jnp.mean((b["x"] @ p["w"]) ** 2), opt)
+    state = jaxtrain.TrainState.create({"w": jnp.ones(2)}, opt, jax.random.key(0))
+    data = jaxtrain.ArrayDataset({"x": np.ones((16, 2), np.float32)}, 4)
+    with JsonlWriter(tmp_path / "metrics.jsonl") as w:
+        _, h = jaxtrain.fit(state, step, data, epochs=2, log_every=2, writers=[w], progress=False)
+    assert any(not math.isfinite(r["loss"]) for r in h.train)  # it did diverge
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    records = [_strict_loads(line) for line in lines]
+    assert len(records) == len(h.train) and any(r["loss"] is None for r in records)
+    assert [r["step"] for r in load_run(tmp_path)] == [r["step"] for r in h.train]
+    # The plots read null back as a gap, not a crash.
+    assert os.path.exists(plot_curves(load_run(tmp_path), tmp_path / "curves.png"))
+    assert os.path.exists(plot_runs([tmp_path], tmp_path / "runs.png"))
 
 
 def test_train_cli_writes_tensorboard_and_csv(tmp_path, capsys):

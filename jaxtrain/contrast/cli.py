@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 from typing import Any
 
 from jaxtrain._argtypes import positive_float as _positive_float
 from jaxtrain._argtypes import positive_int as _positive_int
+from jaxtrain.logging import dumps_strict
 
 COMMAND = "compare"
 MODELS = ("mlp-tanh", "cnn-tanh", "mlp", "cnn")
@@ -124,7 +124,7 @@ def run_compare(args: argparse.Namespace) -> int:
     png = result.plot(os.path.join(args.out, "compare.png"))
     js = os.path.join(args.out, "compare.json")
     with open(js, "w") as f:
-        json.dump(result.to_dict(), f)
+        f.write(dumps_strict(result.to_dict()))  # strict JSON: a diverged loss is null
     s = result.summary()
     print(f"{label}; torch {torch.__version__}, jax {jax.__version__}, float32, CPU")
     print(result.table(args.every))
