@@ -9,7 +9,15 @@ from jaxtrain.data import ArrayDataset, DataPosition, load_digits
 from jaxtrain.doctor import preflight
 from jaxtrain.grain_data import GrainData
 from jaxtrain.logging import CsvWriter, JsonlWriter, TensorBoardWriter, read_csv, read_jsonl
-from jaxtrain.loop import EarlyStopping, History, PeriodicHook, evaluate, fit
+from jaxtrain.loop import (
+    EarlyStopping,
+    EventHook,
+    History,
+    PeriodicHook,
+    Preempted,
+    evaluate,
+    fit,
+)
 from jaxtrain.models import (
     CNN,
     MLP,
@@ -52,6 +60,7 @@ __all__ = [
     "DataPosition",
     "DynamicLossScale",
     "EarlyStopping",
+    "EventHook",
     "GrainData",
     "History",
     "JsonlWriter",
@@ -59,6 +68,7 @@ __all__ = [
     "Model",
     "PeriodicHook",
     "Policy",
+    "Preempted",
     "TensorBoardWriter",
     "TrainState",
     "TransformerLM",

@@ -11,6 +11,8 @@ import collections
 import dataclasses
 import math
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
@@ -23,8 +25,9 @@ from tqdm.auto import tqdm
 
 from jaxtrain import metrics as metrics_lib
 from jaxtrain import perf as perf_lib
-from jaxtrain.data import MASK_KEY, ArrayDataset, DataPosition
+from jaxtrain.data import MASK_KEY, ArrayDataset, DataPosition, check_batch
 from jaxtrain.grain_data import GrainData
+from jaxtrain.losses import INVALID_COUNT_KEYS, INVALID_LABELS
 from jaxtrain.parallel import _put_batch, data_mesh, process_rows, shard_batch, shard_state
 from jaxtrain.state import TrainState
 from jaxtrain.step import CompiledStep
@@ -34,6 +37,64 @@ class Writer(Protocol):
     """Anything that takes log records (e.g. `jaxtrain.logging.JsonlWriter`)."""
 
     def write(self, record: Mapping[str, Any]) -> None: ...
+
+
+class Preempted(Exception):
+    """`fit` stopped on SIGTERM after saving and committing a checkpoint at ``step``.
+
+    With a checkpointer, `fit` turns SIGTERM (preemption on TPU VMs, SLURM, Colab) into:
+    finish the current step, save a checkpoint, wait for it, raise this. Resuming from
+    that checkpoint (``resume=True``) ends bitwise where an uninterrupted run ends.
+    ``jaxtrain train`` turns it into exit status 143 (128 + SIGTERM).
+
+    Attributes:
+        step: the step of the checkpoint written before stopping.
+        directory: the checkpointer's directory.
+
+    Example:
+        >>> e = Preempted(40, "runs/digits/checkpoints")
+        >>> e.step, str(e)
+        (40, 'stopped by SIGTERM after saving checkpoint step 40 in runs/digits/checkpoints')
+    """
+
+    def __init__(self, step: int, directory: str):
+        super().__init__(f"stopped by SIGTERM after saving checkpoint step {step} in {directory}")
+        self.step = step
+        self.directory = directory
+
+
+class _Sigterm:
+    """Turns SIGTERM into a request that `fit` honours after the current step.
+
+    Installed only where it can work: in the main thread (Python delivers signals
+    there) and in a single-process run (processes of a multi-process run could see the
+    signal at different steps and then save different steps: a hang). A second SIGTERM
+    gets the previous handler (by default: end at once).
+    """
+
+    def __init__(self, enabled: bool):
+        self.requested = False
+        self.previous: Any = None
+        self.installed = False
+        if enabled and threading.current_thread() is threading.main_thread():
+            if jax.process_count() == 1:
+                self.previous = signal.signal(signal.SIGTERM, self._handle)
+                self.installed = True
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+        signal.signal(signal.SIGTERM, self._previous())
+
+    def _previous(self) -> Any:
+        return signal.SIG_DFL if self.previous is None else self.previous
+
+    def restore(self) -> None:
+        if self.installed:
+            signal.signal(signal.SIGTERM, self._previous())
+            self.installed = False
+
+
+_sigterm: _Sigterm | None = None  # the active fit's, for _debug_pause
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,10 +120,34 @@ class EarlyStopping:
     min_delta: float = 0.0
 
     def __post_init__(self):
+        if not isinstance(self.metric, str) or not self.metric:
+            raise ValueError(
+                f"EarlyStopping metric must be the name of an eval metric (e.g. 'loss'); "
+                f"got {self.metric!r}."
+            )
         if self.mode not in ("min", "max"):
             raise ValueError(f"EarlyStopping mode must be 'min' or 'max'; got {self.mode!r}.")
-        if self.patience < 1:
-            raise ValueError(f"EarlyStopping patience must be >= 1; got {self.patience}.")
+        if (
+            isinstance(self.patience, bool)
+            or not isinstance(self.patience, (int, np.integer))
+            or self.patience < 1
+        ):
+            raise ValueError(
+                f"EarlyStopping patience must be >= 1; got {self.patience!r}. It is a whole "
+                "number of evaluations without improvement. Fix: e.g. patience=5."
+            )
+        if (
+            isinstance(self.min_delta, bool)
+            or not isinstance(self.min_delta, (int, float, np.integer, np.floating))
+            or not math.isfinite(self.min_delta)
+            or self.min_delta < 0
+        ):
+            raise ValueError(
+                f"EarlyStopping min_delta must be a finite number >= 0; got {self.min_delta!r}. "
+                "It is the smallest improvement that counts, in the direction of mode (a "
+                "negative one would count getting worse). Fix: min_delta=0.0 or a small "
+                "positive number."
+            )
 
     def improved(self, value: float, best: float | None) -> bool:
         if best is None:
@@ -99,6 +184,75 @@ class PeriodicHook:
     every_steps: int
     fn: Callable[[TrainState, History], None]
 
+    def __post_init__(self):
+        if (
+            isinstance(self.every_steps, bool)
+            or not isinstance(self.every_steps, (int, np.integer))
+            or self.every_steps < 1
+        ):
+            raise ValueError(
+                f"PeriodicHook every_steps must be an integer >= 1 (training steps); got "
+                f"{self.every_steps!r}. Fix: PeriodicHook(100, fn) calls fn every 100 steps."
+            )
+        if not callable(self.fn):
+            raise TypeError(
+                f"PeriodicHook fn must be callable as fn(state, history); got "
+                f"{type(self.fn).__name__}."
+            )
+
+
+HOOK_EVENTS = ("epoch_end", "eval_end")
+
+
+@dataclasses.dataclass(frozen=True)
+class EventHook:
+    """Calls ``fn(state, history)`` after an event of the loop.
+
+    Events: ``"epoch_end"`` (after an epoch's last step, its evaluation and its
+    checkpoint) and ``"eval_end"`` (after each evaluation, its record already in
+    ``history.eval``).
+
+    Order at a step: every hook due at a step (a `PeriodicHook` whose period the step
+    crosses, an ``eval_end`` or ``epoch_end`` event there) runs once, in the order of
+    ``fit(hooks=...)``, after all of `fit`'s own work for that step: its log record, its
+    evaluation, its checkpoint. So a hook at an epoch end sees that epoch's evaluation:
+    ``history.eval[-1]["step"] == state.step``.
+
+    Attributes:
+        on: ``"epoch_end"`` or ``"eval_end"``.
+        fn: ``fn(state, history)``, given the current `TrainState` and `History`.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, numpy as np, optax, jaxtrain as jt
+        >>> opt = optax.sgd(0.1)
+        >>> loss_fn = lambda p, b: jnp.mean((b["x"] @ p["w"]) ** 2)
+        >>> eval_fn = lambda p, b: {"err": jnp.abs(b["x"] @ p["w"])}
+        >>> state = jt.TrainState.create({"w": jnp.ones(2)}, opt, jax.random.key(0))
+        >>> seen = []
+        >>> hook = EventHook("epoch_end", lambda s, h: seen.append((int(s.step), h.eval[-1]["step"])))
+        >>> data = jt.ArrayDataset({"x": np.ones((8, 2), np.float32)}, 4)
+        >>> _ = jt.fit(state, jt.make_train_step(loss_fn, opt), data, epochs=2,
+        ...            eval_step=jt.make_eval_step(eval_fn), eval_data=data, hooks=[hook],
+        ...            progress=False)
+        >>> seen  # (step, step of the newest evaluation) at each epoch end
+        [(2, 2), (4, 4)]
+    """
+
+    on: str
+    fn: Callable[[TrainState, History], None]
+
+    def __post_init__(self):
+        if self.on not in HOOK_EVENTS:
+            raise ValueError(
+                f"EventHook on must be one of {list(HOOK_EVENTS)}; got {self.on!r}. Fix: "
+                "EventHook('epoch_end', fn), or PeriodicHook(every_steps, fn) for a period."
+            )
+        if not callable(self.fn):
+            raise TypeError(
+                f"EventHook fn must be callable as fn(state, history); got "
+                f"{type(self.fn).__name__}."
+            )
+
 
 @dataclasses.dataclass
 class History:
@@ -107,7 +261,9 @@ class History:
     Attributes:
         train: one dict per logging interval: ``step``, ``epoch``, ``split="train"``, the
             mean of each metric over the interval (``learning_rate``: its last value) and
-            ``examples_per_second``.
+            ``examples_per_second`` over the interval's device-synchronised time (see
+            ``steady_seconds``; the first call, which compiles, is left out: None for an
+            interval holding only that call).
         eval: one dict per evaluation: ``step``, ``epoch``, ``split="eval"``, metrics.
         steps: training steps run by this call.
         examples: real (unpadded) training examples seen by this call.
@@ -116,7 +272,17 @@ class History:
         stopped_early: whether `EarlyStopping` ended the run.
         best_eval: the eval record with the best early-stopping metric (or None).
         position: where the data iteration stands (resume from here).
-        steady_examples: examples seen after the first step (for throughput).
+        steady_examples: examples seen after the first call (for throughput).
+        steady_steps: steps run after the first call.
+        steady_seconds: device-synchronised seconds of those steps: each logging
+            interval runs from when its first step could start (the previous interval
+            finished on the device, or its first step was dispatched, whichever is
+            later) to when its last step finished on the device, so evaluation between
+            intervals is not counted; checkpoints and hooks inside an interval are.
+        compile_seconds: seconds this call spent tracing and compiling the train step
+            (or loading it from the persistent cache), from JAX's compile events; 0.0
+            when the step was compiled before (e.g. by `jaxtrain.step_flops`; see
+            ``CompiledStep.compile_seconds``) or is not a `CompiledStep`.
 
     Example:
         >>> h = History(steps=3, wall_seconds=3.0, first_step_seconds=1.0, steady_examples=64)
@@ -137,11 +303,19 @@ class History:
     position: DataPosition = dataclasses.field(default_factory=DataPosition)
 
     steady_examples: int = 0
+    steady_steps: int = 0
+    steady_seconds: float = 0.0
+    compile_seconds: float = 0.0
 
     @property
     def examples_per_second(self) -> float:
-        """Throughput after the first (compiling) step; 0.0 if only one step ran."""
-        t = self.wall_seconds - self.first_step_seconds
+        """Throughput after the first (compiling) call; 0.0 if only one call ran.
+
+        ``steady_examples / steady_seconds``: device-synchronised, the same time base as
+        the train records' ``examples_per_second``. A `History` built by hand without
+        ``steady_seconds`` falls back to the wall time after the first step.
+        """
+        t = self.steady_seconds or self.wall_seconds - self.first_step_seconds
         return self.steady_examples / t if t > 0 and self.steady_examples else 0.0
 
     def to_dict(self) -> dict:
@@ -212,7 +386,24 @@ def _epoch_batches(
         )
     for _ in range(start):
         next(it, None)
-    return it
+    return _host_checked(it, f"train_data epoch {epoch}", start)
+
+
+def _host_checked(batches: Iterable[Any], what: str, start: int = 0) -> Iterator[Any]:
+    """Batches of a plain iterable, each checked on the host before it is placed.
+
+    `jaxtrain.data.check_batch`: NaN/Inf inputs, negative labels in ``y`` (the upper
+    bound needs ``num_classes``: the built-in losses count those on the device), and
+    masks outside ``[0, 1]`` are errors naming the batch, entry, index and value. Entries
+    that are already ``jax.Array`` s are not read back (that would be a host sync per
+    step); the built-in losses' counts and ``nonfinite=`` guard cover them on the device.
+    `ArrayDataset` (checked once when built) and `GrainData` (checked as it serves) do
+    not come through here.
+    """
+    for i, b in enumerate(batches, start=start):
+        if isinstance(b, Mapping):
+            check_batch(b, f"{what}, batch {i}")
+        yield b
 
 
 def _num_real(batch: Mapping[str, Any]) -> int:
@@ -280,13 +471,27 @@ def _prefetch_calls(
     steps_per_call: int | None,
     max_steps: float,
     check: Any,
+    step: Any = None,
 ) -> Iterator[tuple[int, int, Any]]:
     """Yields ``(k, real examples, device batch)`` per call, one call ahead.
 
     ``steps_per_call=None``: one batch per call. Otherwise up to K batches stacked
     ``[k, B, ...]`` and sharded ``P(None, batch axes)``; a group never crosses the end of
     the epoch or of the step budget (``max_steps``), so a shorter last group may come.
+    While the caller runs ``step`` on such a group, ``step._group_size`` is k: the fused
+    step's check of the leading ``[K]`` axis accepts it then, and only then.
     """
+
+    def announce(item):
+        short = step is not None and hasattr(step, "_group_size") and item[0] != steps_per_call
+        if short:
+            step._group_size = item[0]
+        try:
+            yield item
+        finally:
+            if short:
+                step._group_size = None
+
     if steps_per_call is None:
         left = max_steps
         for n_real, batch in _prefetch(batches, mesh, check=check):
@@ -317,9 +522,9 @@ def _prefetch_calls(
         stacked = _put_batch(_stack(group), mesh, stacked=True)
         queue.append((len(group), sum(_num_real(b) for b in group), stacked))
         if len(queue) >= 2:
-            yield queue.popleft()
+            yield from announce(queue.popleft())
     while queue:
-        yield queue.popleft()
+        yield from announce(queue.popleft())
 
 
 def evaluate(
@@ -355,7 +560,12 @@ def evaluate(
         {'accuracy': 0.6, 'loss': 0.6931}
     """
     mesh = data_mesh() if mesh is None else mesh
-    batches = _epoch_batches(data, 0, 0, mesh) if isinstance(data, ArrayDataset) else data
+    if isinstance(data, ArrayDataset):
+        batches = _epoch_batches(data, 0, 0, mesh)
+    elif isinstance(data, GrainData):  # checked as it serves
+        batches = data
+    else:
+        batches = _host_checked(data, "eval_data")
     total = None
     for _, batch in _prefetch(batches, mesh):
         sums = eval_step(state, batch)
@@ -388,17 +598,72 @@ def per_step_metrics(pending: Sequence[Mapping[str, Any]]) -> list[dict[str, np.
     return out
 
 
+def _eval_metric_names(eval_step: Any, state: Any, eval_data: Any) -> set[str] | None:
+    """The metric names `evaluate` will report, known before training starts.
+
+    An abstract evaluation (``jax.eval_shape``: no compilation, no device work) of the
+    eval step on the first eval batch. It does not count as a trace of ``eval_step``.
+    None when the names cannot be known without consuming the data (a one-shot
+    iterator, a grain pipeline) or the step cannot be evaluated abstractly: the check
+    then happens at the first evaluation.
+    """
+    if isinstance(eval_data, ArrayDataset):
+        batch = next(eval_data.batches(0))
+    elif (
+        isinstance(eval_data, Sequence) and len(eval_data) > 0 and isinstance(eval_data[0], Mapping)
+    ):
+        batch = eval_data[0]
+    else:
+        return None
+    fn = getattr(eval_step, "fn", None) or eval_step
+    traces = getattr(eval_step, "_traces", None)
+    try:
+        out = jax.eval_shape(fn, state, dict(batch))
+    except Exception:  # the first evaluation reports it (or the same error) instead
+        return None
+    finally:
+        if traces is not None:
+            eval_step._traces = traces  # an abstract evaluation is not a compilation
+    if not isinstance(out, Mapping):
+        return None
+    return {k for k in out if k not in INVALID_COUNT_KEYS}
+
+
 def _mean_records(
     pending: Sequence[Mapping[str, Any]], first_step: int, train_step: Any
 ) -> dict[str, float]:
     """Means over a logging interval (one host transfer); checks the non-finite guard."""
     host = per_step_metrics(pending)  # the one host sync of a logging interval
+    # Invalid labels / mask values counted on the device by the built-in losses: checked
+    # before the non-finite guard, whose NaN loss they cause and explain.
+    for i, m in enumerate(host):
+        for key in INVALID_COUNT_KEYS:
+            n = float(np.asarray(m.get(key, 0)))
+            if n > 0:
+                what = (
+                    "label(s) outside [0, num_classes) where the mask is > 0"
+                    if key == INVALID_LABELS
+                    else "mask value(s) outside [0, 1]"
+                )
+                raise ValueError(
+                    f"invalid batch at training step {first_step + i + 1}: the loss counted "
+                    f"{int(n)} {what} ({key!r}); its loss and gradients are meaningless "
+                    "(the loss is NaN). Fix: remap the labels to [0, num_classes), set "
+                    "mask=0 at positions to ignore (e.g. ignore_index -100), keep mask "
+                    "values in [0, 1]; ArrayDataset(..., num_classes=C) checks labels "
+                    "before training."
+                )
     if getattr(train_step, "nonfinite_policy", None) == "raise":
         for i, m in enumerate(host):
             idx = int(m.get("nonfinite", -1))
             if idx >= 0:
                 names = getattr(train_step, "nonfinite_names", [])
                 where = names[idx] if idx < len(names) else f"value #{idx}"
+                if where.startswith(("updates", "new params")):
+                    where += (
+                        " (the loss and gradients were finite: check the learning rate, its "
+                        "schedule and the optimizer's hyperparameters for NaN/Inf)"
+                    )
                 raise FloatingPointError(
                     f"non-finite value at training step {first_step + i + 1} (update skipped): "
                     f"first non-finite leaf is {where}. Fix: lower the learning rate, clip "
@@ -407,7 +672,7 @@ def _mean_records(
                 )
     out = {}
     for k in host[0]:
-        if k == "nonfinite":
+        if k == "nonfinite" or k in INVALID_COUNT_KEYS:  # all 0 here: nothing to log
             continue
         vals = [float(np.asarray(m[k])) for m in host]
         out[k] = vals[-1] if k in _LAST_VALUE_METRICS else float(np.mean(vals))
@@ -426,7 +691,10 @@ def _debug_pause(event: str) -> None:
     name, _, n = _DEBUG_PAUSE.partition(":")
     if name == event and _debug_counts[event] == int(n or 1):
         print(f"JAXTRAIN_PAUSED {event} {_debug_counts[event]}", flush=True)
-        time.sleep(3600)
+        for _ in range(36000):  # ends early on SIGTERM (sleep resumes after a handler)
+            time.sleep(0.1)
+            if _sigterm is not None and _sigterm.requested:
+                return
 
 
 def _crossed(every: int | None, before: int, after: int) -> bool:
@@ -456,10 +724,21 @@ def _peak_flops(mesh: Mesh) -> float | None:
     return None if per_device is None else per_device * len(devices)
 
 
+def _is_ready(metrics: Mapping[str, Any]) -> bool:
+    """Whether a step's metrics are computed already (asks, never waits)."""
+    for v in metrics.values():
+        if isinstance(v, jax.Array):
+            return v.is_ready()
+    return True  # restored from a checkpoint: host values
+
+
 def _throughput(
     flops_per_step: float, steps: int, seconds: float, peak: float | None
 ) -> dict[str, float | None]:
-    """Achieved FLOP/s and MFU of a logging interval (``mfu`` None when the peak is unknown)."""
+    """Achieved FLOP/s and MFU of a logging interval (``mfu`` None when the peak is unknown).
+
+    ``seconds`` is the interval's device-synchronised time (see `fit`'s ``emit_closed``).
+    """
     achieved = flops_per_step * steps / max(seconds, 1e-9)
     return {"model_flops_per_second": achieved, "mfu": achieved / peak if peak else None}
 
@@ -467,7 +746,8 @@ def _throughput(
 def _throughput_postfix(t: Mapping[str, float | None]) -> dict[str, str]:
     """The progress bar's view of `_throughput`: TFLOP/s and MFU in percent."""
     mfu = "unknown" if t["mfu"] is None else f"{100 * t['mfu']:.1f}%"
-    return {"tflops": f"{t['model_flops_per_second'] / 1e12:.3g}", "mfu": mfu}
+    achieved = t["model_flops_per_second"]
+    return {"tflops": "n/a" if achieved is None else f"{achieved / 1e12:.3g}", "mfu": mfu}
 
 
 def fit(
@@ -482,7 +762,7 @@ def fit(
     eval_every: int | None = None,
     log_every: int = 50,
     mesh: Mesh | None = None,
-    hooks: Sequence[PeriodicHook] = (),
+    hooks: Sequence[PeriodicHook | EventHook] = (),
     early_stopping: EarlyStopping | None = None,
     writers: Sequence[Writer] = (),
     progress: bool = True,
@@ -522,7 +802,9 @@ def fit(
             it spans all of them; an `ArrayDataset` or `GrainData` then serves each
             process its own rows of every global batch; other data must yield this
             process's rows.
-        hooks: `PeriodicHook` callbacks.
+        hooks: `PeriodicHook` and `EventHook` callbacks. Those due at a step run once
+            each, in this order, after fit's own work for that step (log record,
+            evaluation, checkpoint): a hook at an epoch end sees its evaluation.
         early_stopping: stop on an eval metric; needs ``eval_step``.
         writers: log sinks, each gets every train and eval record (on process 0
             only, with several processes).
@@ -533,7 +815,10 @@ def fit(
         checkpointer: a `jaxtrain.checkpoint.Checkpointer`; saves every
             ``save_every`` steps, at epoch ends (``save_at_epoch_end``) and at the end.
             fit waits for pending asynchronous saves before returning, also when an
-            exception or Ctrl-C ends it.
+            exception or Ctrl-C ends it. With a checkpointer, SIGTERM (preemption)
+            finishes the current step, saves and commits a checkpoint, and raises
+            `Preempted` (single-process runs, main thread; the previous handler is
+            restored on return).
         save_every: save every this many global steps (None: only epoch ends and end).
         save_at_epoch_end: save after each epoch's evaluation.
         resume: True continues from the newest committed checkpoint (restoring state,
@@ -545,8 +830,9 @@ def fit(
             `jaxtrain.step_flops`). Then each train record also has
             ``model_flops_per_second`` and ``mfu`` (against `jaxtrain.peak_flops` of the
             mesh's devices; None where the peak is unknown, as on CPU), and the progress
-            bar shows TFLOP/s and MFU ("unknown" there). From the interval's wall time,
-            as ``examples_per_second``: no extra host sync.
+            bar shows TFLOP/s and MFU ("unknown" there). From the interval's
+            device-synchronised time, as ``examples_per_second`` (see `History`): no
+            extra host sync.
 
     Returns:
         ``(final_state, history)``.
@@ -577,6 +863,18 @@ def fit(
         raise ValueError("eval_step and eval_data go together: give both or neither.")
     if early_stopping is not None and eval_step is None:
         raise ValueError("early_stopping watches an eval metric: give eval_step and eval_data.")
+    if early_stopping is not None and not isinstance(early_stopping, EarlyStopping):
+        raise TypeError(
+            f"early_stopping must be a jaxtrain.EarlyStopping; got {type(early_stopping).__name__}."
+        )
+    if early_stopping is not None:
+        names = _eval_metric_names(eval_step, state, eval_data)
+        if names is not None and early_stopping.metric not in names:
+            raise ValueError(
+                f"early_stopping.metric={early_stopping.metric!r} is not a metric of the "
+                f"evaluation, which reports {sorted(names)}. Fix: "
+                f"EarlyStopping({sorted(names)[0]!r}, ...) or another of those names."
+            )
     if resume not in (False, True, "auto"):
         raise ValueError(f"resume must be True, False or 'auto'; got {resume!r}.")
     if flops_per_step is not None and (
@@ -596,10 +894,17 @@ def fit(
             "checkpointer=jaxtrain.checkpoint.Checkpointer(directory)."
         )
 
+    for hook in hooks:
+        if not isinstance(hook, (PeriodicHook, EventHook)):
+            raise TypeError(
+                f"hooks must be PeriodicHook or EventHook objects; got {type(hook).__name__}. "
+                "Fix: wrap the function, e.g. PeriodicHook(100, fn) or EventHook('epoch_end', fn)."
+            )
     mesh = data_mesh() if mesh is None else mesh
     history = History()
     best_value, bad_evals = None, 0
     restored_pending: list = []
+    resumed_step = None  # already saved: fit never saves it again
     signature = _data_signature(train_data)
     if resume and (resume is True or checkpointer.latest_step() is not None):
         restored = checkpointer.restore(state, mesh=mesh)
@@ -620,6 +925,7 @@ def fit(
         es = meta.get("early_stopping") or {}
         best_value, bad_evals = es.get("best"), int(es.get("bad_evals", 0))
         restored_pending = list(meta.get("pending_metrics") or [])
+        resumed_step = restored.step
     else:
         # A private copy: the step donates its input, and the caller's state (and the
         # params it was built from) must stay usable after fit returns.
@@ -647,11 +953,14 @@ def fit(
     )
     pending: list = restored_pending
     pending_count = len(restored_pending)  # steps in `pending` (a fused call holds k)
-    interval_examples, interval_t0 = 0, time.perf_counter()
-    t_start = interval_t0
+    # Timed work of the open interval: calls after the first (compiling) one.
+    interval_examples, interval_start = 0, None
+    t_start = time.perf_counter()
+    last_done = None  # when the newest read-back interval finished on the device
+    compile_before = getattr(train_step, "compile_seconds", 0.0)
     epoch, index = start.epoch, start.index
     last_eval_step = history.eval[-1]["step"] if history.eval else None
-    last_save_step = None
+    last_save_step = resumed_step
 
     def emit(record: dict) -> None:
         for w in writers if primary else ():
@@ -661,14 +970,56 @@ def fit(
     interval_steps = 0  # steps run (not restored) in the open interval, for FLOP/s
     peak = _peak_flops(mesh) if flops_per_step is not None else None
 
+    def watch_intervals() -> None:
+        """Notes when closed intervals finish on the device: asks, never waits.
+
+        Dispatch is asynchronous, so the time an interval was dispatched says nothing
+        about the device. Called after every dispatch and at every close, this asks
+        (``is_ready``: no transfer, no wait) whether the oldest unfinished closed
+        interval's last step is done, and stamps it the first time it is.
+        """
+        for entry in lagged:
+            if entry["done"] is None:
+                if not _is_ready(entry["metrics"][-1]):
+                    return
+                entry["done"] = time.perf_counter()
+
     def emit_closed(keep: int = 0) -> None:
-        """Reads back and records closed intervals, all but the newest ``keep``."""
+        """Reads back and records closed intervals, all but the newest ``keep``.
+
+        Each interval's time is device-synchronised: it ended when its last step was
+        seen finished (`watch_intervals`, or here, waiting for it at the read-back that
+        needs its values anyway), and began where the previous one ended (host time
+        spent loading data in between is training time too) or, after the first
+        (compiling) call or an evaluation, when its first step could start.
+        """
+        nonlocal last_done
         while len(lagged) > keep:
-            at, ep, metrics, first, ex_s, flops_s = lagged.pop(0)
-            record = {"step": at, "epoch": ep, "split": "train"}
-            record.update(_mean_records(metrics, first, train_step))
+            entry = lagged.pop(0)
+            metrics = entry["metrics"]
+            if entry["done"] is None:
+                if not _is_ready(metrics[-1]):
+                    jax.block_until_ready(metrics[-1])  # the read below waits anyway
+                entry["done"] = time.perf_counter()
+            record = {"step": entry["step"], "epoch": entry["epoch"], "split": "train"}
+            record.update(_mean_records(metrics, entry["first"], train_step))
+            started = entry["started"] if last_done is None else last_done
+            last_done = entry["done"]
+            seconds = None if started is None else last_done - started
+            examples = entry["examples"]
+            ex_s, flops_s = None, None
+            if examples and seconds is not None and seconds > 0:
+                ex_s = examples / seconds
+                history.steady_seconds += seconds
+                if flops_per_step is not None:
+                    flops_s = _throughput(flops_per_step, entry["steps"], seconds, peak)
+            elif flops_per_step is not None:  # only the compiling call: no steady time
+                flops_s = {"model_flops_per_second": None, "mfu": None}
             record["examples_per_second"] = ex_s
-            postfix = {"loss": f"{record['loss']:.4f}", "ex_s": f"{ex_s:.0f}"}
+            postfix = {
+                "loss": f"{record['loss']:.4f}",
+                "ex_s": "n/a" if ex_s is None else f"{ex_s:.0f}",
+            }
             if flops_s is not None:
                 record.update(flops_s)
                 postfix.update(_throughput_postfix(flops_s))
@@ -682,30 +1033,57 @@ def fit(
         With ``lag`` (periodic logging) the newest interval is read back one interval
         later, when the device has long finished it: the host never waits on it.
         """
-        nonlocal pending, pending_count, interval_examples, interval_t0, interval_steps
+        nonlocal pending, pending_count, interval_examples, interval_start, interval_steps
         if pending:
-            now = time.perf_counter()
-            ex_s = interval_examples / max(now - interval_t0, 1e-9)
-            flops_s = None
-            if flops_per_step is not None:
-                flops_s = _throughput(flops_per_step, interval_steps, now - interval_t0, peak)
-            lagged.append((step, epoch, pending, step - pending_count, ex_s, flops_s))
-            pending, pending_count, interval_examples, interval_t0 = [], 0, 0, now
+            lagged.append(
+                {
+                    "step": step,
+                    "epoch": epoch,
+                    "metrics": pending,
+                    "first": step - pending_count,
+                    "examples": interval_examples,  # timed: the first call left out
+                    "steps": interval_steps,
+                    "started": interval_start,
+                    "done": None,  # when its last step was seen finished on the device
+                }
+            )
+            pending, pending_count, interval_examples, interval_start = [], 0, 0, None
             interval_steps = 0
+            watch_intervals()
         emit_closed(keep=1 if lag else 0)
+
+    due: list = []  # hooks due at the current step; they run after fit's own work for it
+
+    def hooks_due(event: str, prev: int = 0) -> None:
+        for hook in hooks:
+            if (
+                isinstance(hook, PeriodicHook)
+                if event == "step"
+                else isinstance(hook, EventHook) and hook.on == event
+            ) and (event != "step" or _crossed(hook.every_steps, prev, step)):
+                due.append(hook)
+
+    def run_hooks() -> None:
+        """Runs the due hooks once each, in the order of ``hooks``."""
+        todo = [hook for hook in hooks if any(hook is d for d in due)]
+        due.clear()
+        for hook in todo:
+            hook.fn(state, history)
 
     def run_eval(record_epoch: int) -> bool:
         """Evaluates, logs; returns True when early stopping says stop."""
-        nonlocal best_value, bad_evals, last_eval_step
+        nonlocal best_value, bad_evals, last_eval_step, last_done
         if eval_step is None:
             return False
         log_train()
         record = {"step": step, "epoch": record_epoch, "split": "eval"}
         _debug_pause("eval")
         record.update(evaluate(eval_step, state, eval_data, mesh))
+        last_done = None  # throughput: the next interval starts at its first step, not here
         history.eval.append(record)
         last_eval_step = step
         emit(record)
+        hooks_due("eval_end")
         if early_stopping is None:
             return False
         if early_stopping.metric not in record:
@@ -777,6 +1155,15 @@ def fit(
         device_arrays = put_dataset(train_data, mesh)
         resident_n = train_data.num_examples
 
+    global _sigterm
+    sigterm = _sigterm = _Sigterm(checkpointer is not None)
+
+    def stop_if_preempted() -> None:
+        if sigterm.requested:
+            save()
+            checkpointer.wait()
+            raise Preempted(step, checkpointer.directory)
+
     try:
         while epoch < last_epoch and not stop and (num_steps is None or step < num_steps):
             ran_in_epoch = 0
@@ -785,8 +1172,12 @@ def fit(
                 calls = [(per_epoch, resident_n, jnp.int32(epoch))]
             else:
                 batches = _epoch_batches(train_data, epoch, index, mesh)
-                calls = _prefetch_calls(batches, mesh, fused_k, left, same_shapes)
+                calls = _prefetch_calls(batches, mesh, fused_k, left, same_shapes, train_step)
             for k, n_real, batch in calls:
+                # Hooks due at the previous step run now: it was not the epoch's last
+                # (whose hooks wait for the epoch-end evaluation), and the state is
+                # still that step's.
+                run_hooks()
                 t0 = time.perf_counter()
                 if resident is not None:
                     state, step_metrics = train_step(state, device_arrays, batch)
@@ -794,11 +1185,19 @@ def fit(
                     state, step_metrics = train_step(state, batch)
                 if history.steps == 0:
                     # The first call traces and compiles synchronously; block so the
-                    # measured time is the compile, not just the dispatch.
+                    # measured time is the compile, not just the dispatch. Timed
+                    # (steady) work starts once it is done.
                     jax.block_until_ready(step_metrics)
-                    history.first_step_seconds = time.perf_counter() - t0
+                    interval_start = time.perf_counter()
+                    history.first_step_seconds = interval_start - t0
                 else:
                     history.steady_examples += n_real
+                    history.steady_steps += k
+                    interval_examples += n_real
+                    interval_steps += k
+                    if interval_start is None:
+                        interval_start = t0
+                watch_intervals()
                 pending.append(step_metrics)
                 pending_count += k
                 prev = step
@@ -807,8 +1206,6 @@ def fit(
                 ran_in_epoch += k
                 history.steps += k
                 history.examples += n_real
-                interval_examples += n_real
-                interval_steps += k
                 bar.update(k)
                 _debug_pause("step")
 
@@ -816,11 +1213,10 @@ def fit(
                     log_train(lag=True)
                 if _crossed(eval_every, prev, step):
                     stop = run_eval(epoch)
-                for hook in hooks:
-                    if _crossed(hook.every_steps, prev, step):
-                        hook.fn(state, history)
+                hooks_due("step", prev)
                 if _crossed(save_every, prev, step):
                     save()
+                stop_if_preempted()
                 if stop or (num_steps is not None and step >= num_steps):
                     stop = True
                     break
@@ -834,6 +1230,9 @@ def fit(
                 stop = run_eval(epoch - 1)
             if save_at_epoch_end:
                 save()
+            hooks_due("epoch_end")
+            run_hooks()
+            stop_if_preempted()
         history.stopped_early = bool(
             stop and early_stopping is not None and bad_evals >= early_stopping.patience
         )
@@ -843,12 +1242,18 @@ def fit(
         log_train()
         if eval_step is not None and last_eval_step != step:
             run_eval(epoch - 1 if index == 0 else epoch)
+        if per_epoch is not None and index >= per_epoch:  # the budget ended an epoch
+            hooks_due("epoch_end")
+        run_hooks()
         jax.block_until_ready(state)
     finally:
+        sigterm.restore()
+        _sigterm = None
         bar.close()
         if checkpointer is not None:
             checkpointer.wait()  # never leave an asynchronous save behind
     history.wall_seconds = time.perf_counter() - t_start
+    history.compile_seconds = getattr(train_step, "compile_seconds", 0.0) - compile_before
     if per_epoch is not None and index >= per_epoch:  # stopped right at an epoch end
         epoch, index = epoch + 1, 0
     history.position = DataPosition(epoch, index)

@@ -327,7 +327,7 @@ def state_shardings(tree: Any, mesh: Mesh, *, min_elements: int = FSDP_MIN_ELEME
 
 
 def shard_state(
-    tree: Any, mesh: Mesh, *, copy: bool = False, min_elements: int = FSDP_MIN_ELEMENTS
+    tree: Any, mesh: Mesh, *, copy: bool = True, min_elements: int = FSDP_MIN_ELEMENTS
 ) -> Any:
     """Places ``tree`` on ``mesh`` by the FSDP rule of `state_shardings`.
 
@@ -336,7 +336,7 @@ def shard_state(
     Args:
         tree: a pytree of arrays (e.g. a `TrainState`).
         mesh: the mesh.
-        copy: always make new buffers (see `replicate`).
+        copy: always make new buffers (default; see `replicate`).
         min_elements: as in `state_shardings`.
 
     Returns:
@@ -351,14 +351,16 @@ def shard_state(
     return _place(tree, state_shardings(tree, mesh, min_elements=min_elements), copy)
 
 
-def replicate(tree: Any, mesh: Mesh, copy: bool = False) -> Any:
+def replicate(tree: Any, mesh: Mesh, copy: bool = True) -> Any:
     """Places every leaf of ``tree`` fully replicated on ``mesh``.
 
     Args:
         tree: a pytree of arrays.
         mesh: the mesh.
         copy: always make new buffers, even where the leaves already live there, so
-            that donating the result never deletes the caller's arrays.
+            that donating the result (a train step does) never deletes the caller's
+            arrays (default). False may reuse a leaf's buffer where it already lives
+            (no copy): only for arrays nothing else refers to.
 
     Returns:
         The placed pytree.

@@ -14,10 +14,17 @@ Example:
 
 from __future__ import annotations
 
+import collections
+import math
+import os
+import sys
+import threading
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.monitoring
 
 TFLOPS = 1e12
 
@@ -104,8 +111,9 @@ def step_flops(step: Any, *args: Any) -> float | None:
 
     Lowers and compiles ``step`` for ``args`` (after a first call with the same argument
     shapes and shardings this reuses the compiled program: no retrace, no new
-    compilation) and reads XLA's cost analysis. For a step sharded over ``n`` devices
-    XLA analyses the per-device program, so its count is multiplied by ``n``.
+    compilation) and reads XLA's cost analysis of the *lowered* program: the whole
+    (global) computation before XLA's optimisations. The optimised program's analysis
+    is per device, and on GPUs misses the matrix products that became cuBLAS calls.
 
     Args:
         step: a `jaxtrain.CompiledStep` or a ``jax.jit`` function (anything with
@@ -129,33 +137,57 @@ def step_flops(step: Any, *args: Any) -> float | None:
             f"step_flops needs a jit-compiled step with .lower(...); got {type(step).__name__}. "
             "Fix: pass the step from jaxtrain.make_train_step or a jax.jit function."
         )
+    COMPILE_CLOCK.install()
+    seen = COMPILE_CLOCK.count
     try:
-        compiled = step.lower(*args).compile()
-        cost = compiled.cost_analysis()
+        # The step's first compilation may happen here (fit's first call then reuses it):
+        # say so when it is long, and count its time as the step's compile time.
+        with CompileNotice(getattr(step, "name", "step"), "compiling to count its FLOPs"):
+            lowered = step.lower(*args)
+            compiled = lowered.compile()
+    finally:
+        if hasattr(step, "_compile_seconds"):
+            step._compile_seconds += COMPILE_CLOCK.seconds_since(seen)
+    # The program as lowered, before XLA's optimisations: every dot is still a dot. The
+    # optimised GPU program has turned the matrix products into cuBLAS custom calls,
+    # which its cost analysis does not count (measured on an H200: 3.2x too few FLOPs
+    # for a transformer step). The lowered program is also the global one (before
+    # SPMD partitioning), so no per-device multiplication is needed.
+    try:
+        flops = _flops_from_cost(lowered.cost_analysis())
+    except NotImplementedError:
+        flops = None
+    if flops is not None:
+        return flops
+    try:  # a backend without a lowered cost analysis: the per-device optimised program
+        flops = _flops_from_cost(compiled.cost_analysis())
     except NotImplementedError:
         return None
-    flops = _flops_from_cost(cost)
     return None if flops is None else flops * _num_devices(compiled)
 
 
 def steps_per_second(history: Any) -> float | None:
     """Steady training steps per second of a `jaxtrain.History`.
 
-    Steps after the first (compiling) one over the loop's wall time after it
-    (evaluation and logging included, as for ``History.examples_per_second``).
+    Steps after the first (compiling) call over their device-synchronised time
+    (``History.steady_steps / History.steady_seconds``, the time base of
+    ``History.examples_per_second`` and the train records). A `History` built by hand
+    without ``steady_seconds`` falls back to the wall time after the first step.
 
     Args:
         history: the `jaxtrain.History` that `jaxtrain.fit` returned.
 
     Returns:
-        ``(steps - 1) / (wall_seconds - first_step_seconds)``; None when fewer than 2
-        steps ran.
+        Steps per second; None when fewer than 2 steps ran.
 
     Example:
         >>> import jaxtrain as jt
         >>> steps_per_second(jt.History(steps=101, wall_seconds=3.0, first_step_seconds=1.0))
         50.0
     """
+    steady = getattr(history, "steady_seconds", 0.0)
+    if steady > 0 and getattr(history, "steady_steps", 0) > 0:
+        return history.steady_steps / steady  # device-synchronised, as fit measures it
     seconds = history.wall_seconds - history.first_step_seconds
     if history.steps < 2 or seconds <= 0:
         return None
@@ -206,3 +238,146 @@ def perf_summary(
         "mfu": achieved / total_peak if achieved is not None and total_peak else None,
         "peak_source": peak["source"],
     }
+
+
+# --- Compile time: measured, not guessed -------------------------------------------------
+# JAX reports the duration of each tracing, lowering and XLA compilation (or persistent
+# cache load) as a monitoring time span. One listener, installed on first use, keeps the
+# recent spans with the thread that ran them; a step attributes to itself the spans its
+# own call (or lowering) produced, so the figure is the real compile time of that step,
+# not the first call's wall time (which also includes running it).
+_COMPILE_EVENTS = frozenset(
+    {
+        "/jax/core/compile/jaxpr_trace_duration",
+        "/jax/core/compile/jaxpr_to_mlir_module_duration",
+        "/jax/core/compile/backend_compile_duration",
+    }
+)
+
+
+class _CompileClock:
+    """Collects compile time spans (start, end) by thread from ``jax.monitoring``."""
+
+    def __init__(self) -> None:
+        self.count = 0  # spans seen so far (the deque keeps only the newest)
+        self.spans: collections.deque = collections.deque(maxlen=4096)
+        self.installed = False
+        self.lock = threading.Lock()
+
+    def install(self) -> None:
+        with self.lock:
+            if not self.installed:
+                jax.monitoring.register_event_time_span_listener(self._on_span)
+                self.installed = True
+
+    def _on_span(self, event: str, start: float, end: float, **kwargs: Any) -> None:
+        if event in _COMPILE_EVENTS:
+            self.spans.append((threading.get_ident(), start, end))
+            self.count += 1
+
+    def seconds_since(self, count: int) -> float:
+        """Seconds covered by this thread's spans after the first ``count`` (nested ones,
+        like an inner jit traced inside the step's trace, count once)."""
+        new = list(self.spans)[max(len(self.spans) - (self.count - count), 0) :]
+        me = threading.get_ident()
+        total, reach = 0.0, -math.inf
+        for start, end in sorted((s, e) for t, s, e in new if t == me):
+            if end > reach:
+                total += end - max(start, reach)
+                reach = end
+        return total
+
+
+COMPILE_CLOCK = _CompileClock()
+
+
+def compile_notice_seconds() -> float:
+    """After how many seconds of a first call a "compiling ..." line is printed.
+
+    From the environment variable ``JAXTRAIN_COMPILE_NOTICE_SECONDS`` (default 5;
+    ``inf`` turns the line off).
+
+    Returns:
+        The threshold in seconds (``inf``: never).
+
+    Raises:
+        ValueError: the variable is not a number >= 0.
+
+    Example:
+        >>> import os
+        >>> os.environ["JAXTRAIN_COMPILE_NOTICE_SECONDS"] = "20"
+        >>> compile_notice_seconds()
+        20.0
+        >>> del os.environ["JAXTRAIN_COMPILE_NOTICE_SECONDS"]
+        >>> compile_notice_seconds()  # the default
+        5.0
+    """
+    raw = os.environ.get("JAXTRAIN_COMPILE_NOTICE_SECONDS", "5")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if math.isnan(value) or value < 0:
+        raise ValueError(
+            f"JAXTRAIN_COMPILE_NOTICE_SECONDS must be a number of seconds >= 0 (or inf); "
+            f"got {raw!r}. Fix: e.g. JAXTRAIN_COMPILE_NOTICE_SECONDS=5."
+        )
+    return value
+
+
+class CompileNotice:
+    """Prints one line when a compilation runs longer than `compile_notice_seconds`.
+
+    A first call of a large step can trace and compile for minutes with nothing on the
+    screen; after the threshold a timer thread says what is compiling, and once it is
+    done, how long it took. Nothing is printed for a quick compile.
+
+    Args:
+        what: what is compiling, as the line names it (e.g. ``"train_step"``).
+        detail: why, in a few words.
+        after: the threshold in seconds; default `compile_notice_seconds`.
+
+    Example:
+        >>> with CompileNotice("train_step"):  # a quick "compile": prints nothing
+        ...     pass
+    """
+
+    def __init__(
+        self,
+        what: str,
+        detail: str = "first call: tracing and XLA compilation",
+        after: float | None = None,
+    ):
+        self.what = what
+        self.detail = detail
+        self.after = compile_notice_seconds() if after is None else after
+        self.printed = False
+        self.timer: threading.Timer | None = None
+        self.t0 = 0.0
+
+    def _say(self, message: str) -> None:
+        from tqdm.auto import tqdm
+
+        tqdm.write(message, file=sys.stderr)
+
+    def _notice(self) -> None:
+        self.printed = True
+        self._say(
+            f"jaxtrain: compiling {self.what} ({self.detail}), "
+            f"{time.perf_counter() - self.t0:.0f} s so far ..."
+        )
+
+    def __enter__(self) -> CompileNotice:
+        self.t0 = time.perf_counter()
+        if math.isfinite(self.after):
+            self.timer = threading.Timer(self.after, self._notice)
+            self.timer.daemon = True
+            self.timer.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer.join()
+        if self.printed:
+            self._say(f"jaxtrain: {self.what} compiled in {time.perf_counter() - self.t0:.1f} s")

@@ -20,7 +20,7 @@ def as_key_data(rng: jax.Array | int) -> jax.Array:
     checkpoints and shards like every other leaf (typed keys cannot be saved directly).
     """
     if isinstance(rng, (int, np.integer)) and not isinstance(rng, bool):
-        return jax.random.key_data(jax.random.key(int(rng)))
+        return jax.random.key_data(jax.random.key(check_key_seed(rng)))
     rng = jnp.asarray(rng) if not isinstance(rng, jax.Array) else rng
     if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
         return jax.random.key_data(rng)
@@ -31,6 +31,66 @@ def as_key_data(rng: jax.Array | int) -> jax.Array:
             "Fix: pass jax.random.key(seed)."
         )
     return rng
+
+
+def max_key_seed() -> int:
+    """The largest int seed that `jax.random.key` turns into its own, distinct key.
+
+    Without ``jax_enable_x64`` JAX keeps the low 32 bits of an int seed (``2**32`` gives
+    seed 0's key, negative seeds wrap around) and ints beyond 64 bits overflow; with it,
+    64 bits (Python ints up to ``2**63 - 1``).
+    """
+    return 2**63 - 1 if jax.config.jax_enable_x64 else 2**32 - 1
+
+
+def check_key_seed(seed: Any, name: str = "rng seed", *, top: int | None = None) -> int:
+    """``seed`` as an int, or a clear error unless it is in ``[0, top]``.
+
+    The one seed rule of jaxtrain (`TrainState.create`, `ArrayDataset`, `GrainData` and
+    the CLI's ``--seed``): a seed outside the range would silently repeat another seed.
+
+    Args:
+        seed: the seed.
+        name: how the message names it.
+        top: the largest seed allowed; default `max_key_seed` (32 bits without x64).
+
+    Returns:
+        ``int(seed)``.
+
+    Example:
+        >>> check_key_seed(7)
+        7
+        >>> check_key_seed(-1)
+        Traceback (most recent call last):
+        ...
+        ValueError: rng seed must be an integer in [0, 4294967295] (2**32 - 1); got -1. ...
+    """
+    top = max_key_seed() if top is None else top
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= top:
+        bits = 63 if top == 2**63 - 1 else 32
+        why = (
+            "jax.random.key keeps 32 bits of an int seed (jax_enable_x64 is off), so a "
+            "seed outside it would silently repeat another seed's key (2**32 gives seed 0's)"
+            if bits == 32
+            else "larger ints do not fit jax.random.key's 64-bit seed"
+        )
+        raise ValueError(
+            f"{name} must be an integer in [0, {top}] (2**{bits} - 1); got {seed!r}. "
+            f"{why}. Fix: use a seed in that range (e.g. seed % 2**{bits}) or pass "
+            "a key, jax.random.key(seed)."
+        )
+    return int(seed)
+
+
+def _private_copy(tree: PyTree) -> PyTree:
+    """New device buffers for every array leaf (numpy and Python values become arrays).
+
+    The train step donates the state: XLA reuses its buffers for the new state and
+    deletes the old arrays. Arrays the caller still holds (the params one init gave,
+    shared by two states built for two optimizers) must therefore never be leaves of a
+    state: a copy, once at creation, costs one params-sized copy and nothing per step.
+    """
+    return jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else jnp.array(x), tree)
 
 
 @struct.dataclass
@@ -81,8 +141,14 @@ class TrainState:
         model_state: PyTree | None = None,
         *,
         precision: Any = None,
+        copy: bool = True,
     ) -> TrainState:
-        """Builds the initial state.
+        """Builds the initial state, on arrays of its own.
+
+        The train step donates its input state (its buffers become the new state's, and
+        the old arrays are deleted), so the state holds copies of ``params``,
+        ``model_state`` and ``rng``: the caller's arrays stay valid, and one init can
+        seed several states (two optimizers compared from the same params).
 
         Args:
             params: initial parameters.
@@ -92,6 +158,10 @@ class TrainState:
             model_state: initial mutable collections, or None for none.
             precision: the `jaxtrain.Policy` (or its name) the step will use; a policy
                 with loss scaling gets its initial `LossScaleState` here.
+            copy: copy the arrays (default). False hands ``params`` and ``model_state``
+                over to the state, saving one params-sized copy at creation: the first
+                donating step then deletes them, so use it only for arrays nothing
+                else refers to.
 
         Returns:
             A `TrainState` with ``step == 0``.
@@ -117,12 +187,24 @@ class TrainState:
                 f"params must be floating point to be trained; integer leaves at {bad[:5]}. "
                 "Fix: cast them (e.g. jnp.asarray(x, jnp.float32)) or keep them in model_state."
             )
+        model_state = {} if model_state is None else model_state
+        rng = as_key_data(rng)
+        if copy:
+            params, model_state, rng = _private_copy((params, model_state, rng))
+        opt_state = optimizer.init(params)
+        # Some optimizers keep the params themselves in their state (lookahead's slow
+        # weights): one buffer twice in a donated state would be deleted twice.
+        param_ids = {id(x) for x in jax.tree.leaves(params)}
+        opt_state = jax.tree.map(
+            lambda x: x.copy() if id(x) in param_ids and isinstance(x, jax.Array) else x,
+            opt_state,
+        )
         return cls(
             step=jnp.zeros((), jnp.int32),
             params=params,
-            opt_state=optimizer.init(params),
-            rng=as_key_data(rng),
-            model_state={} if model_state is None else model_state,
+            opt_state=opt_state,
+            rng=rng,
+            model_state=model_state,
             skipped_steps=jnp.zeros((), jnp.int32),
             loss_scale=_initial_loss_scale(precision),
         )
@@ -138,3 +220,27 @@ def _initial_loss_scale(precision: Any) -> PyTree:
 
     policy = get_policy(precision)
     return {} if policy is None else policy.init_loss_scale()
+
+
+def raise_if_donated(tree: PyTree, name: str, error: BaseException) -> None:
+    """Raises a clear error, from ``error``, when ``tree`` holds donated (deleted) arrays.
+
+    Called only after a step call has failed, so the check costs nothing per step.
+
+    Args:
+        tree: the state the failed call was given.
+        name: the step's name, for the message.
+        error: the exception the call raised.
+    """
+    deleted = [
+        jax.tree_util.keystr(path)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+        if isinstance(leaf, jax.Array) and leaf.is_deleted()
+    ]
+    if deleted:
+        raise RuntimeError(
+            f"{name} got a state whose arrays were donated to a train step at an earlier "
+            f"call and are deleted (e.g. {deleted[0]}): this TrainState was donated. Fix: "
+            "use the state that call returned, `state, metrics = train_step(state, batch)`; "
+            "to keep a state for later, copy it first: `jax.tree.map(jnp.copy, state)`."
+        ) from error

@@ -13,19 +13,65 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxtrain import metrics as metrics_lib
+from jaxtrain import perf as perf_lib
 from jaxtrain import precision as precision_lib
+from jaxtrain.losses import INVALID_COUNT_KEYS
 from jaxtrain.parallel import fsdp_size, state_shardings
-from jaxtrain.state import TrainState
+from jaxtrain.state import TrainState, raise_if_donated
 
 PyTree = Any
 Batch = Mapping[str, jax.Array]
 LossFn = Callable[..., Any]
 
 MODEL_STATE_KEY = "model_state"
+
+# Names the step (and `fit`'s log records) use themselves: an aux metric of one of these
+# names would silently replace the real value, so it is an error at trace time.
+RESERVED_METRICS = (
+    "loss",
+    "grad_norm",
+    "learning_rate",
+    "skipped_steps",
+    "nonfinite",
+    "loss_scale",
+    "loss_scale_overflows",
+    "step",
+    "epoch",
+    "split",
+    "examples_per_second",
+    "model_flops_per_second",
+    "mfu",
+)
+
+
+def _check_aux(aux: Mapping[str, Any]) -> None:
+    """Trace-time check of the aux metrics: scalar values, no built-in metric's name."""
+    for key, value in aux.items():
+        if not hasattr(value, "shape") and not isinstance(value, (int, float, np.number)):
+            raise TypeError(
+                f"loss_fn's aux[{key!r}] is a {type(value).__name__}; aux metrics must be "
+                "scalar numbers or arrays of shape (). Fix: return {'name': scalar, ...} "
+                "(model state goes in aux['model_state'])."
+            )
+        if key in RESERVED_METRICS:
+            raise ValueError(
+                f"loss_fn's aux has the key {key!r}, the name of a metric jaxtrain reports "
+                f"itself; it would replace the real {key!r}. Fix: rename it (e.g. "
+                f"'my_{key}'). Reserved: {', '.join(RESERVED_METRICS)}."
+            )
+        shape = jnp.shape(value)
+        if shape != ():
+            raise ValueError(
+                f"loss_fn's aux[{key!r}] has shape {tuple(shape)}; aux metrics must be "
+                "scalars (they are averaged over logging intervals). Fix: reduce it, e.g. "
+                f"jnp.mean(aux[{key!r}]), or return per-example values from an eval_fn "
+                "(make_eval_step) instead; model state goes in aux['model_state']."
+            )
 
 
 class CompiledStep:
@@ -51,16 +97,21 @@ class CompiledStep:
         1
     """
 
-    def __init__(self, fn: Callable, jitted: Callable):
+    def __init__(self, fn: Callable, jitted: Callable, name: str = "step"):
         self.fn = fn
         self.jitted = jitted
+        self.name = name  # for messages: "train_step", "train_steps", "eval_step"
         self._traces = 0
+        self._compile_seconds = 0.0
         # Set by make_train_step: the guard policy and, once traced, the names of the
         # values it checks ("loss", then each gradient leaf) for error messages.
         self.nonfinite_policy: str | None = None
         self.nonfinite_names: list[str] = []
         # K for steps built by make_train_steps (fit then feeds [K, B, ...] groups).
         self.steps_per_call: int | None = None
+        # Set by fit only while it calls a fused step on a shorter last group of k < K
+        # batches: the one leading size other than K that the step-axis check accepts.
+        self._group_size: int | None = None
         # The mesh the compiled step keeps its state on (set by _finish), and whether a
         # state has been placed there yet.
         self.mesh: Mesh | None = None
@@ -74,6 +125,17 @@ class CompiledStep:
         """
         return self._traces
 
+    @property
+    def compile_seconds(self) -> float:
+        """Seconds JAX spent tracing, lowering and compiling this step (or loading it
+        from the persistent compilation cache), over all its compilations so far.
+
+        Measured from JAX's own compile events, wherever the compilation happened: in a
+        call, or in ``lower(...).compile()`` (e.g. `jaxtrain.step_flops`). 0.0 before
+        the first compilation and with ``jit=False``.
+        """
+        return self._compile_seconds
+
     def _count_trace(self) -> None:
         self._traces += 1
 
@@ -82,16 +144,31 @@ class CompiledStep:
         return self.jitted.lower(*args)
 
     def __call__(self, *args):
-        if self.mesh is not None and not self._placed:
-            # The first state usually comes straight from TrainState.create, on one
-            # device; the step returns it on the mesh. Placing it first gives every call
-            # the same input layout: one compilation, not two. Later calls pass the
-            # step's own output, already placed, and skip this.
-            from jaxtrain.parallel import shard_state
+        traces, seen = self._traces, perf_lib.COMPILE_CLOCK.count
+        try:
+            if self.mesh is not None and not self._placed:
+                # The first state usually comes straight from TrainState.create, on one
+                # device; the step returns it on the mesh. Placing it first gives every
+                # call the same input layout: one compilation, not two. Later calls pass
+                # the step's own output, already placed, and skip this. A copy: the
+                # caller's arrays must survive the donation.
+                from jaxtrain.parallel import shard_state
 
-            args = (shard_state(args[0], self.mesh), *args[1:])
-            self._placed = True
-        return self.jitted(*args)
+                args = (shard_state(args[0], self.mesh, copy=True), *args[1:])
+                self._placed = True
+            if traces == 0 and self.jitted is not self.fn:
+                # The first call traces and compiles before it returns: say so if it is long.
+                perf_lib.COMPILE_CLOCK.install()
+                with perf_lib.CompileNotice(self.name):
+                    return self.jitted(*args)
+            return self.jitted(*args)
+        except (RuntimeError, ValueError) as e:
+            # Costs nothing unless the call failed: was the state donated before?
+            raise_if_donated(args[0] if args else None, self.name, e)
+            raise
+        finally:
+            if self._traces != traces:
+                self._compile_seconds += perf_lib.COMPILE_CLOCK.seconds_since(seen)
 
 
 def _accepted_kwargs(fn: Callable, names: tuple[str, ...]) -> frozenset[str]:
@@ -153,12 +230,36 @@ def _normalize_loss_fn(loss_fn: LossFn) -> Callable:
                     "Fix: return (loss, {'accuracy': acc, 'model_state': new_model_state})."
                 )
             aux = dict(aux)
+            returned = MODEL_STATE_KEY in aux
             new_model_state = aux.pop(MODEL_STATE_KEY, model_state)
+            _check_aux(aux)
         else:
-            loss, aux, new_model_state = out, {}, model_state
+            loss, aux, new_model_state, returned = out, {}, model_state, False
+        if MODEL_STATE_KEY in extra and not returned:
+            _model_state_not_returned(model_state)
         return _check_loss(loss), (aux, new_model_state)
 
     return wrapped
+
+
+def _model_state_not_returned(model_state: PyTree) -> None:
+    """Trace-time refusal: a loss given a non-empty model state must hand it back.
+
+    Otherwise the state (BatchNorm statistics, RNG counters) silently keeps its initial
+    values for the whole run. Freezing it on purpose (fine-tuning with frozen statistics)
+    stays one explicit line: return the ``model_state`` the loss was given.
+    """
+    leaves = jax.tree_util.tree_leaves_with_path(model_state)
+    if not leaves:
+        return
+    raise ValueError(
+        f"loss_fn takes model_state but did not return it in aux['model_state']: the model "
+        f"state ({len(leaves)} arrays, e.g. model_state{jax.tree_util.keystr(leaves[0][0])}) "
+        "would silently keep its initial values (BatchNorm statistics would freeze). Fix: "
+        "return (loss, {'model_state': new_model_state, ...}) with the state that "
+        "model.apply(..., train=True) returned; to freeze it on purpose, return the "
+        "model_state the loss was given."
+    )
 
 
 def _find_learning_rate(opt_state: PyTree) -> jax.Array | None:
@@ -217,7 +318,12 @@ def _accumulate(call_loss: Callable, state: TrainState, batch: Batch, rng: jax.A
 
         (loss, (aux, new_ms)), g = jax.value_and_grad(objective, has_aux=True)(state.params)
         grad_sum = jax.tree.map(lambda a, b: a + w * b, grad_sum, g)
-        aux_sum = jax.tree.map(lambda a, b: a + w * jnp.asarray(b, jnp.float32), aux_sum, aux)
+        aux_sum = {
+            # Counts of invalid labels/mask values add up; a bad mask must not weight
+            # its own count away.
+            key: a + (1.0 if key in INVALID_COUNT_KEYS else w) * jnp.asarray(aux[key], jnp.float32)
+            for key, a in aux_sum.items()
+        }
         return (grad_sum, loss_sum + w * loss, aux_sum, w_sum + w, new_ms), None
 
     # Abstract shapes of one microbatch's aux, to start the accumulator at zero.
@@ -236,7 +342,7 @@ def _accumulate(call_loss: Callable, state: TrainState, batch: Batch, rng: jax.A
     (grad_sum, loss_sum, aux_sum, w_sum, new_ms), _ = jax.lax.scan(body, init, jnp.arange(k))
     denom = jnp.maximum(w_sum, 1.0)  # an all-padding batch: zero gradient, not NaN
     grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grad_sum, state.params)
-    aux = jax.tree.map(lambda a: a / denom, aux_sum)
+    aux = {key: a if key in INVALID_COUNT_KEYS else a / denom for key, a in aux_sum.items()}
     return loss_sum / denom, aux, new_ms, grads
 
 
@@ -323,18 +429,30 @@ def _build_step(
         skip = overflow
         if nonfinite is not None:
             named = jax.tree_util.tree_leaves_with_path(grads)
+            named_updates = jax.tree_util.tree_leaves_with_path(updates)
+            named_params = jax.tree_util.tree_leaves_with_path(new_params)
             if not compiled.nonfinite_names:
-                compiled.nonfinite_names = ["loss"] + [
-                    "grads" + jax.tree_util.keystr(p) for p, _ in named
-                ]
+                compiled.nonfinite_names = (
+                    ["loss"]
+                    + ["grads" + jax.tree_util.keystr(p) for p, _ in named]
+                    + ["updates" + jax.tree_util.keystr(p) for p, _ in named_updates]
+                    + ["new params" + jax.tree_util.keystr(p) for p, _ in named_params]
+                )
             grad_flags = [~jnp.all(jnp.isfinite(g)) for _, g in named]
+            # The update and the new parameters too: finite gradients times a NaN
+            # learning rate (a schedule gone wrong) would otherwise write NaN params.
+            after_flags = [~jnp.all(jnp.isfinite(u)) for _, u in named_updates] + [
+                ~jnp.all(jnp.isfinite(p)) for _, p in named_params
+            ]
             if overflow is not None:
                 # Under loss scaling a non-finite gradient is an expected overflow, handled
                 # above (skip, halve the scale), not an error -- unless the scale is already
                 # at its minimum, where halving cannot help: then it is genuine.
                 at_min = state.loss_scale.scale <= policy.loss_scale.min_scale
                 grad_flags = [f & at_min for f in grad_flags]
-            flags = jnp.stack([~jnp.isfinite(loss), *grad_flags])
+                # An overflowed step's update is garbage by construction and is dropped.
+                after_flags = [f & (at_min | ~overflow) for f in after_flags]
+            flags = jnp.stack([~jnp.isfinite(loss), *grad_flags, *after_flags])
             bad = jnp.any(flags)
             skip = bad if skip is None else skip | bad
             skipped = skipped + bad.astype(skipped.dtype)
@@ -451,7 +569,7 @@ def make_train_step(
         >>> int(state.step), round(float(metrics["loss"]), 3)
         (1, 1.0)
     """
-    compiled = CompiledStep(None, None)
+    compiled = CompiledStep(None, None, "train_step")
     compiled.nonfinite_policy = nonfinite
     train_step = _build_step(
         loss_fn,
@@ -521,7 +639,7 @@ def make_train_steps(
         or steps_per_call < 1
     ):
         raise ValueError(f"steps_per_call must be an integer >= 1; got {steps_per_call!r}.")
-    compiled = CompiledStep(None, None)
+    compiled = CompiledStep(None, None, "train_steps")
     compiled.nonfinite_policy = nonfinite
     compiled.steps_per_call = steps_per_call
     one_step = _build_step(
@@ -539,9 +657,38 @@ def make_train_steps(
 
     def train_steps(state: TrainState, batches: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         compiled._count_trace()
+        _check_step_axis(batches, steps_per_call, compiled._group_size)
         return jax.lax.scan(one_step, state, batches, unroll=unroll)
 
     return _finish(compiled, train_steps, jit=jit, mesh=mesh, donate=donate)
+
+
+def _check_step_axis(batches: Any, k: int, group_size: int | None) -> None:
+    """Trace-time check that every batch entry has the leading ``[K]`` step axis.
+
+    Without it a ``[B, ...]`` batch would scan over its examples: B one-example steps,
+    silently. The leading size must be K; `fit` alone may pass a shorter last group
+    (an epoch or step budget that does not divide by K), and says so through
+    ``CompiledStep._group_size`` while it makes that call.
+    """
+    leaves = jax.tree_util.tree_leaves_with_path(batches)
+    allowed = {k} if group_size is None else {k, group_size}
+    fix = (
+        f"Fix: stack {k} batches along a new first axis, e.g. "
+        f"{{name: np.stack([b[name] for b in group]) for name in group[0]}} over a group of "
+        f"{k} batches, or use make_train_step for one batch per call (fit does the stacking "
+        "itself)."
+    )
+    for path, leaf in leaves:
+        shape = tuple(jnp.shape(leaf))
+        if not shape or shape[0] not in allowed:
+            lead = f"leading size {shape[0]}" if shape else "no axes"
+            raise ValueError(
+                f"make_train_steps(steps_per_call={k}) runs {k} steps per call and needs "
+                f"batches with a leading step axis [K={k}, B, ...]; got batches"
+                f"{jax.tree_util.keystr(path)} of shape {shape} ({lead}), which is missing "
+                f"the [K] axis (a [B, ...] batch would run B one-example steps). {fix}"
+            )
 
 
 def _check_unroll(unroll: Any) -> None:
@@ -673,7 +820,9 @@ def make_eval_step(
         return metrics_lib.sums_from_values(values, batch.get("mask"))
 
     if not jit:
-        compiled = CompiledStep(eval_step, eval_step)
+        compiled = CompiledStep(eval_step, eval_step, "eval_step")
         return compiled
-    compiled = CompiledStep(eval_step, jax.jit(eval_step, out_shardings=_replicated(mesh)))
+    compiled = CompiledStep(
+        eval_step, jax.jit(eval_step, out_shardings=_replicated(mesh)), "eval_step"
+    )
     return compiled

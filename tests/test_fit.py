@@ -235,3 +235,89 @@ def test_bad_batches_are_rejected(setup):
     bad = {"x": jnp.zeros((4, 8, 8, 1)), "y": jnp.zeros((3,), jnp.int32)}
     with pytest.raises(ValueError, match="same leading"):
         jt.fit(_state(s), s["step"], [bad], epochs=1, progress=False)
+
+
+def _recorder(seen, tag):
+    def fn(state, history):
+        last = history.eval[-1]["step"] if history.eval else None
+        seen.append((tag, int(state.step), last))
+
+    return fn
+
+
+def test_hooks_at_an_epoch_end_run_after_its_evaluation(setup):
+    """At an epoch end (5 steps per epoch) every hook sees that epoch's evaluation, in the
+    order given; eval_end hooks fire after each evaluation, mid-epoch ones too."""
+    s = setup
+    seen = []
+    hooks = [
+        jt.PeriodicHook(5, _recorder(seen, "every 5")),
+        jt.EventHook("epoch_end", _recorder(seen, "epoch_end")),
+        jt.EventHook("eval_end", _recorder(seen, "eval_end")),
+    ]
+    st, h = jt.fit(
+        _state(s),
+        s["step"],
+        s["train_ds"],
+        epochs=2,
+        eval_step=s["eval"],
+        eval_data=s["test_ds"],
+        hooks=hooks,
+        progress=False,
+    )
+    assert [r["step"] for r in h.eval] == [5, 10]
+    assert seen == [
+        ("every 5", 5, 5),
+        ("epoch_end", 5, 5),
+        ("eval_end", 5, 5),
+        ("every 5", 10, 10),
+        ("epoch_end", 10, 10),
+        ("eval_end", 10, 10),
+    ]
+    # Mid-epoch evaluations (eval_every) and a step budget that stops mid-epoch: the
+    # periodic hook at step 3 sees the evaluation at 3; no epoch ended, none fired.
+    seen.clear()
+    jt.fit(
+        _state(s),
+        s["step"],
+        s["train_ds"],
+        num_steps=3,
+        eval_every=3,
+        eval_step=s["eval"],
+        eval_data=s["test_ds"],
+        hooks=[jt.PeriodicHook(3, _recorder(seen, "every 3")), *hooks[1:]],
+        progress=False,
+    )
+    assert seen == [("every 3", 3, 3), ("eval_end", 3, 3)]
+
+
+def test_epoch_end_hook_fires_when_the_budget_ends_an_epoch(setup):
+    s = setup
+    seen = []
+    jt.fit(
+        _state(s),
+        s["step"],
+        s["train_ds"],
+        num_steps=5,
+        hooks=[jt.EventHook("epoch_end", _recorder(seen, "epoch_end"))],
+        progress=False,
+    )
+    assert seen == [("epoch_end", 5, None)]
+
+
+def test_hook_errors_name_the_fix(setup):
+    with pytest.raises(
+        ValueError, match=r"EventHook on must be one of \['epoch_end', 'eval_end'\]; got 'epoch'"
+    ):
+        jt.EventHook("epoch", print)
+    with pytest.raises(
+        TypeError, match=r"hooks must be PeriodicHook or EventHook objects; got function. Fix"
+    ):
+        jt.fit(
+            _state(setup),
+            setup["step"],
+            setup["train_ds"],
+            num_steps=1,
+            hooks=[lambda state, history: None],
+            progress=False,
+        )

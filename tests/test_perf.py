@@ -154,3 +154,15 @@ def test_summary_has_flops_and_mfu(tmp_path, capsys):
     assert summary["peak_source"] == "unknown"
     assert summary["train_step_compilations"] == 1
     assert "MFU unknown (no peak)" in capsys.readouterr().out
+
+
+def test_step_flops_counts_the_lowered_program_not_the_optimised_one():
+    """The count comes from the program as lowered (every dot still a dot, global), which
+    is what a GPU's optimised program loses when its matmuls become cuBLAS calls."""
+
+    class Lowered(_FakeStep):
+        def compile(self):
+            return _FakeStep({"flops": 1.0})  # what an optimised GPU program reports
+
+    assert step_flops(Lowered({"flops": 1024.0})) == 1024.0
+    assert step_flops(Lowered(NotImplementedError("none"))) == 1.0  # falls back

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -151,11 +152,18 @@ def from_nnx(module: Any) -> Model:
     """Adapts a ``flax.nnx.Module`` with ``nnx.split`` / ``nnx.merge``.
 
     ``nnx.Param`` variables are the parameters; every other variable (BatchNorm
-    statistics, RNG stream counters) is the model state. ``init`` returns the module's
-    current values (NNX initialises at construction, so its ``rng`` is unused). In
-    training the module is switched to ``.train()`` mode and, when it has a
-    ``dropout`` RNG stream, reseeded from the step's key so dropout masks follow
-    ``fold_in(state.rng, step)``.
+    statistics, RNG stream counters) is the model state. ``init`` returns copies of the
+    module's current values (NNX initialises at construction, so its ``rng`` is
+    unused), new arrays on every call: a donating train step never deletes the
+    module's own arrays, and two states built from one ``init`` stay independent.
+
+    In training the module is switched to ``.train()`` mode and every RNG stream it
+    holds is reseeded from the step's key (``dropout``, or ``default`` without one, with
+    the key itself, like `from_linen`; any other stream with ``fold_in(key,
+    crc32(name))``), so dropout and
+    any other randomness follow ``fold_in(state.rng, step)`` whatever ``nnx.Rngs`` the
+    module was built with and whether or not the loss threads ``model_state``. Such a
+    module needs ``rng`` in training: ``apply(..., train=True)`` without it is an error.
 
     Args:
         module: an NNX module instance (its current values are copied, not shared).
@@ -178,13 +186,20 @@ def from_nnx(module: Any) -> Model:
         raise TypeError(f"from_nnx expects a flax.nnx.Module; got {type(module).__name__}.")
     graphdef, params, rest = nnx.split(module, nnx.Param, ...)
     # RNG stream variables carry their stream name as ``tag`` (paths need not say it).
-    has_dropout_stream = any(
-        getattr(v, "tag", None) == "dropout" for _, v in nnx.to_flat_state(rest)
+    streams = sorted(
+        {
+            tag
+            for _, v in nnx.to_flat_state(rest)
+            if isinstance(v, nnx.RngKey) and isinstance(tag := getattr(v, "tag", None), str)
+        }
     )
+    name = type(module).__name__
 
     def init(rng, x):
         del rng, x  # NNX modules are initialised when constructed.
-        return params, rest
+        # Copies: the step donates the state built from these, and the module (and any
+        # other state built from the same init) must keep its arrays.
+        return jax.tree.map(lambda a: a.copy(), (params, rest))
 
     # Fresh Variables on every call (copy=True): Variables coming in through jit's
     # arguments belong to an outer trace and must not be mutated inside value_and_grad.
@@ -193,13 +208,36 @@ def from_nnx(module: Any) -> Model:
     def apply(params, model_state, x, *, train=False, rng=None):
         m = nnx.merge(graphdef, params, model_state, **merge_kwargs)
         m.train() if train else m.eval()
-        if train and rng is not None and has_dropout_stream:
-            nnx.reseed(m, dropout=rng)
+        if train and streams:
+            if rng is None:
+                raise ValueError(
+                    f"{name} has RNG streams {streams} (dropout or other random layers) but "
+                    "apply(..., train=True) got rng=None: its randomness would not follow "
+                    "fold_in(state.rng, step). Fix: take `rng` in your loss_fn and pass it, "
+                    "model.apply(params, model_state, x, train=True, rng=rng)."
+                )
+            nnx.reseed(m, policy="match_shape", **_stream_keys(rng, streams))
         y = m(x)
         _, _, new_state = nnx.split(m, nnx.Param, ...)
         return y, new_state
 
     return Model(init, apply, name=type(module).__name__)
+
+
+def _stream_keys(rng: jax.Array, streams: list[str]) -> dict[str, jax.Array]:
+    """One key per NNX RNG stream from the step's key.
+
+    ``dropout`` gets the key itself (what `from_linen` passes as its ``dropout`` rng);
+    so does ``default`` when there is no ``dropout`` stream (``nnx.Dropout`` draws from
+    ``default`` when the module was built with ``nnx.Rngs(seed)``), so a module trains
+    the same whichever of the two it was built with. Any other stream gets an
+    independent ``fold_in(key, crc32(name))`` (stable across runs, unlike ``hash``).
+    """
+    main = "dropout" if "dropout" in streams else "default"
+    return {
+        s: rng if s == main else jax.random.fold_in(rng, zlib.crc32(s.encode()) & 0x7FFFFFFF)
+        for s in streams
+    }
 
 
 def from_function(
