@@ -80,6 +80,7 @@ def test_compare_command_prints_the_table_and_writes_the_plot(tmp_path, capsys):
     assert len(record["torch_loss"]) == 12 and record["summary"]["meets_targets"]
 
 
+@pytest.mark.slow  # starts a subprocess
 def test_compare_without_torch_says_how_to_install_it(tmp_path):
     code = (
         "import sys; sys.modules['torch'] = None\n"  # makes `import torch` fail
@@ -92,6 +93,7 @@ def test_compare_without_torch_says_how_to_install_it(tmp_path):
     assert "pip install torch==2.13.0 then pip install -e .[torch]" in r.stderr
 
 
+@pytest.mark.slow  # starts a subprocess
 def test_core_never_imports_torch():
     code = (
         "import sys, jaxtrain, jaxtrain.cli, jaxtrain.contrast\n"
@@ -105,6 +107,7 @@ def test_core_never_imports_torch():
     assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.slow  # starts a subprocess
 def test_contrast_functions_without_torch_raise_the_install_hint():
     code = (
         "import sys; sys.modules['torch'] = None\n"

@@ -139,6 +139,7 @@ def test_cli_doctor(capsys):
     assert json.loads(capsys.readouterr().out)["backend"] == "cpu"
 
 
+@pytest.mark.slow  # starts a subprocess
 def test_console_doctor_expecting_tpu_fails_loudly():
     r = subprocess.run(
         [sys.executable, "-m", "jaxtrain.cli", "doctor", "--expect", "tpu"],
