@@ -11,16 +11,12 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-from jaxtrain._argtypes import field_list as _field_list
-from jaxtrain._argtypes import nonneg_float as _nonneg_float
-from jaxtrain._argtypes import positive_float as _positive_float
-from jaxtrain._argtypes import positive_int as _positive_int
-from jaxtrain._argtypes import seed as _seed
+from jaxtrain import fields
 from jaxtrain.contrast.cli import COMMAND as COMPARE
 from jaxtrain.contrast.cli import add_compare_parser, run_compare
 from jaxtrain.doctor import COMMAND as DOCTOR
 from jaxtrain.doctor import add_doctor_parser, run_doctor
-from jaxtrain.job import MODELS, OPTIMIZERS, PRECISIONS, SCHEDULES, TARGET_ACCURACY, TrainConfig
+from jaxtrain.job import TARGET_ACCURACY, TrainConfig
 from jaxtrain.plots import COMMAND as PLOT
 from jaxtrain.plots import add_plot_parser, run_plot
 
@@ -34,7 +30,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    d = TrainConfig()
     parser = _Parser(
         prog="jaxtrain",
         description="jaxtrain: the training cycle as pure JAX functions.",
@@ -49,159 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
             "Train a built-in model on scikit-learn's digits (fixed 80/20 stratified split) "
             "and write OUT/metrics.jsonl, OUT/summary.json and OUT/curves.png."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=fields.HelpFormatter,
         allow_abbrev=False,
     )
-    t.add_argument("--model", choices=MODELS, default=d.model, help="model to train")
-    t.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer, help="optax optimizer")
-    t.add_argument("--lr", type=_positive_float, default=d.lr, help="peak learning rate")
-    t.add_argument(
-        "--weight-decay",
-        type=_nonneg_float,
-        default=d.weight_decay,
-        help="decoupled weight decay (adamw) or L2 term (sgd, momentum)",
-    )
-    t.add_argument(
-        "--schedule",
-        choices=SCHEDULES,
-        default=d.schedule,
-        help="learning-rate schedule (cosine: linear warmup then cosine decay)",
-    )
-    t.add_argument(
-        "--warmup-epochs",
-        type=_nonneg_float,
-        default=d.warmup_epochs,
-        help="warmup length for the cosine schedule",
-    )
-    t.add_argument(
-        "--label-smoothing",
-        type=_nonneg_float,
-        default=d.label_smoothing,
-        help="cross-entropy label smoothing in [0, 1)",
-    )
-    t.add_argument("--epochs", type=_positive_int, default=d.epochs, help="training epochs")
-    t.add_argument(
-        "--max-steps",
-        type=_positive_int,
-        default=None,
-        help="stop after this many steps (also sets the schedule's length)",
-    )
-    t.add_argument(
-        "--batch-size",
-        type=_positive_int,
-        default=d.batch_size,
-        help="training batch size (a multiple of the device count)",
-    )
-    t.add_argument(
-        "--eval-batch-size",
-        type=_positive_int,
-        default=d.eval_batch_size,
-        help="evaluation batch size (the last batch is padded and masked)",
-    )
-    t.add_argument(
-        "--seed",
-        type=_seed,
-        default=d.seed,
-        help="seed of init, shuffling and dropout (0..2**32-1)",
-    )
-    t.add_argument(
-        "--split-seed",
-        type=_seed,
-        default=d.split_seed,
-        help="seed of the stratified 80/20 train/test split (0..2**32-1)",
-    )
-    t.add_argument(
-        "--out",
-        default=d.out,
-        help="output directory; a folder that already holds a run is refused (see --resume, "
-        "--auto-resume, --overwrite); a symlink is followed",
-    )
-    t.add_argument(
-        "--log-every",
-        type=_positive_int,
-        default=d.log_every,
-        help="read training metrics from the device every N steps",
-    )
-    t.add_argument(
-        "--eval-every",
-        type=_positive_int,
-        default=None,
-        help="evaluate every N steps (default: every epoch)",
-    )
-    t.add_argument(
-        "--patience",
-        type=_positive_int,
-        default=None,
-        help="early stopping: evaluations without test-accuracy gain (default: off)",
-    )
-    t.add_argument(
-        "--devices",
-        type=_positive_int,
-        default=None,
-        help="use the first N devices for data parallelism (default: all)",
-    )
-    t.add_argument(
-        "--fsdp",
-        type=_positive_int,
-        default=d.fsdp,
-        metavar="N",
-        help="shard parameters and optimizer state over N of the devices (an 'fsdp' mesh "
-        "axis; the batch is split over all of them); N must divide the device count",
-    )
-    t.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    t.add_argument(
-        "--save-every",
-        type=_positive_int,
-        default=None,
-        help="also checkpoint every N steps (checkpoints are always written at "
-        "epoch ends and at the end, to OUT/checkpoints)",
-    )
-    t.add_argument(
-        "--keep",
-        type=_positive_int,
-        default=d.keep,
-        help="keep the newest K checkpoints (plus the best by test accuracy)",
-    )
-    t.add_argument("--no-checkpoint", action="store_true", help="write no checkpoints")
-    t.add_argument(
-        "--tensorboard",
-        action="store_true",
-        help="also write TensorBoard event files to OUT/tensorboard (tensorboard --logdir OUT)",
-    )
-    t.add_argument("--csv", action="store_true", help="also write OUT/metrics.csv")
-    t.add_argument(
-        "--grad-accum-steps",
-        type=_positive_int,
-        default=d.grad_accum_steps,
-        help="split each batch into N microbatches inside the step (same update, less memory)",
-    )
-    t.add_argument(
-        "--precision",
-        choices=PRECISIONS,
-        default=d.precision,
-        help="compute dtype (parameters and optimizer state stay float32; float16 adds "
-        "dynamic loss scaling)",
-    )
-    t.add_argument(
-        "--steps-per-call",
-        type=_positive_int,
-        default=d.steps_per_call,
-        help="fuse K training steps into one compiled call (jax.lax.scan)",
-    )
-    t.add_argument(
-        "--unroll",
-        action="store_true",
-        help="unroll the K fused steps (faster for convolutional models on CPU, whose "
-        "gradients XLA:CPU runs on a slow path inside a loop; compile time grows with K)",
-    )
-    t.add_argument(
-        "--nonfinite",
-        choices=("skip", "raise", "off"),
-        default="raise" if d.nonfinite is None else d.nonfinite,
-        help="non-finite loss/gradient guard: stop with an error (exit 1) naming the step, "
-        "skip the update (the run then ends with exit 1 and the count of skipped steps), or "
-        "off (a diverged run still ends with exit 1)",
-    )
+    # Every TrainConfig field, from its one declaration (jaxtrain.fields.option).
+    fields.add_arguments(t, TrainConfig)
     t.add_argument(
         "--resume",
         metavar="OUT",
@@ -226,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument(
         "--allow-change",
-        type=_field_list,
+        type=fields.field_list,
         default=None,
         metavar="FIELDS",
         help="with --resume: change these result-changing settings of the saved run "
@@ -247,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="address of process 0, reachable from every process",
     )
     dist.add_argument(
-        "--num-processes", type=_positive_int, default=None, help="number of processes"
+        "--num-processes", type=fields.positive_int, default=None, help="number of processes"
     )
     dist.add_argument("--process-id", type=int, default=None, help="this process's index, 0 .. N-1")
     dist.add_argument(
@@ -288,36 +135,9 @@ def _given(argv: Sequence[str]) -> set[str]:
     return {k for k, v in vars(parser.parse_args(argv)).items() if v is not _UNSET}
 
 
-# Options that are not TrainConfig fields: what to do, not what to train.
-_NOT_CONFIG = {
-    "command",
-    "resume",
-    "auto_resume",
-    "overwrite",
-    "allow_change",
-    "coordinator_address",
-    "num_processes",
-    "process_id",
-    "distributed",
-    "given",
-}
-
-
 def _config_values(args: argparse.Namespace, only: set[str] | None = None) -> dict:
     """TrainConfig fields from the parsed options (``only``: from these options alone)."""
-    values = {}
-    for dest, v in vars(args).items():
-        if dest in _NOT_CONFIG or (only is not None and dest not in only):
-            continue
-        if dest == "no_progress":
-            values["progress"] = not v
-        elif dest == "no_checkpoint":
-            values["checkpoint"] = not v
-        elif dest == "nonfinite":
-            values["nonfinite"] = None if v == "off" else v
-        else:
-            values[dest] = v
-    return values
+    return fields.from_args(args, TrainConfig, only)
 
 
 def _start_distributed(args: argparse.Namespace) -> bool:
@@ -418,7 +238,7 @@ def _train_config(args: argparse.Namespace) -> tuple[TrainConfig, bool | str]:
     if resume is True or (resume == "auto" and os.path.exists(os.path.join(out, job.CONFIG_FILE))):
         run_folder.check_out_folder(out)  # a file or broken link named first, not "no config"
         saved = job.load_config(out)
-        overrides = _config_values(args, only=given | {"no_progress"})
+        overrides = _config_values(args, only=given | {"progress"})
         return dataclasses.replace(saved, **{**overrides, "out": out}), resume
     return TrainConfig(**{**_config_values(args), "out": out}), resume
 

@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import datetime
 import json
-import math
 import os
 import time
 import warnings
@@ -29,8 +28,10 @@ import numpy as np
 import optax
 
 from jaxtrain import data as data_lib
-from jaxtrain import run_folder
+from jaxtrain import fields, run_folder
+from jaxtrain import precision as precision_lib
 from jaxtrain.checkpoint import Checkpointer, state_digest
+from jaxtrain.fields import option
 from jaxtrain.logging import CsvWriter, JsonlWriter, TensorBoardWriter, dumps_strict, read_jsonl
 from jaxtrain.loop import EarlyStopping, fit
 from jaxtrain.models import CNN, MLP, from_linen
@@ -52,9 +53,8 @@ from jaxtrain.versions import versions
 MODELS = ("cnn", "mlp")
 OPTIMIZERS = ("adamw", "adam", "sgd", "momentum")
 SCHEDULES = ("cosine", "constant")
-PRECISIONS = ("float32", "bfloat16", "float16")  # jaxtrain.precision.NAMES
+NONFINITE = ("raise", "skip", "off")  # the step's guard policies, and off
 TARGET_ACCURACY = 0.98
-SEED_LIMIT = 2**32  # seeds are 0 .. 2**32 - 1: a uint32 PRNG key and numpy's generators
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,108 +63,107 @@ class TrainConfig:
 
     The defaults are the documented digits run: the small CNN, AdamW (peak lr 2e-3,
     one warmup epoch then cosine decay), label smoothing 0.1, 40 epochs of batch 64 on
-    the fixed 80/20 stratified split (seed 0).
+    the fixed 80/20 stratified split (seed 0). Each field is declared once, with its
+    allowed values and help (`jaxtrain.fields.option`): `validate` and the options of
+    ``jaxtrain train`` are generated from these declarations.
     """
 
-    model: str = "cnn"
-    optimizer: str = "adamw"
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
-    schedule: str = "cosine"
-    warmup_epochs: float = 1.0
-    label_smoothing: float = 0.1
-    epochs: int = 40
-    max_steps: int | None = None
-    batch_size: int = 64
-    eval_batch_size: int = 120
-    seed: int = 0
-    split_seed: int = 0
-    out: str = "runs/digits"
-    log_every: int = 20
-    eval_every: int | None = None
-    patience: int | None = None
-    devices: int | None = None
-    fsdp: int = 1  # shard params and optimizer state over this many devices (jaxtrain.make_mesh)
-    progress: bool = True
-    checkpoint: bool = True
-    save_every: int | None = None
-    keep: int = 3
-    nonfinite: str | None = "raise"  # a diverged run stops with an error (None: off)
-    steps_per_call: int = 1
-    unroll: bool = False  # unroll the fused steps (conv models on CPU: see make_train_steps)
-    grad_accum_steps: int = 1
-    precision: str = "float32"  # compute dtype (jaxtrain.precision); params stay float32
-    tensorboard: bool = False  # also write TensorBoard event files to OUT/tensorboard
-    csv: bool = False  # also write OUT/metrics.csv
+    model: str = option("cnn", "model to train", choices=MODELS)
+    optimizer: str = option("adamw", "optax optimizer", choices=OPTIMIZERS)
+    lr: float = option(2e-3, "peak learning rate", above=0)
+    weight_decay: float = option(
+        1e-4, "decoupled weight decay (adamw) or L2 term (sgd, momentum)", minimum=0
+    )
+    schedule: str = option(
+        "cosine",
+        "learning-rate schedule (cosine: linear warmup then cosine decay)",
+        choices=SCHEDULES,
+    )
+    warmup_epochs: float = option(1.0, "warmup length for the cosine schedule", minimum=0)
+    label_smoothing: float = option(0.1, "cross-entropy label smoothing", minimum=0, below=1)
+    epochs: int = option(40, "training epochs", minimum=1)
+    max_steps: int | None = option(
+        None, "stop after this many steps (also sets the schedule's length)", minimum=1
+    )
+    batch_size: int = option(64, "training batch size (a multiple of the device count)", minimum=1)
+    eval_batch_size: int = option(
+        120, "evaluation batch size (the last batch is padded and masked)", minimum=1
+    )
+    seed: int = option(0, "seed of init, shuffling and dropout", seed=True)
+    split_seed: int = option(0, "seed of the stratified 80/20 train/test split", seed=True)
+    out: str = option(
+        "runs/digits",
+        "output directory; a folder that already holds a run is refused (see --resume, "
+        "--auto-resume, --overwrite); a symlink is followed",
+    )
+    log_every: int = option(20, "read training metrics from the device every N steps", minimum=1)
+    eval_every: int | None = option(
+        None, "evaluate every N steps (default: every epoch)", minimum=1
+    )
+    patience: int | None = option(
+        None, "early stopping: evaluations without test-accuracy gain (default: off)", minimum=1
+    )
+    devices: int | None = option(
+        None, "use the first N devices for data parallelism (default: all)", minimum=1
+    )
+    fsdp: int = option(
+        1,
+        "shard parameters and optimizer state over N of the devices (an 'fsdp' mesh axis; "
+        "the batch is split over all of them); N must divide the device count",
+        minimum=1,
+        metavar="N",
+    )
+    progress: bool = option(True, "hide the progress bar")
+    checkpoint: bool = option(True, "write no checkpoints")
+    save_every: int | None = option(
+        None,
+        "also checkpoint every N steps (checkpoints are always written at epoch ends and "
+        "at the end, to OUT/checkpoints)",
+        minimum=1,
+    )
+    keep: int = option(
+        3, "keep the newest K checkpoints (plus the best by test accuracy)", minimum=1
+    )
+    nonfinite: str = option(
+        "raise",
+        "non-finite loss/gradient/update guard: stop with an error (exit 1) naming the step, "
+        "skip the update (the run then ends with exit 1 and the count of skipped steps), or "
+        "off (a diverged run still ends with exit 1)",
+        choices=NONFINITE,
+    )
+    steps_per_call: int = option(
+        1, "fuse K training steps into one compiled call (jax.lax.scan)", minimum=1
+    )
+    unroll: bool = option(
+        False,
+        "unroll the K fused steps (faster for convolutional models on CPU, whose gradients "
+        "XLA:CPU runs on a slow path inside a loop; compile time grows with K)",
+    )
+    grad_accum_steps: int = option(
+        1,
+        "split each batch into N microbatches inside the step (same update, less memory)",
+        minimum=1,
+    )
+    precision: str = option(
+        "float32",
+        "compute dtype (parameters and optimizer state stay float32; float16 adds dynamic "
+        "loss scaling)",
+        choices=precision_lib.NAMES,
+    )
+    tensorboard: bool = option(
+        False, "also write TensorBoard event files to OUT/tensorboard (tensorboard --logdir OUT)"
+    )
+    csv: bool = option(False, "also write OUT/metrics.csv")
 
     def validate(self) -> None:
-        """Raises ValueError naming the field, the allowed values and the given one."""
-
-        def bad(field: str, expected: str) -> ValueError:
-            return ValueError(f"{field} must be {expected}; got {getattr(self, field)!r}.")
-
-        # Types first (a config.json can hold anything): the checks below compare values.
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            optional = str(f.type).endswith("| None")
-            base = str(f.type).split("|")[0].strip()
-            if v is None and optional:
-                continue
-            ok = isinstance(v, _TYPES[base][0]) and (base == "bool" or not isinstance(v, bool))
-            if not ok:
-                raise ValueError(
-                    f"{f.name} must be {_TYPES[base][1]}{' or unset' if optional else ''}; "
-                    f"got {v!r} ({type(v).__name__})."
-                )
-        for f in ("seed", "split_seed"):
-            if not 0 <= getattr(self, f) < SEED_LIMIT:
-                raise bad(f, "an integer from 0 to 2**32 - 1")
-
-        if self.model not in MODELS:
-            raise bad("model", f"one of {', '.join(MODELS)}")
-        if self.optimizer not in OPTIMIZERS:
-            raise bad("optimizer", f"one of {', '.join(OPTIMIZERS)}")
-        if self.schedule not in SCHEDULES:
-            raise bad("schedule", f"one of {', '.join(SCHEDULES)}")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise bad("lr", "a finite number > 0 (e.g. 3e-3)")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise bad("weight_decay", "a finite number >= 0")
-        if not 0 <= self.label_smoothing < 1:
-            raise bad("label_smoothing", "in [0, 1)")
-        for f in (
-            "epochs",
-            "batch_size",
-            "eval_batch_size",
-            "log_every",
-            "steps_per_call",
-            "grad_accum_steps",
-            "fsdp",
-        ):
-            if not isinstance(getattr(self, f), int) or getattr(self, f) < 1:
-                raise bad(f, "an integer >= 1")
-        if not isinstance(self.unroll, bool):
-            raise bad("unroll", "true or false")
-        if self.nonfinite not in (None, "skip", "raise"):
-            raise bad("nonfinite", "'skip', 'raise' or unset")
-        if self.precision not in PRECISIONS:
-            raise bad("precision", f"one of {', '.join(PRECISIONS)}")
-        if not isinstance(self.keep, int) or self.keep < 1:
-            raise bad("keep", "an integer >= 1")
-        for f in ("max_steps", "eval_every", "patience", "devices", "save_every"):
-            v = getattr(self, f)
-            if v is not None and (not isinstance(v, int) or v < 1):
-                raise bad(f, "an integer >= 1 or unset")
+        """Raises ValueError naming the field, what it allows and the value it holds."""
+        fields.validate(self)  # every field's type, range and choices: declared above
         if self.devices is not None and self.devices > jax.device_count():
-            raise bad("devices", f"at most the {jax.device_count()} available device(s)")
+            raise ValueError(
+                f"devices must be at most the {jax.device_count()} available device(s); "
+                f"got {self.devices!r}."
+            )
 
-
-_TYPES = {
-    "str": (str, "a string"),
-    "float": ((int, float), "a number"),
-    "int": (int, "an integer"),
-    "bool": (bool, "true or false"),
-}
 
 # Fields that do not change the numbers a run produces: output and bookkeeping. Every
 # other field changes them (the math: model, optimizer, schedule, data, seeds, stop
@@ -499,7 +498,7 @@ def _run(
     step_kwargs = dict(
         learning_rate_fn=schedule,
         mesh=mesh,
-        nonfinite=cfg.nonfinite,
+        nonfinite=None if cfg.nonfinite == "off" else cfg.nonfinite,
         grad_accum_steps=cfg.grad_accum_steps,
         precision=precision,
     )

@@ -414,7 +414,7 @@ CASES = [
         "cli-batch-size-0",
         lambda t: _cli(["train", "--batch-size", "0"], t),
         SystemExit,
-        ["argument --batch-size", "expected a positive integer, got 0"],
+        ["argument --batch-size", "expected an integer >= 1, got 0"],
     ),
     (
         "cli-unwritable-out",

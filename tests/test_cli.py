@@ -113,8 +113,8 @@ def test_help_documents_every_option():
         (["train", "--optimizer", "lion"], ["--optimizer: invalid choice: 'lion'"]),
         (["train", "--lr", "-1"], ["--lr", "expected a finite number > 0, got -1"]),
         (["train", "--lr", "nan"], ["--lr", "expected a finite number > 0, got nan"]),
-        (["train", "--batch-size", "0"], ["--batch-size", "expected a positive integer, got 0"]),
-        (["train", "--epochs", "two"], ["--epochs", "expected a positive integer, got 'two'"]),
+        (["train", "--batch-size", "0"], ["--batch-size", "expected an integer >= 1, got 0"]),
+        (["train", "--epochs", "two"], ["--epochs", "expected an integer >= 1, got 'two'"]),
         (["fly"], ["invalid choice: 'fly'"]),
         ([], ["the following arguments are required: COMMAND"]),
     ],
@@ -140,9 +140,38 @@ def test_unwritable_output_directory(tmp_path):
 def test_config_validation_messages():
     with pytest.raises(ValueError, match="model must be one of cnn, mlp; got 'vit'"):
         TrainConfig(model="vit").validate()
-    with pytest.raises(ValueError, match=r"lr must be a finite number > 0 \(e.g. 3e-3\); got inf"):
+    with pytest.raises(ValueError, match=r"lr must be a finite number > 0; got inf"):
         TrainConfig(lr=float("inf")).validate()
-    with pytest.raises(ValueError, match="label_smoothing must be in \\[0, 1\\); got 1.5"):
+    with pytest.raises(
+        ValueError, match="label_smoothing must be a finite number in \\[0, 1\\); got 1.5"
+    ):
         TrainConfig(label_smoothing=1.5).validate()
     with pytest.raises(ValueError, match="devices must be at most the 1 available device"):
         TrainConfig(devices=64).validate()
+
+
+def test_every_config_field_is_an_option_declared_once():
+    """The train options are generated from TrainConfig: one option per field, with the
+    field's default and its declared choices, and the same check as validate()."""
+    import dataclasses
+
+    from jaxtrain import fields
+
+    train = cli.build_parser()._subparsers._group_actions[0].choices["train"]
+    by_dest = {a.dest: a for a in train._actions}
+    for f in dataclasses.fields(TrainConfig):
+        action = by_dest[f.name]  # every field has its option, dest = field name
+        assert fields.flag(f) in action.option_strings
+        opt = f.metadata["jaxtrain_option"]
+        if isinstance(f.default, bool):
+            assert action.const is (not f.default)  # --no-progress stores False
+        else:
+            assert action.default == f.default
+            assert tuple(action.choices or ()) == tuple(opt.choices or ())
+    # The CLI and validate() share one check: the same bound, the same words.
+    args = ["train", "--label-smoothing", "1"]
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(args)
+    with pytest.raises(ValueError, match=r"label_smoothing must be a finite number in \[0, 1\)"):
+        TrainConfig(label_smoothing=1.0).validate()
+    assert cli.build_parser().parse_args(["train", "--no-progress"]).progress is False

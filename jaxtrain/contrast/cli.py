@@ -12,8 +12,7 @@ import os
 import sys
 from typing import Any
 
-from jaxtrain._argtypes import positive_float as _positive_float
-from jaxtrain._argtypes import positive_int as _positive_int
+from jaxtrain import fields
 from jaxtrain.logging import dumps_strict
 
 COMMAND = "compare"
@@ -56,15 +55,17 @@ def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
         default="adam",
         help="optimizer preset (see jaxtrain.contrast.runner.presets)",
     )
-    p.add_argument("--lr", type=_positive_float, default=None, help="override the preset's lr")
-    p.add_argument("--steps", type=_positive_int, default=200, help="training steps")
-    p.add_argument("--batch-size", type=_positive_int, default=32, help="batch size")
+    p.add_argument(
+        "--lr", type=fields.positive_float, default=None, help="override the preset's lr"
+    )
+    p.add_argument("--steps", type=fields.positive_int, default=200, help="training steps")
+    p.add_argument("--batch-size", type=fields.positive_int, default=32, help="batch size")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the batches")
     p.add_argument(
         "--label-smoothing", type=float, default=0.0, help="CrossEntropyLoss label smoothing"
     )
     p.add_argument(
-        "--every", type=_positive_int, default=10, help="print every N-th step in the table"
+        "--every", type=fields.positive_int, default=10, help="print every N-th step in the table"
     )
     p.add_argument("--out", default="runs/compare", help="output directory")
     p.set_defaults(func=run_compare)
