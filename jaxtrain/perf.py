@@ -305,12 +305,17 @@ def compile_notice_seconds() -> float:
 
     Example:
         >>> import os
+        >>> before = os.environ.get("JAXTRAIN_COMPILE_NOTICE_SECONDS")
         >>> os.environ["JAXTRAIN_COMPILE_NOTICE_SECONDS"] = "20"
         >>> compile_notice_seconds()
         20.0
-        >>> del os.environ["JAXTRAIN_COMPILE_NOTICE_SECONDS"]
-        >>> compile_notice_seconds()  # the default
-        5.0
+        >>> os.environ["JAXTRAIN_COMPILE_NOTICE_SECONDS"] = "inf"  # never
+        >>> compile_notice_seconds()
+        inf
+        >>> if before is None:
+        ...     del os.environ["JAXTRAIN_COMPILE_NOTICE_SECONDS"]
+        ... else:
+        ...     os.environ["JAXTRAIN_COMPILE_NOTICE_SECONDS"] = before
     """
     raw = os.environ.get("JAXTRAIN_COMPILE_NOTICE_SECONDS", "5")
     try:
