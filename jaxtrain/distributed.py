@@ -149,6 +149,31 @@ def initialize(
     """
     if jax.distributed.is_initialized():
         return process_info()
+    coordinator_address, num_processes, process_id = _resolve(
+        coordinator_address, num_processes, process_id
+    )
+    if cpu_collectives is not None and "jax_cpu_collectives_implementation" in jax.config.values:
+        # Must be set before the CPU backend starts; without it, a CPU computation that
+        # spans processes has no way to exchange data.
+        jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+    _join(
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+        local_device_ids=local_device_ids,
+        initialization_timeout=initialization_timeout,
+    )
+    return process_info()
+
+
+def _resolve(
+    coordinator_address: str | None, num_processes: int | None, process_id: int | None
+) -> tuple[str | None, int | None, int | None]:
+    """`initialize`'s arguments, missing ones read from the environment, checked.
+
+    Raises:
+        ValueError: a bad argument or environment variable (checked before JAX is touched).
+    """
     coordinator_address = coordinator_address or os.environ.get(ENV_COORDINATOR) or None
     if num_processes is None:
         num_processes = _env_int(ENV_NUM_PROCESSES)
@@ -166,10 +191,23 @@ def initialize(
             f"coordinator_address must be host:port (process 0's address and a free port); "
             f"got {coordinator_address!r}. Fix: e.g. 10.0.0.1:1234."
         )
-    if cpu_collectives is not None and "jax_cpu_collectives_implementation" in jax.config.values:
-        # Must be set before the CPU backend starts; without it, a CPU computation that
-        # spans processes has no way to exchange data.
-        jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+    return coordinator_address, num_processes, process_id
+
+
+def _join(
+    *,
+    coordinator_address: str | None,
+    num_processes: int | None,
+    process_id: int | None,
+    local_device_ids: list[int] | None,
+    initialization_timeout: int,
+) -> None:
+    """``jax.distributed.initialize`` with these arguments, its errors explained.
+
+    Raises:
+        ValueError: nothing to go on (no coordinator given and no cluster detected).
+        RuntimeError: JAX was already used in this process.
+    """
     try:
         jax.distributed.initialize(
             coordinator_address=coordinator_address,
@@ -191,7 +229,6 @@ def initialize(
                 f"process (JAX says: {e}). Fix: call it first thing in the program."
             ) from None
         raise
-    return process_info()
 
 
 def shutdown() -> None:

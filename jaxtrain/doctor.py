@@ -177,34 +177,55 @@ def preflight(
         >>> report["backend"], report["devices"][0]["kind"], report["ok"]  # doctest: +SKIP
         ('cpu', 'cpu', True)
     """
+    _check_expect(expect)
+    env = os.environ if env is None else env
+    report = _report(*_expectation(expect, env), env)
+    if verbose:
+        print(format_report(report), file=file or sys.stdout, flush=True)
+    if strict and report["warnings"]:
+        raise RuntimeError(report["warnings"][0])
+    if not verbose:
+        for w in report["warnings"]:
+            warnings.warn(w, RuntimeWarning, stacklevel=2)  # points at preflight's caller
+    return report
+
+
+def _check_expect(expect: str | None) -> None:
+    """Raises ``ValueError`` unless ``expect`` is one of `EXPECT_CHOICES` or None."""
     if expect is not None and expect not in EXPECT_CHOICES:
         raise ValueError(
             f"expect must be one of {', '.join(repr(c) for c in EXPECT_CHOICES)} or None; "
             f"got {expect!r}. Fix: preflight(expect='tpu') on a TPU runtime, or leave it "
             "unset to read hints from the environment."
         )
+
+
+def _expectation(expect: str | None, env: Mapping[str, str]) -> tuple[str | None, str | None]:
+    """``(expected platform, why)``: ``expect`` when given, else the environment's hint.
+
+    A hint is dropped when ``JAX_PLATFORMS`` restricts JAX to chosen platforms on purpose.
+    """
+    if expect is not None:
+        return expect, f"expect={expect!r}"
+    expected, reason = _accelerator_hint(env)
+    if expected is not None and (env.get("JAX_PLATFORMS") or "").strip():
+        return None, None
+    return expected, reason
+
+
+def _report(expected: str | None, reason: str | None, env: Mapping[str, str]) -> dict[str, Any]:
+    """The `preflight` report of this process for the ``expected`` platform."""
     import jax
 
     from jaxtrain.versions import versions
 
-    env = os.environ if env is None else env
     backend = jax.default_backend()
     devices = [_device_info(d) for d in jax.devices()]
     precision = jax.config.jax_default_matmul_precision
-    precision_name = "default" if precision is None else str(precision).lower()
-
-    if expect is not None:
-        expected, reason = expect, f"expect={expect!r}"
-    else:
-        expected, reason = _accelerator_hint(env)
-        if expected is not None and (env.get("JAX_PLATFORMS") or "").strip():
-            expected, reason = None, None  # JAX restricted to chosen platforms on purpose
-
     report_warnings = []
     if expected is not None and expected != backend:
         report_warnings.append(_fallback_message(expected, backend, reason, env))
-    note = PRECISION_NOTES.get(backend, PRECISION_NOTES["cpu"])
-    report = {
+    return {
         "backend": backend,
         "devices": devices,
         "device_count": jax.device_count(),
@@ -212,8 +233,8 @@ def preflight(
         "process_count": jax.process_count(),
         "process_index": jax.process_index(),
         "versions": versions(),
-        "matmul_precision": precision_name,
-        "matmul_precision_note": note,
+        "matmul_precision": "default" if precision is None else str(precision).lower(),
+        "matmul_precision_note": PRECISION_NOTES.get(backend, PRECISION_NOTES["cpu"]),
         "matmul_precision_on_tpu": PRECISION_NOTES["tpu"],
         "expected": expected,
         "expected_reason": reason,
@@ -221,14 +242,6 @@ def preflight(
         "warnings": report_warnings,
         "ok": not report_warnings,
     }
-    if verbose:
-        print(format_report(report), file=file or sys.stdout, flush=True)
-    if strict and report_warnings:
-        raise RuntimeError(report_warnings[0])
-    if not verbose:
-        for w in report_warnings:
-            warnings.warn(w, RuntimeWarning, stacklevel=2)
-    return report
 
 
 def format_report(report: Mapping[str, Any]) -> str:

@@ -113,6 +113,28 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
 
 
+def _check_num_classes(num_classes: Any) -> None:
+    """Raises ``ValueError`` unless ``num_classes`` is None or a positive int."""
+    if num_classes is not None and (
+        isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1
+    ):
+        raise ValueError(
+            f"GrainData num_classes must be a positive integer or None; got {num_classes!r}."
+        )
+
+
+def _check_counts(batch_size: Any, read_threads: Any, prefetch: Any, worker_count: Any) -> None:
+    """Raises ``ValueError`` for a count that is not an integer at or above its minimum."""
+    for name, value, low in (
+        ("batch_size", batch_size, 1),
+        ("read_threads", read_threads, 1),
+        ("prefetch", prefetch, 1),
+        ("worker_count", worker_count, 0),
+    ):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise ValueError(f"GrainData {name} must be an integer >= {low}; got {value!r}.")
+
+
 class GrainData:
     """A grain pipeline served to `fit` as fixed-shape, masked batches, resumable exactly.
 
@@ -184,22 +206,10 @@ class GrainData:
     ):
         grain = _grain()
         check_seed(seed, "GrainData seed")
-        if num_classes is not None and (
-            isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1
-        ):
-            raise ValueError(
-                f"GrainData num_classes must be a positive integer or None; got {num_classes!r}."
-            )
+        _check_num_classes(num_classes)
         self.num_classes = num_classes
         self.label_key = label_key
-        for name, value, low in (
-            ("batch_size", batch_size, 1),
-            ("read_threads", read_threads, 1),
-            ("prefetch", prefetch, 1),
-            ("worker_count", worker_count, 0),
-        ):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-                raise ValueError(f"GrainData {name} must be an integer >= {low}; got {value!r}.")
+        _check_counts(batch_size, read_threads, prefetch, worker_count)
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.drop_remainder = bool(drop_remainder)
@@ -208,7 +218,21 @@ class GrainData:
         self.worker_count = int(worker_count)
         self._map: Any = None  # a grain.MapDataset of records
         self._iter: Callable[[int], Any] | None = None  # epoch -> grain.IterDataset
+        self._set_source(source, grain)
+        if self._map is not None:
+            self._init_random_access(shuffle)
+        else:
+            self._init_streaming(shuffle)
+        # (epoch, batches consumed in the epoch) -> grain iterator state after them.
+        self._states: collections.OrderedDict = collections.OrderedDict()
+        self._resumed: tuple[int, int, Any] | None = None
 
+    def _set_source(self, source: Any, grain: Any) -> None:
+        """Sets ``_map`` (random access) or ``_iter`` (streaming) from ``source``.
+
+        Raises:
+            TypeError: ``source`` is a ``grain.DataLoader`` or nothing grain can read.
+        """
         if isinstance(source, grain.DataLoader):
             raise TypeError(
                 "GrainData takes grain's Dataset API, not a grain.DataLoader (whose sampler "
@@ -231,30 +255,39 @@ class GrainData:
                 "dicts), a grain.IterDataset, or a callable epoch -> grain.IterDataset; got "
                 f"{type(source).__name__}."
             )
-        if self._map is not None:
-            self.shuffle = True if shuffle is None else bool(shuffle)
-            self.num_records = len(self._map)
-            if self.num_records == 0:
-                raise ValueError("GrainData source is empty (0 records); give at least one.")
-            if self.drop_remainder and self.batch_size > self.num_records:
-                raise ValueError(
-                    f"batch_size={batch_size} is larger than the source ({self.num_records} "
-                    "records) with drop_remainder=True, so every batch would be dropped. "
-                    "Fix: lower batch_size or set drop_remainder=False."
-                )
-        else:
-            if shuffle:
-                raise ValueError(
-                    "GrainData shuffle applies to random-access sources; an IterDataset is "
-                    "served in its own order. Fix: shuffle inside the pipeline (e.g. "
-                    "ds.shuffle(seed) on a MapDataset before .to_iter_dataset(), or a "
-                    "window shuffle seeded by the epoch) and drop shuffle=."
-                )
-            self.shuffle = False
-            self.num_records = None
-        # (epoch, batches consumed in the epoch) -> grain iterator state after them.
-        self._states: collections.OrderedDict = collections.OrderedDict()
-        self._resumed: tuple[int, int, Any] | None = None
+
+    def _init_streaming(self, shuffle: bool | None) -> None:
+        """Sets ``shuffle`` and ``num_records`` of a streaming (IterDataset) source.
+
+        Raises:
+            ValueError: ``shuffle`` is asked for (only random-access sources shuffle).
+        """
+        if shuffle:
+            raise ValueError(
+                "GrainData shuffle applies to random-access sources; an IterDataset is "
+                "served in its own order. Fix: shuffle inside the pipeline (e.g. "
+                "ds.shuffle(seed) on a MapDataset before .to_iter_dataset(), or a "
+                "window shuffle seeded by the epoch) and drop shuffle=."
+            )
+        self.shuffle = False
+        self.num_records = None
+
+    def _init_random_access(self, shuffle: bool | None) -> None:
+        """Sets ``shuffle`` and ``num_records`` of a random-access source, checked.
+
+        Raises:
+            ValueError: the source is empty, or ``drop_remainder`` would drop every batch.
+        """
+        self.shuffle = True if shuffle is None else bool(shuffle)
+        self.num_records = len(self._map)
+        if self.num_records == 0:
+            raise ValueError("GrainData source is empty (0 records); give at least one.")
+        if self.drop_remainder and self.batch_size > self.num_records:
+            raise ValueError(
+                f"batch_size={self.batch_size} is larger than the source ({self.num_records} "
+                "records) with drop_remainder=True, so every batch would be dropped. "
+                "Fix: lower batch_size or set drop_remainder=False."
+            )
 
     # -- what fit needs --------------------------------------------------------------
 

@@ -181,11 +181,43 @@ def plot_runs(
         >>> tmp.cleanup()
     """
     import matplotlib
-    import matplotlib.ticker
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
+    run_dirs, path = _checked_plot_args(run_dirs, path, labels)
+    runs = [load_run(d) for d in run_dirs]
+    labels = list(labels) if labels is not None else _run_labels(run_dirs)
+    shown = [m for m in metrics if any(m in r for recs in runs for r in recs)]
+    if not shown:
+        raise ValueError(f"none of the metrics {list(metrics)} is in the records of {run_dirs}.")
+
+    ncols = 2 if len(shown) > 1 else 1
+    nrows = (len(shown) + ncols - 1) // ncols
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6.4 * ncols, 4.0 * nrows), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, m in zip(axes.flat, shown, strict=False):
+        _draw_runs(ax, m, labels, runs, colors)
+    for ax in list(axes.flat)[len(shown) :]:
+        ax.set_visible(False)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _checked_plot_args(
+    run_dirs: Sequence[str | os.PathLike], path: str | os.PathLike, labels: Sequence[str] | None
+) -> tuple[list[str], str]:
+    """`plot_runs`'s run folders and output path as strings, checked.
+
+    Raises:
+        ValueError: no run folders, an unsupported suffix, or a count of ``labels``
+            unlike that of ``run_dirs``.
+    """
     run_dirs = [os.fspath(d) for d in run_dirs]
     if not run_dirs:
         raise ValueError("plot_runs needs at least one run folder; got none.")
@@ -199,56 +231,50 @@ def plot_runs(
         raise ValueError(
             f"labels must name each of the {len(run_dirs)} runs; got {len(labels)} labels."
         )
-    runs = [load_run(d) for d in run_dirs]
-    labels = list(labels) if labels is not None else _run_labels(run_dirs)
-    shown = [m for m in metrics if any(m in r for recs in runs for r in recs)]
-    if not shown:
-        raise ValueError(f"none of the metrics {list(metrics)} is in the records of {run_dirs}.")
+    return run_dirs, path
 
-    ncols = 2 if len(shown) > 1 else 1
-    nrows = (len(shown) + ncols - 1) // ncols
-    fig, axes = plt.subplots(nrows, ncols, figsize=(6.4 * ncols, 4.0 * nrows), squeeze=False)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, m in zip(axes.flat, shown, strict=False):
-        for i, (label, recs) in enumerate(zip(labels, runs, strict=True)):
-            color = colors[i % len(colors)]
-            for split, style in (("train", "-"), ("eval", "--o")):
-                pts = [
-                    (r["step"], r[m])
-                    for r in recs
-                    if r.get("split") == split and isinstance(r.get(m), (int, float))
-                ]
-                if pts:
-                    xs, ys = zip(*pts, strict=True)
-                    ax.plot(
-                        xs,
-                        ys,
-                        style,
-                        color=color,
-                        label=f"{label} {split}",
-                        markersize=3,
-                        linewidth=1.4,
-                    )
-        ax.set_title(_LABELS.get(m, m))
-        ax.set_xlabel("step")
-        if m in ("loss", "grad_norm") and all(
-            y > 0 for line in ax.get_lines() for y in line.get_ydata()
-        ):
-            ax.set_yscale("log")
-            plain = matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:g}")
-            ax.yaxis.set_major_formatter(plain)  # 0.4, not 4 x 10^-1
-            ax.yaxis.set_minor_formatter(plain)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    for ax in list(axes.flat)[len(shown) :]:
-        ax.set_visible(False)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+
+def _draw_runs(
+    ax: Any, m: str, labels: Sequence[str], runs: Sequence[Sequence[Mapping]], colors: list
+) -> None:
+    """One panel: metric ``m`` of every run (one colour each), train solid, eval dashed."""
+    for i, (label, recs) in enumerate(zip(labels, runs, strict=True)):
+        color = colors[i % len(colors)]
+        for split, style in (("train", "-"), ("eval", "--o")):
+            pts = [
+                (r["step"], r[m])
+                for r in recs
+                if r.get("split") == split and isinstance(r.get(m), (int, float))
+            ]
+            if pts:
+                xs, ys = zip(*pts, strict=True)
+                ax.plot(
+                    xs,
+                    ys,
+                    style,
+                    color=color,
+                    label=f"{label} {split}",
+                    markersize=3,
+                    linewidth=1.4,
+                )
+    ax.set_title(_LABELS.get(m, m))
+    ax.set_xlabel("step")
+    if m in ("loss", "grad_norm") and all(
+        y > 0 for line in ax.get_lines() for y in line.get_ydata()
+    ):
+        _plain_log_scale(ax)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def _plain_log_scale(ax: Any) -> None:
+    """A log y axis whose ticks read 0.4, not 4 x 10^-1."""
+    import matplotlib.ticker
+
+    ax.set_yscale("log")
+    plain = matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:g}")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
 
 
 def add_plot_parser(subparsers: Any) -> Any:

@@ -74,34 +74,16 @@ def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run_compare(args: argparse.Namespace) -> int:
     """Runs ``jaxtrain compare``; returns the exit status (2 on a usage error)."""
-    from jaxtrain.contrast._torch import INSTALL_HINT
-
-    try:
-        import torch
-    except ImportError:
-        print(
-            f"jaxtrain compare: error: PyTorch is not installed. Fix: {INSTALL_HINT}",
-            file=sys.stderr,
-        )
+    torch = _import_torch()
+    if torch is None:
         return 2
     import jax
 
-    from jaxtrain.contrast.runner import (
-        TARGET_ALL,
-        TARGET_FIRST,
-        TARGET_PARAMS,
-        compare,
-        digits_models,
-        presets,
-    )
+    from jaxtrain.contrast.runner import compare, digits_models, presets
     from jaxtrain.data import load_digits
 
     if not 0 <= args.label_smoothing < 1:
-        print(
-            f"jaxtrain compare: error: --label-smoothing must be in [0, 1); got "
-            f"{args.label_smoothing}.",
-            file=sys.stderr,
-        )
+        _error(f"--label-smoothing must be in [0, 1); got {args.label_smoothing}.")
         return 2
     spec = presets(args.steps)[args.optimizer]
     if args.lr is not None:
@@ -121,20 +103,49 @@ def run_compare(args: argparse.Namespace) -> int:
         jax_model=jax_model,
         label=label,
     )
-    os.makedirs(args.out, exist_ok=True)
-    png = result.plot(os.path.join(args.out, "compare.png"))
-    js = os.path.join(args.out, "compare.json")
-    with open(js, "w") as f:
-        f.write(dumps_strict(result.to_dict()))  # strict JSON: a diverged loss is null
-    s = result.summary()
+    png, js = _write_results(result, args.out)
     print(f"{label}; torch {torch.__version__}, jax {jax.__version__}, float32, CPU")
     print(result.table(args.every))
+    print(_verdict(result.summary()))
+    print(f"wrote {png} and {js}")
+    return 0
+
+
+def _error(message: str) -> None:
+    """Prints a usage error as ``jaxtrain compare``'s one line on stderr."""
+    print(f"jaxtrain compare: error: {message}", file=sys.stderr)
+
+
+def _import_torch() -> Any:
+    """The ``torch`` module, or None after printing how to install it."""
+    from jaxtrain.contrast._torch import INSTALL_HINT
+
+    try:
+        import torch
+    except ImportError:
+        _error(f"PyTorch is not installed. Fix: {INSTALL_HINT}")
+        return None
+    return torch
+
+
+def _write_results(result: Any, out: str) -> tuple[str, str]:
+    """Writes ``OUT/compare.png`` and ``OUT/compare.json``; returns their paths."""
+    os.makedirs(out, exist_ok=True)
+    png = result.plot(os.path.join(out, "compare.png"))
+    js = os.path.join(out, "compare.json")
+    with open(js, "w") as f:
+        f.write(dumps_strict(result.to_dict()))  # strict JSON: a diverged loss is null
+    return png, js
+
+
+def _verdict(s: dict[str, Any]) -> str:
+    """The summary line: the headline differences against the parity targets."""
+    from jaxtrain.contrast.runner import TARGET_ALL, TARGET_FIRST, TARGET_PARAMS
+
     verdict = "all met" if s["meets_targets"] else "NOT all met"
-    print(
+    return (
         f"max rel diff: first 10 steps {s['max_rel_diff_first_10']:.2e} (target "
         f"{TARGET_FIRST:g}), all steps {s['max_rel_diff_all']:.2e} (target {TARGET_ALL:g}); "
         f"final params max abs diff {s['final_param_max_abs_diff']:.2e} (target "
         f"{TARGET_PARAMS:g}): {verdict}"
     )
-    print(f"wrote {png} and {js}")
-    return 0

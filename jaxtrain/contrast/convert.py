@@ -25,12 +25,16 @@ NCHW before flattening instead.
 Layers are named the way Flax names them in a compact module (``Conv_0``, ``Dense_0``,
 ``LayerNorm_0``, ...), so the converted parameters of a PyTorch twin of jaxtrain's
 `jaxtrain.MLP` or `jaxtrain.CNN` (see `torch_twin`) fit those models directly.
+
+`from_torch` walks the layers once, handing each to its converter (one function per
+PyTorch layer type, looked up in `_converters`), which checks the layer's settings and
+appends its `Sequential` spec and weight mapping.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -319,6 +323,233 @@ def _unsupported(name: str, layer: Any, why: str, fix: str) -> ValueError:
     )
 
 
+def _model_leaves(torch_model: Any, torch: Any) -> list[tuple[str, Any]]:
+    """The ``(module name, layer)`` pairs of ``torch_model``, nested Sequentials flattened.
+
+    Raises:
+        TypeError: ``torch_model`` is not an ``nn.Module``.
+        ValueError: it is a module with children that is not an ``nn.Sequential``.
+    """
+    tnn = torch.nn
+    if not isinstance(torch_model, tnn.Module):
+        raise TypeError(
+            f"from_torch expects a torch.nn.Module (an nn.Sequential); got "
+            f"{type(torch_model).__name__}."
+        )
+    if isinstance(torch_model, tnn.Sequential):
+        return _leaves(torch_model, "", torch)
+    if not list(torch_model.children()):
+        return [("", torch_model)]  # a single layer
+    raise ValueError(
+        f"cannot convert {type(torch_model).__name__}: only torch.nn.Sequential models "
+        "(nested allowed) can be converted, because a custom forward() cannot be read. "
+        f"Supported layers: {SUPPORTED}. Fix: write the model as nn.Sequential(...)."
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Leaf:
+    """One PyTorch layer as the conversion meets it: name, layer, input shape, position."""
+
+    index: int
+    name: str
+    layer: Any
+    shape: tuple[int, ...]  # the layer's input shape, batch of 1 included
+
+    def unsupported(self, why: str, fix: str) -> ValueError:
+        """The error for this layer: its name (or type), ``why`` and the ``fix``."""
+        return _unsupported(self.name or type(self.layer).__name__, self.layer, why, fix)
+
+    def expect_ndim(self, ndim: int, what: str, fix: str) -> None:
+        """Raises unless the input is ``ndim``-D; ``what`` names the layer's input."""
+        if len(self.shape) != ndim:
+            raise self.unsupported(
+                f"{what} a {len(self.shape)}-D input of shape {list(self.shape)}", fix
+            )
+
+
+@dataclasses.dataclass
+class _Conversion:
+    """What one `from_torch` pass has built so far.
+
+    ``perm`` is the pending flatten permutation: Flax feature ``j`` is PyTorch feature
+    ``perm[j]`` until the next ``Linear`` absorbs it.
+    """
+
+    tnn: Any  # torch.nn
+    leaves: list[tuple[str, Any]]
+    specs: list[Any] = dataclasses.field(default_factory=list)
+    plan: list[_Weights] = dataclasses.field(default_factory=list)
+    counts: dict[str, int] = dataclasses.field(default_factory=dict)
+    perm: tuple[int, ...] | None = None
+
+    def plan_weights(
+        self, flax_layer: str, leaf: _Leaf, kind: str, perm: tuple[int, ...] | None
+    ) -> None:
+        """Plans the next ``{flax_layer}_{i}`` to take ``leaf``'s weights (``kind``)."""
+        i = self.counts.get(flax_layer, 0)
+        self.counts[flax_layer] = i + 1
+        self.plan.append(_Weights(f"{flax_layer}_{i}", leaf.name, kind, perm))
+
+    def later_layers(self, leaf: _Leaf) -> list[Any]:
+        """The layers after ``leaf``, in order."""
+        return [lay for _, lay in self.leaves[leaf.index + 1 :]]
+
+
+def _convert_linear(leaf: _Leaf, c: _Conversion) -> None:
+    """``Linear`` -> ``Dense``; its kernel absorbs a pending flatten permutation."""
+    leaf.expect_ndim(
+        2,
+        "Linear receives",
+        "add nn.Flatten() before it (only Linear on [batch, features] converts).",
+    )
+    layer = leaf.layer
+    c.specs.append(DenseSpec(layer.out_features, layer.bias is not None))
+    c.plan_weights("Dense", leaf, "dense", c.perm)
+    c.perm = None
+
+
+def _conv_padding(layer: Any, k: tuple[int, int], d: tuple[int, int]) -> tuple:
+    """A ``Conv2d``'s padding as Flax's ``((top, bottom), (left, right))``."""
+    if not isinstance(layer.padding, str):
+        p = _pair(layer.padding)
+        return ((p[0], p[0]), (p[1], p[1]))
+    if layer.padding == "valid":
+        return ((0, 0), (0, 0))
+    # "same": the extra pixel of an even kernel goes after, as in XLA.
+    tot = [d[j] * (k[j] - 1) for j in range(2)]
+    return tuple((t // 2, t - t // 2) for t in tot)
+
+
+def _convert_conv2d(leaf: _Leaf, c: _Conversion) -> None:
+    """``Conv2d`` (zero padding) -> ``Conv``."""
+    layer = leaf.layer
+    leaf.expect_ndim(
+        4, "Conv2d receives", "give the model [batch, channels, height, width] images."
+    )
+    if layer.padding_mode != "zeros":
+        raise leaf.unsupported(
+            f"padding_mode={layer.padding_mode!r}",
+            "use padding_mode='zeros' (the only padding Flax's nn.Conv applies).",
+        )
+    k, d = _pair(layer.kernel_size), _pair(layer.dilation)
+    pad = _conv_padding(layer, k, d)
+    c.specs.append(
+        ConvSpec(
+            layer.out_channels, k, _pair(layer.stride), pad, d, layer.groups, layer.bias is not None
+        )
+    )
+    c.plan_weights("Conv", leaf, "conv", None)
+
+
+def _convert_activation(leaf: _Leaf, c: _Conversion) -> None:
+    """``ReLU``, ``Tanh``, ``GELU`` (exact or tanh) -> the same activation."""
+    layer, tnn = leaf.layer, c.tnn
+    if isinstance(layer, tnn.GELU):
+        kind = "gelu_tanh" if layer.approximate == "tanh" else "gelu"
+    else:
+        kind = "relu" if isinstance(layer, tnn.ReLU) else "tanh"
+    c.specs.append(ActivationSpec(kind))
+
+
+def _nchw_flatten_perm(c: int, h: int, w: int) -> tuple[int, ...]:
+    """``perm[j]``: the PyTorch (``c, h, w``) feature at Flax (``h, w, c``) position ``j``."""
+    perm = np.arange(c * h * w).reshape(c, h, w).transpose(1, 2, 0).ravel()
+    return tuple(int(j) for j in perm)
+
+
+def _convert_flatten(leaf: _Leaf, c: _Conversion) -> None:
+    """``Flatten()`` -> a reshape in NHWC order (a later ``Linear`` permuted) or NCHW."""
+    layer, shape = leaf.layer, leaf.shape
+    if layer.start_dim != 1 or layer.end_dim != -1:
+        raise leaf.unsupported(
+            f"Flatten(start_dim={layer.start_dim}, end_dim={layer.end_dim})",
+            "use nn.Flatten() (start_dim=1, end_dim=-1).",
+        )
+    if len(shape) == 2:
+        c.specs.append(FlattenSpec(torch_order=False))  # a no-op
+    elif len(shape) != 4:
+        raise leaf.unsupported(
+            f"Flatten of a {len(shape)}-D input of shape {list(shape)}",
+            "flatten [batch, C, H, W] images or [batch, F] vectors only.",
+        )
+    elif any(isinstance(lay, c.tnn.Linear) for lay in c.later_layers(leaf)):
+        # A later Linear absorbs the order: permute its kernel rows, flatten NHWC.
+        c.perm = _nchw_flatten_perm(*shape[1:])
+        c.specs.append(FlattenSpec(torch_order=False))
+    else:
+        c.specs.append(FlattenSpec(torch_order=True))
+
+
+def _convert_maxpool2d(leaf: _Leaf, c: _Conversion) -> None:
+    """``MaxPool2d`` (no dilation, floor mode) -> ``max_pool``."""
+    layer = leaf.layer
+    leaf.expect_ndim(4, "MaxPool2d receives", "pool [batch, C, H, W] images only.")
+    if _pair(layer.dilation) != (1, 1) or layer.ceil_mode or layer.return_indices:
+        raise leaf.unsupported(
+            f"dilation={layer.dilation}, ceil_mode={layer.ceil_mode}, "
+            f"return_indices={layer.return_indices}",
+            "use dilation=1, ceil_mode=False, return_indices=False.",
+        )
+    k = _pair(layer.kernel_size)
+    s = _pair(layer.stride if layer.stride is not None else layer.kernel_size)
+    p = _pair(layer.padding)
+    c.specs.append(MaxPoolSpec(k, s, ((p[0], p[0]), (p[1], p[1]))))
+
+
+def _convert_layernorm(leaf: _Leaf, c: _Conversion) -> None:
+    """``LayerNorm`` over the features of a 2-D input -> ``LayerNorm``."""
+    layer, shape = leaf.layer, leaf.shape
+    if len(shape) != 2 or tuple(layer.normalized_shape) != (shape[1],):
+        raise leaf.unsupported(
+            f"LayerNorm(normalized_shape={tuple(layer.normalized_shape)}) on an input "
+            f"of shape {list(shape)}",
+            "normalise the features of a [batch, features] activation "
+            "(put nn.Flatten() before it).",
+        )
+    affine = layer.weight is not None
+    c.specs.append(LayerNormSpec(float(layer.eps), affine, layer.bias is not None))
+    c.plan_weights("LayerNorm", leaf, "layernorm", c.perm)
+
+
+def _convert_dropout(leaf: _Leaf, c: _Conversion) -> None:
+    """``Dropout`` in eval mode or with ``p=0`` -> nothing (the identity)."""
+    layer = leaf.layer
+    if layer.training and layer.p > 0:
+        raise leaf.unsupported(
+            f"Dropout(p={layer.p}) is in training mode, so its output is random",
+            "call model.eval() first, or use p=0.",
+        )
+
+
+def _convert_identity(leaf: _Leaf, c: _Conversion) -> None:
+    """``Identity`` -> nothing."""
+
+
+def _reject(leaf: _Leaf, c: _Conversion) -> None:
+    """Any other layer: the error naming it and the supported layers."""
+    raise leaf.unsupported(
+        f"{type(leaf.layer).__name__} is not supported",
+        "remove it or replace it by supported layers.",
+    )
+
+
+def _converters(tnn: Any) -> dict[type, Callable[[_Leaf, _Conversion], None]]:
+    """PyTorch layer type -> its converter, in the order `from_torch` tries them."""
+    return {
+        tnn.Linear: _convert_linear,
+        tnn.Conv2d: _convert_conv2d,
+        tnn.ReLU: _convert_activation,
+        tnn.Tanh: _convert_activation,
+        tnn.GELU: _convert_activation,
+        tnn.Flatten: _convert_flatten,
+        tnn.MaxPool2d: _convert_maxpool2d,
+        tnn.LayerNorm: _convert_layernorm,
+        tnn.Dropout: _convert_dropout,
+        tnn.Identity: _convert_identity,
+    }
+
+
 def from_torch(torch_model: Any, input_shape: Sequence[int]) -> Converted:
     """Converts a PyTorch ``nn.Sequential`` into an equivalent Flax model and parameters.
 
@@ -351,178 +582,22 @@ def from_torch(torch_model: Any, input_shape: Sequence[int]) -> Converted:
         True
     """
     torch = require_torch()
-    tnn = torch.nn
-    if not isinstance(torch_model, tnn.Module):
-        raise TypeError(
-            f"from_torch expects a torch.nn.Module (an nn.Sequential); got "
-            f"{type(torch_model).__name__}."
-        )
-    if isinstance(torch_model, tnn.Sequential):
-        leaves = _leaves(torch_model, "", torch)
-    elif not list(torch_model.children()):
-        leaves = [("", torch_model)]  # a single layer
-    else:
-        raise ValueError(
-            f"cannot convert {type(torch_model).__name__}: only torch.nn.Sequential models "
-            "(nested allowed) can be converted, because a custom forward() cannot be read. "
-            f"Supported layers: {SUPPORTED}. Fix: write the model as nn.Sequential(...)."
-        )
+    leaves = _model_leaves(torch_model, torch)
     input_shape = tuple(int(d) for d in input_shape)
-
-    specs: list[Any] = []
-    plan: list[_Weights] = []
-    counts: dict[str, int] = {}
-    perm: tuple[int, ...] | None = None  # flax feature j == torch feature perm[j]
-
-    def flax_name(kind: str) -> str:
-        i = counts.get(kind, 0)
-        counts[kind] = i + 1
-        return f"{kind}_{i}"
-
+    conversion = _Conversion(torch.nn, leaves)
+    converters = _converters(torch.nn)
     x = torch.zeros((1, *input_shape))
     for i, (name, layer) in enumerate(leaves):
-        shape = tuple(x.shape)
-        shown = name or type(layer).__name__
-        if isinstance(layer, tnn.Linear):
-            if len(shape) != 2:
-                raise _unsupported(
-                    shown,
-                    layer,
-                    f"Linear receives a {len(shape)}-D input of shape {list(shape)}",
-                    "add nn.Flatten() before it (only Linear on [batch, features] converts).",
-                )
-            specs.append(DenseSpec(layer.out_features, layer.bias is not None))
-            plan.append(_Weights(flax_name("Dense"), name, "dense", perm))
-            perm = None
-        elif isinstance(layer, tnn.Conv2d):
-            if len(shape) != 4:
-                raise _unsupported(
-                    shown,
-                    layer,
-                    f"Conv2d receives a {len(shape)}-D input of shape {list(shape)}",
-                    "give the model [batch, channels, height, width] images.",
-                )
-            if layer.padding_mode != "zeros":
-                raise _unsupported(
-                    shown,
-                    layer,
-                    f"padding_mode={layer.padding_mode!r}",
-                    "use padding_mode='zeros' (the only padding Flax's nn.Conv applies).",
-                )
-            k, d = _pair(layer.kernel_size), _pair(layer.dilation)
-            if isinstance(layer.padding, str):
-                if layer.padding == "valid":
-                    pad = ((0, 0), (0, 0))
-                else:  # "same": the extra pixel of an even kernel goes after, as in XLA
-                    tot = [d[j] * (k[j] - 1) for j in range(2)]
-                    pad = tuple((t // 2, t - t // 2) for t in tot)
-            else:
-                p = _pair(layer.padding)
-                pad = ((p[0], p[0]), (p[1], p[1]))
-            specs.append(
-                ConvSpec(
-                    layer.out_channels,
-                    k,
-                    _pair(layer.stride),
-                    pad,
-                    d,
-                    layer.groups,
-                    layer.bias is not None,
-                )
-            )
-            plan.append(_Weights(flax_name("Conv"), name, "conv", None))
-        elif isinstance(layer, (tnn.ReLU, tnn.Tanh, tnn.GELU)):
-            if isinstance(layer, tnn.GELU):
-                kind = "gelu_tanh" if layer.approximate == "tanh" else "gelu"
-            else:
-                kind = "relu" if isinstance(layer, tnn.ReLU) else "tanh"
-            specs.append(ActivationSpec(kind))
-        elif isinstance(layer, tnn.Flatten):
-            if layer.start_dim != 1 or layer.end_dim != -1:
-                raise _unsupported(
-                    shown,
-                    layer,
-                    f"Flatten(start_dim={layer.start_dim}, end_dim={layer.end_dim})",
-                    "use nn.Flatten() (start_dim=1, end_dim=-1).",
-                )
-            if len(shape) == 4:
-                c, h, w = shape[1:]
-                rest = [lay for _, lay in leaves[i + 1 :]]
-                if any(isinstance(lay, tnn.Linear) for lay in rest):
-                    perm = tuple(np.arange(c * h * w).reshape(c, h, w).transpose(1, 2, 0).ravel())
-                    perm = tuple(int(j) for j in perm)
-                    specs.append(FlattenSpec(torch_order=False))
-                else:
-                    specs.append(FlattenSpec(torch_order=True))
-            elif len(shape) == 2:
-                specs.append(FlattenSpec(torch_order=False))  # a no-op
-            else:
-                raise _unsupported(
-                    shown,
-                    layer,
-                    f"Flatten of a {len(shape)}-D input of shape {list(shape)}",
-                    "flatten [batch, C, H, W] images or [batch, F] vectors only.",
-                )
-        elif isinstance(layer, tnn.MaxPool2d):
-            if len(shape) != 4:
-                raise _unsupported(
-                    shown,
-                    layer,
-                    f"MaxPool2d receives a {len(shape)}-D input of shape {list(shape)}",
-                    "pool [batch, C, H, W] images only.",
-                )
-            if _pair(layer.dilation) != (1, 1) or layer.ceil_mode or layer.return_indices:
-                raise _unsupported(
-                    shown,
-                    layer,
-                    f"dilation={layer.dilation}, ceil_mode={layer.ceil_mode}, "
-                    f"return_indices={layer.return_indices}",
-                    "use dilation=1, ceil_mode=False, return_indices=False.",
-                )
-            k = _pair(layer.kernel_size)
-            s = _pair(layer.stride if layer.stride is not None else layer.kernel_size)
-            p = _pair(layer.padding)
-            specs.append(MaxPoolSpec(k, s, ((p[0], p[0]), (p[1], p[1]))))
-        elif isinstance(layer, tnn.LayerNorm):
-            if len(shape) != 2 or tuple(layer.normalized_shape) != (shape[1],):
-                raise _unsupported(
-                    shown,
-                    layer,
-                    f"LayerNorm(normalized_shape={tuple(layer.normalized_shape)}) on an input "
-                    f"of shape {list(shape)}",
-                    "normalise the features of a [batch, features] activation "
-                    "(put nn.Flatten() before it).",
-                )
-            affine = layer.weight is not None
-            specs.append(LayerNormSpec(float(layer.eps), affine, layer.bias is not None))
-            plan.append(_Weights(flax_name("LayerNorm"), name, "layernorm", perm))
-        elif isinstance(layer, tnn.Dropout):
-            if layer.training and layer.p > 0:
-                raise _unsupported(
-                    shown,
-                    layer,
-                    f"Dropout(p={layer.p}) is in training mode, so its output is random",
-                    "call model.eval() first, or use p=0.",
-                )
-        elif isinstance(layer, tnn.Identity):
-            pass
-        else:
-            raise _unsupported(
-                shown,
-                layer,
-                f"{type(layer).__name__} is not supported",
-                "remove it or replace it by supported layers.",
-            )
+        convert = next((f for t, f in converters.items() if isinstance(layer, t)), _reject)
+        convert(_Leaf(i, name, layer, tuple(x.shape)), conversion)
         with torch.no_grad():
-            x = layer(x)
-
-    module = Sequential(tuple(specs))
+            x = layer(x)  # the next layer's input shape
     converted = Converted(
-        module=module,
+        module=Sequential(tuple(conversion.specs)),
         params={},
         input_shape=input_shape,
-        names={w.flax_name: w.torch_name for w in plan},
-        plan=tuple(plan),
+        names={w.flax_name: w.torch_name for w in conversion.plan},
+        plan=tuple(conversion.plan),
     )
     return dataclasses.replace(converted, params=converted.params_from(torch_model))
 
@@ -553,46 +628,55 @@ def torch_twin(module: nn.Module, input_shape: Sequence[int]) -> Any:
     """
     from jaxtrain.models.builtin import CNN, MLP
 
-    torch = require_torch()
-    tnn = torch.nn
+    tnn = require_torch().nn
     shape = tuple(int(d) for d in input_shape)
-    layers: list[Any] = []
     if isinstance(module, MLP):
-        width = int(np.prod(shape))
-        layers.append(tnn.Flatten())
-        for h in module.hidden:
-            layers += [tnn.Linear(width, h), tnn.ReLU()]
-            if module.dropout:
-                layers.append(tnn.Dropout(module.dropout))
-            width = h
-        layers.append(tnn.Linear(width, module.num_outputs))
-    elif isinstance(module, CNN):
-        if len(shape) != 3:
-            raise ValueError(
-                f"torch_twin of a CNN needs input_shape (C, H, W); got {shape}. "
-                "Fix: e.g. (1, 8, 8) for the digits."
-            )
-        c_in, h, w = shape
-        for c in module.channels:
-            layers += [
-                tnn.Conv2d(c_in, c, 3, padding=1),
-                tnn.ReLU(),
-                tnn.Conv2d(c, c, 3, padding=1),
-                tnn.ReLU(),
-                tnn.MaxPool2d(2),
-            ]
-            c_in, h, w = c, h // 2, w // 2
-        layers += [
-            tnn.Flatten(),
-            tnn.Dropout(module.dropout),
-            tnn.Linear(c_in * h * w, module.dense),
-            tnn.ReLU(),
-            tnn.Dropout(module.dropout),
-            tnn.Linear(module.dense, module.num_classes),
-        ]
-    else:
-        raise TypeError(
-            f"torch_twin knows jaxtrain.MLP and jaxtrain.CNN; got {type(module).__name__}. "
-            "Fix: build the nn.Sequential yourself and convert it with from_torch."
+        return tnn.Sequential(*_mlp_twin_layers(module, shape, tnn))
+    if isinstance(module, CNN):
+        return tnn.Sequential(*_cnn_twin_layers(module, shape, tnn))
+    raise TypeError(
+        f"torch_twin knows jaxtrain.MLP and jaxtrain.CNN; got {type(module).__name__}. "
+        "Fix: build the nn.Sequential yourself and convert it with from_torch."
+    )
+
+
+def _mlp_twin_layers(module: Any, shape: tuple[int, ...], tnn: Any) -> list[Any]:
+    """The PyTorch layers of a `jaxtrain.MLP` on examples of ``shape``."""
+    width = int(np.prod(shape))
+    layers: list[Any] = [tnn.Flatten()]
+    for h in module.hidden:
+        layers += [tnn.Linear(width, h), tnn.ReLU()]
+        if module.dropout:
+            layers.append(tnn.Dropout(module.dropout))
+        width = h
+    layers.append(tnn.Linear(width, module.num_outputs))
+    return layers
+
+
+def _cnn_twin_layers(module: Any, shape: tuple[int, ...], tnn: Any) -> list[Any]:
+    """The PyTorch layers of a `jaxtrain.CNN` on ``(C, H, W)`` examples."""
+    if len(shape) != 3:
+        raise ValueError(
+            f"torch_twin of a CNN needs input_shape (C, H, W); got {shape}. "
+            "Fix: e.g. (1, 8, 8) for the digits."
         )
-    return tnn.Sequential(*layers)
+    c_in, h, w = shape
+    layers: list[Any] = []
+    for c in module.channels:
+        layers += [
+            tnn.Conv2d(c_in, c, 3, padding=1),
+            tnn.ReLU(),
+            tnn.Conv2d(c, c, 3, padding=1),
+            tnn.ReLU(),
+            tnn.MaxPool2d(2),
+        ]
+        c_in, h, w = c, h // 2, w // 2
+    layers += [
+        tnn.Flatten(),
+        tnn.Dropout(module.dropout),
+        tnn.Linear(c_in * h * w, module.dense),
+        tnn.ReLU(),
+        tnn.Dropout(module.dropout),
+        tnn.Linear(module.dense, module.num_classes),
+    ]
+    return layers

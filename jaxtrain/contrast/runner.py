@@ -16,14 +16,16 @@ jaxtrain, one step::
 `compare` runs both from identical weights (PyTorch's, converted by
 `jaxtrain.contrast.from_torch`) and records, per step, both losses, both gradient norms,
 both learning rates and the largest parameter difference. `Comparison.table` prints
-them; `Comparison.plot` draws the two loss curves and their difference.
+them; `Comparison.plot` draws the two loss curves and their difference. `presets` and
+`digits_models` are the optimizers and models of the parity targets (``jaxtrain compare``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
@@ -225,6 +227,18 @@ class Comparison:
         return out
 
 
+# Per-step records of `compare`: short key -> `Comparison` field.
+_SERIES = {
+    "tl": "torch_loss",
+    "jl": "jax_loss",
+    "tg": "torch_grad_norm",
+    "jg": "jax_grad_norm",
+    "tlr": "torch_lr",
+    "jlr": "jax_lr",
+    "pd": "param_diff",
+}
+
+
 def _max_abs_diff(a: Any, b: Any) -> float:
     return max(
         float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
@@ -289,10 +303,41 @@ def compare(
     """
     torch = require_torch()
     converted = from_torch(torch_model, input_shape)
+    model, params = _jax_model_and_params(converted, jax_model, data["x"])
+    loss_fn, criterion = _losses(loss, model, label_smoothing)
+    optimizer, schedule = make_optax(spec)
+    state = TrainState.create(params, optimizer, seed)
+    torch_loop = _TorchLoop.create(torch_model, spec, criterion)
+    dataset = ArrayDataset(dict(data), batch_size, seed=seed, drop_remainder=True)
+    rec = {k: np.full(steps, np.nan) for k in _SERIES}
+    with _deterministic_torch(torch), jax.default_matmul_precision("highest"):
+        train_step = make_train_step(loss_fn, optimizer, learning_rate_fn=schedule)
+        batches = dataset.iterate()
+        for t in range(steps):
+            _, batch = next(batches)
+            # --- PyTorch: clear, forward, loss, backward, (clip), step, schedule.
+            x, y = _torch_batch(torch, batch, loss)
+            rec["tlr"][t], rec["tg"][t], rec["tl"][t] = torch_loop.step(x, y)
+            # --- jaxtrain: one pure function of (state, batch).
+            state, metrics = train_step(state, batch)
+            rec["jl"][t] = float(metrics["loss"])
+            rec["jg"][t] = float(metrics["grad_norm"])
+            rec["jlr"][t] = float(metrics["learning_rate"])
+            if (t + 1) % param_diff_every == 0 or t == steps - 1:
+                rec["pd"][t] = _max_abs_diff(converted.params_from(torch_model), state.params)
+    return Comparison(**{field: rec[key] for key, field in _SERIES.items()}, label=label)
+
+
+def _jax_model_and_params(converted: Any, jax_model: Model | None, x: Any) -> tuple[Model, Any]:
+    """The JAX model `compare` trains and its start parameters (the converted weights).
+
+    Raises:
+        ValueError: ``jax_model``'s parameter tree is not the converted one.
+    """
     model = jax_model if jax_model is not None else converted.model()
     params = jax.tree.map(jnp.array, converted.params)  # own buffers: the state is donated
     if jax_model is not None:
-        sample = jnp.zeros((1, *np.asarray(data["x"]).shape[1:]), jnp.float32)
+        sample = jnp.zeros((1, *np.asarray(x).shape[1:]), jnp.float32)
         expected = jax.tree.structure(model.init(jax.random.key(0), sample)[0])
         if expected != jax.tree.structure(params):
             raise ValueError(
@@ -300,65 +345,76 @@ def compare(
                 f"{expected} vs {jax.tree.structure(params)}. Fix: pass jax_model=None, or a "
                 "model with the same layers (torch_twin builds the twin of MLP and CNN)."
             )
+    return model, params
+
+
+def _losses(loss: str, model: Model, label_smoothing: float) -> tuple[Any, Any]:
+    """``(jaxtrain loss function, PyTorch criterion)`` for the ``loss`` kind.
+
+    Raises:
+        ValueError: ``loss`` is neither ``"cross_entropy"`` nor ``"mse"``.
+    """
     if loss == "cross_entropy":
         loss_fn = classification_loss(model, label_smoothing)
     elif loss == "mse":
         loss_fn = regression_loss(model)
     else:
         raise ValueError(f"loss must be 'cross_entropy' or 'mse'; got {loss!r}.")
-    criterion = torch_loss(loss, label_smoothing)
+    return loss_fn, torch_loss(loss, label_smoothing)
 
-    optimizer, schedule = make_optax(spec)
-    state = TrainState.create(params, optimizer, seed)
-    t_params = list(torch_model.parameters())
-    t_opt, t_sched = make_torch(spec, t_params)
 
-    dataset = ArrayDataset(dict(data), batch_size, seed=seed, drop_remainder=True)
-    rec = {k: np.full(steps, np.nan) for k in ("tl", "jl", "tg", "jg", "tlr", "jlr", "pd")}
+@dataclasses.dataclass
+class _TorchLoop:
+    """The PyTorch side of `compare`: a model, its criterion, optimizer and scheduler."""
+
+    model: Any
+    spec: OptimizerSpec
+    criterion: Any
+    params: list[Any]
+    optimizer: Any
+    scheduler: Any  # None: a constant learning rate
+
+    @classmethod
+    def create(cls, model: Any, spec: OptimizerSpec, criterion: Any) -> _TorchLoop:
+        """Builds the optimizer and scheduler of ``spec`` over ``model``'s parameters."""
+        params = list(model.parameters())
+        optimizer, scheduler = make_torch(spec, params)
+        return cls(model, spec, criterion, params, optimizer, scheduler)
+
+    def step(self, x: Any, y: Any) -> tuple[float, float, float]:
+        """One PyTorch step on ``(x, y)``; returns ``(lr used, grad norm, loss)``."""
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.criterion(self.model(x), y)
+        loss.backward()
+        grad_norm = torch_clip(self.spec, self.params)
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        return lr, grad_norm, float(loss.detach())
+
+
+def _torch_batch(torch: Any, batch: Mapping[str, np.ndarray], loss: str) -> tuple[Any, Any]:
+    """A jaxtrain batch as PyTorch tensors: ``x`` NCHW, ``y`` int64 for cross-entropy."""
+    x = torch.from_numpy(np.ascontiguousarray(nhwc_to_nchw(batch["x"])))
+    y = torch.from_numpy(batch["y"])
+    if loss == "cross_entropy":
+        y = y.long()
+    return x, y
+
+
+@contextlib.contextmanager
+def _deterministic_torch(torch: Any) -> Iterator[None]:
+    """PyTorch deterministic, float32 matmuls at "highest"; the settings restored after."""
     prev_det = torch.are_deterministic_algorithms_enabled()
     prev_prec = torch.get_float32_matmul_precision()
     torch.use_deterministic_algorithms(True)
     torch.set_float32_matmul_precision("highest")
     try:
-        with jax.default_matmul_precision("highest"):
-            train_step = make_train_step(loss_fn, optimizer, learning_rate_fn=schedule)
-            batches = dataset.iterate()
-            for t in range(steps):
-                _, batch = next(batches)
-                x = torch.from_numpy(np.ascontiguousarray(nhwc_to_nchw(batch["x"])))
-                y = torch.from_numpy(batch["y"])
-                if loss == "cross_entropy":
-                    y = y.long()
-                # --- PyTorch: clear, forward, loss, backward, (clip), step, schedule.
-                rec["tlr"][t] = t_opt.param_groups[0]["lr"]
-                t_opt.zero_grad(set_to_none=True)
-                t_loss = criterion(torch_model(x), y)
-                t_loss.backward()
-                rec["tg"][t] = torch_clip(spec, t_params)
-                t_opt.step()
-                if t_sched is not None:
-                    t_sched.step()
-                rec["tl"][t] = float(t_loss.detach())
-                # --- jaxtrain: one pure function of (state, batch).
-                state, metrics = train_step(state, batch)
-                rec["jl"][t] = float(metrics["loss"])
-                rec["jg"][t] = float(metrics["grad_norm"])
-                rec["jlr"][t] = float(metrics["learning_rate"])
-                if (t + 1) % param_diff_every == 0 or t == steps - 1:
-                    rec["pd"][t] = _max_abs_diff(converted.params_from(torch_model), state.params)
+        yield
     finally:
         torch.use_deterministic_algorithms(prev_det)
         torch.set_float32_matmul_precision(prev_prec)
-    return Comparison(
-        torch_loss=rec["tl"],
-        jax_loss=rec["jl"],
-        torch_grad_norm=rec["tg"],
-        jax_grad_norm=rec["jg"],
-        torch_lr=rec["tlr"],
-        jax_lr=rec["jlr"],
-        param_diff=rec["pd"],
-        label=label,
-    )
 
 
 MODELS = ("mlp-tanh", "cnn-tanh", "mlp", "cnn")
