@@ -1,12 +1,20 @@
 """`make_train_step` and `make_eval_step`: the compiled heart of the training cycle.
 
-forward pass -> loss -> gradients -> update is one pure function of ``(state, batch)``.
-Gradients are a return value of ``jax.value_and_grad``: nothing accumulates between
-steps, so there is nothing to clear (PyTorch's ``zero_grad``).
+forward pass -> loss -> gradients -> update is one pure function of ``(state, batch)``
+(`build_step`). Gradients are a return value of ``jax.value_and_grad``: nothing
+accumulates between steps, so there is nothing to clear (PyTorch's ``zero_grad``).
+
+What lives here: the pure step and the user-function normalisation (`build_step`), the
+`CompiledStep` wrapper (trace counting, mesh placement, its `StepSpec`), jit and donation
+(`compile_step`), and the public builders, thin wrappers over `build_train_step`. The
+options live in `jaxtrain.step_options`, the transforms (gradient accumulation,
+precision, fused steps) in `jaxtrain.transforms`, the device-resident epoch in
+`jaxtrain.resident`. This module never imports the loop, the CLI, checkpoints or torch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -20,9 +28,16 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtrain import metrics as metrics_lib
 from jaxtrain import perf as perf_lib
 from jaxtrain import precision as precision_lib
-from jaxtrain.losses import INVALID_COUNT_KEYS
+from jaxtrain import transforms
 from jaxtrain.parallel import fsdp_size, state_shardings
 from jaxtrain.state import TrainState, raise_if_donated
+from jaxtrain.step_options import (
+    UNROLL_AUTO,
+    StepOptions,
+    StepSpec,
+    check_optimizer,
+    step_options,
+)
 
 PyTree = Any
 Batch = Mapping[str, jax.Array]
@@ -85,6 +100,10 @@ class CompiledStep:
         fn: the pure, un-jitted step function (for ``jax.make_jaxpr``, ``vmap``, tests).
         jitted: the ``jax.jit`` object (``.lower(...)`` gives the compiled HLO and its
             memory/cost analysis).
+        spec: the `StepSpec` the step declares: its kind (one step, K fused steps, a
+            device-resident epoch, evaluation), steps per call, data set, non-finite
+            policy and scan unrolling. `fit` reads it to feed the step.
+        mesh: the mesh the compiled step keeps its state on, or None.
 
     Example:
         >>> import jax, jax.numpy as jnp, optax
@@ -93,29 +112,30 @@ class CompiledStep:
         >>> state = TrainState.create({"w": jnp.ones(3)}, opt, jax.random.key(0))
         >>> for _ in range(3):
         ...     state, metrics = step(state, {"x": jnp.ones((4, 3))})
-        >>> step.trace_count  # three calls, one batch shape [4, 3]: one compilation
-        1
+        >>> step.trace_count, step.spec.kind  # three calls, one batch shape: one compilation
+        (1, 'step')
     """
 
-    def __init__(self, fn: Callable, jitted: Callable, name: str = "step"):
+    def __init__(
+        self, fn: Callable, jitted: Callable, name: str = "step", spec: StepSpec | None = None
+    ):
         self.fn = fn
         self.jitted = jitted
         self.name = name  # for messages: "train_step", "train_steps", "eval_step"
+        self.spec = StepSpec("step") if spec is None else spec
         self._traces = 0
         self._compile_seconds = 0.0
-        # Set by make_train_step: the guard policy and, once traced, the names of the
-        # values it checks ("loss", then each gradient leaf) for error messages.
-        self.nonfinite_policy: str | None = None
-        self.nonfinite_names: list[str] = []
-        # K for steps built by make_train_steps (fit then feeds [K, B, ...] groups).
-        self.steps_per_call: int | None = None
-        # Set by fit only while it calls a fused step on a shorter last group of k < K
-        # batches: the one leading size other than K that the step-axis check accepts.
-        self._group_size: int | None = None
-        # The mesh the compiled step keeps its state on (set by _finish), and whether a
-        # state has been placed there yet.
+        # The mesh the compiled step keeps its state on (set by compile_step), whether a
+        # state has been placed there yet, and a fused step's cached all-True ``active``.
         self.mesh: Mesh | None = None
         self._placed = False
+        self._all_active: Any = None
+
+    # A read-only view of ``spec`` under its former name (tests/test_readme.py reads it).
+    @property
+    def steps_per_call(self) -> int | None:
+        """K for fused steps (``spec.steps_per_call``), None for any other kind."""
+        return self.spec.steps_per_call if self.spec.kind == "fused" else None
 
     @property
     def trace_count(self) -> int:
@@ -139,12 +159,34 @@ class CompiledStep:
     def _count_trace(self) -> None:
         self._traces += 1
 
+    def _declare_unroll(self, unroll: int | bool) -> None:
+        """Records the unrolling a fused step or epoch chose when traced."""
+        if self.spec.unroll != unroll:
+            self.spec = dataclasses.replace(self.spec, unroll=unroll)
+
+    def _complete(self, args: tuple) -> tuple:
+        """A fused step's arguments with ``active`` (all True when not given).
+
+        Always passing it keeps one trace however the step is called.
+        """
+        if self.spec.kind != "fused" or len(args) not in (2, 3):
+            return args
+        k = self.spec.steps_per_call
+        if len(args) == 3 and args[2] is not None:
+            return (*args[:2], transforms.check_active(args[2], k))
+        if self._all_active is None:
+            ones = np.ones(k, np.bool_)
+            where = _replicated(self.mesh)
+            self._all_active = jnp.asarray(ones) if where is None else jax.device_put(ones, where)
+        return (*args[:2], self._all_active)
+
     def lower(self, *args):
         """``jax.jit(...).lower`` for inspecting the compiled step."""
-        return self.jitted.lower(*args)
+        return self.jitted.lower(*self._complete(args))
 
     def __call__(self, *args):
         traces, seen = self._traces, perf_lib.COMPILE_CLOCK.count
+        args = self._complete(args)
         try:
             if self.mesh is not None and not self._placed:
                 # The first state usually comes straight from TrainState.create, on one
@@ -281,206 +323,122 @@ def _replicated(mesh: Mesh | None) -> NamedSharding | None:
     return None if mesh is None else NamedSharding(mesh, PartitionSpec())
 
 
-def _accumulate(call_loss: Callable, state: TrainState, batch: Batch, rng: jax.Array, k: int):
-    """Gradients of a batch as ``k`` microbatches, in a ``lax.scan`` with one accumulator.
-
-    Each microbatch's loss is a mask-weighted mean; the batch's loss and gradient are the
-    means of those weighted by each microbatch's count of real examples (or tokens), so
-    padding never counts and the result equals one pass over the whole batch. Every
-    microbatch gets its own key, ``fold_in(step_key, i)``; the model state (e.g.
-    BatchNorm statistics) is threaded through the microbatches in order.
-    """
-    sizes = {key: jnp.shape(v)[0] for key, v in batch.items()}
-    bad = {key: n for key, n in sizes.items() if n % k}
-    if bad:
-        raise ValueError(
-            f"grad_accum_steps={k} must divide the batch size; got batch entries of sizes {bad}. "
-            f"Fix: use a batch size that is a multiple of {k}."
-        )
-    m = next(iter(sizes.values())) // k
-
-    def microbatch(i):
-        # A slice of the batch in place: no [k, m, ...] copy of the whole batch.
-        return {key: jax.lax.dynamic_slice_in_dim(v, i * m, m) for key, v in batch.items()}
-
-    def weight(mb):
-        if "mask" in mb:
-            return jnp.sum(jnp.asarray(mb["mask"], jnp.float32))
-        return jnp.float32(next(iter(mb.values())).shape[0])
-
-    def body(carry, i):
-        grad_sum, loss_sum, aux_sum, w_sum, model_state = carry
-        mb = microbatch(i)
-        w = weight(mb)
-
-        def objective(params):
-            return call_loss(params, mb, jax.random.fold_in(rng, i), model_state)
-
-        (loss, (aux, new_ms)), g = jax.value_and_grad(objective, has_aux=True)(state.params)
-        grad_sum = jax.tree.map(lambda a, b: a + w * b, grad_sum, g)
-        aux_sum = {
-            # Counts of invalid labels/mask values add up; a bad mask must not weight
-            # its own count away.
-            key: a + (1.0 if key in INVALID_COUNT_KEYS else w) * jnp.asarray(aux[key], jnp.float32)
-            for key, a in aux_sum.items()
-        }
-        return (grad_sum, loss_sum + w * loss, aux_sum, w_sum + w, new_ms), None
-
-    # Abstract shapes of one microbatch's aux, to start the accumulator at zero.
-    first = microbatch(0)
-    _, (aux_shape, _) = jax.eval_shape(
-        lambda p: call_loss(p, first, rng, state.model_state), state.params
-    )
-    zeros_aux = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), aux_shape)
-    init = (
-        jax.tree.map(jnp.zeros_like, state.params),
-        jnp.float32(0),
-        zeros_aux,
-        jnp.float32(0),
-        state.model_state,
-    )
-    (grad_sum, loss_sum, aux_sum, w_sum, new_ms), _ = jax.lax.scan(body, init, jnp.arange(k))
-    denom = jnp.maximum(w_sum, 1.0)  # an all-padding batch: zero gradient, not NaN
-    grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grad_sum, state.params)
-    aux = {key: a if key in INVALID_COUNT_KEYS else a / denom for key, a in aux_sum.items()}
-    return loss_sum / denom, aux, new_ms, grads
-
-
-def _build_step(
+def build_step(
     loss_fn: LossFn,
     optimizer: optax.GradientTransformation,
-    learning_rate_fn: Callable | None,
-    nonfinite: str | None,
-    holder: CompiledStep,
-    count_traces: bool,
-    grad_accum_steps: int = 1,
-    precision: str | precision_lib.Policy | None = None,
-    grad_norm: bool = True,
+    options: StepOptions,
+    nonfinite_names: list[str] | None = None,
 ) -> Callable:
-    """The pure one-step function shared by `make_train_step` and `make_train_steps`."""
-    if not isinstance(grad_norm, bool):
-        raise TypeError(f"grad_norm must be True or False; got {grad_norm!r}.")
-    policy = precision_lib.get_policy(precision)
-    if (
-        isinstance(grad_accum_steps, bool)
-        or not isinstance(grad_accum_steps, int)
-        or grad_accum_steps < 1
-    ):
-        raise ValueError(f"grad_accum_steps must be an integer >= 1; got {grad_accum_steps!r}.")
-    if not isinstance(optimizer, optax.GradientTransformation):
-        raise TypeError(
-            "optimizer must be an optax.GradientTransformation (e.g. optax.adam(1e-3)); "
-            f"got {type(optimizer).__name__}."
-        )
-    if nonfinite not in (None, "skip", "raise"):
-        raise ValueError(f"nonfinite must be 'skip', 'raise' or None; got {nonfinite!r}.")
+    """The pure one-step function ``step(state, batch) -> (new_state, metrics)``.
+
+    Every train step is built on it: `make_train_step` jits it, `make_train_steps` and
+    `make_device_epoch` scan it (`jaxtrain.transforms`). The gradient comes from the
+    chain of gradient transforms ``options`` asks for (`jaxtrain.transforms.gradient_fn`).
+
+    Args:
+        loss_fn: the user's loss, as in `make_train_step`.
+        optimizer: an optax ``GradientTransformation``.
+        options: the `StepOptions` (``learning_rate_fn``, ``nonfinite``,
+            ``grad_accum_steps``, ``precision``, ``grad_norm`` apply here).
+        nonfinite_names: a list the guard fills, at trace time, with the names of the
+            values it checks (`StepSpec.nonfinite_names`).
+
+    Returns:
+        The pure, un-jitted step function.
+    """
+    check_optimizer(optimizer)
     call_loss = _normalize_loss_fn(loss_fn)
-    compiled = holder
+    grad_fn = transforms.gradient_fn(options)
+    names = [] if nonfinite_names is None else nonfinite_names
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-        if count_traces:
-            compiled._count_trace()  # runs at trace time only, never per jitted call
         _check_opt_state(optimizer, state)
-        rng = state.step_rng()
-        step_loss, scale = call_loss, None
-        if policy is not None:
-            precision_lib.check_params(policy, state.params)
-            precision_lib.check_loss_scale_state(policy, state.loss_scale)
-            if policy.loss_scale is not None:
-                scale = state.loss_scale.scale
-            # Casts inside the differentiated function: gradients come back in float32.
-            step_loss = precision_lib.wrap_loss(call_loss, policy, scale)
-        if grad_accum_steps > 1:
-            loss, aux, new_model_state, grads = _accumulate(
-                step_loss, state, batch, rng, grad_accum_steps
-            )
-        else:
-
-            def objective(params):
-                return step_loss(params, batch, rng, state.model_state)
-
-            (loss, (aux, new_model_state)), grads = jax.value_and_grad(objective, has_aux=True)(
-                state.params
-            )
-        overflow, new_loss_scale = None, state.loss_scale
-        if scale is not None:
-            # Exact divisions: the scale is always a power of two.
-            loss = loss / scale
-            grads = jax.tree.map(lambda g: g / scale.astype(g.dtype), grads)
-            overflow = ~jnp.all(
-                jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
-            )
-            new_loss_scale = policy.loss_scale.update(state.loss_scale, ~overflow)
-        updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+        g = grad_fn(call_loss, state, batch, state.step_rng())
+        updates, new_opt_state = optimizer.update(g.grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
-
-        metrics = {"loss": loss}
-        if grad_norm:  # a reduction over every gradient leaf: ~10 small kernels on CPU
-            metrics["grad_norm"] = optax.tree.norm(grads)
-        if learning_rate_fn is not None:
-            metrics["learning_rate"] = jnp.asarray(learning_rate_fn(state.step), jnp.float32)
-        else:
-            lr = _find_learning_rate(new_opt_state)
-            if lr is not None:
-                metrics["learning_rate"] = lr
-        metrics.update({k: jnp.asarray(v) for k, v in aux.items()})
+        metrics = _step_metrics(options, state, g, new_opt_state)
+        new = {"params": new_params, "opt_state": new_opt_state, "model_state": g.model_state}
         skipped = state.skipped_steps
         # Loss scaling always skips an overflowed step (its gradients are garbage).
-        skip = overflow
-        if nonfinite is not None:
-            named = jax.tree_util.tree_leaves_with_path(grads)
-            named_updates = jax.tree_util.tree_leaves_with_path(updates)
-            named_params = jax.tree_util.tree_leaves_with_path(new_params)
-            if not compiled.nonfinite_names:
-                compiled.nonfinite_names = (
-                    ["loss"]
-                    + ["grads" + jax.tree_util.keystr(p) for p, _ in named]
-                    + ["updates" + jax.tree_util.keystr(p) for p, _ in named_updates]
-                    + ["new params" + jax.tree_util.keystr(p) for p, _ in named_params]
-                )
-            grad_flags = [~jnp.all(jnp.isfinite(g)) for _, g in named]
-            # The update and the new parameters too: finite gradients times a NaN
-            # learning rate (a schedule gone wrong) would otherwise write NaN params.
-            after_flags = [~jnp.all(jnp.isfinite(u)) for _, u in named_updates] + [
-                ~jnp.all(jnp.isfinite(p)) for _, p in named_params
-            ]
-            if overflow is not None:
-                # Under loss scaling a non-finite gradient is an expected overflow, handled
-                # above (skip, halve the scale), not an error -- unless the scale is already
-                # at its minimum, where halving cannot help: then it is genuine.
-                at_min = state.loss_scale.scale <= policy.loss_scale.min_scale
-                grad_flags = [f & at_min for f in grad_flags]
-                # An overflowed step's update is garbage by construction and is dropped.
-                after_flags = [f & (at_min | ~overflow) for f in after_flags]
-            flags = jnp.stack([~jnp.isfinite(loss), *grad_flags, *after_flags])
-            bad = jnp.any(flags)
+        skip = g.overflow
+        if options.nonfinite is not None:
+            bad, index = _nonfinite(options.precision, state, g, updates, new_params, names)
             skip = bad if skip is None else skip | bad
             skipped = skipped + bad.astype(skipped.dtype)
             metrics["skipped_steps"] = skipped
-            metrics["nonfinite"] = jnp.where(bad, jnp.argmax(flags), -1).astype(jnp.int32)
+            metrics["nonfinite"] = index
         if skip is not None:
-
-            def keep_old(new, old):
-                return jax.tree.map(lambda n, o: jnp.where(skip, o, n), new, old)
-
+            old = {"params": state.params, "opt_state": state.opt_state}
+            old["model_state"] = state.model_state
             # A select, not a branch: bitwise the old values when skipped, no host sync.
-            new_params = keep_old(new_params, state.params)
-            new_opt_state = keep_old(new_opt_state, state.opt_state)
-            new_model_state = keep_old(new_model_state, state.model_state)
-        if scale is not None:
-            metrics["loss_scale"] = new_loss_scale.scale
-            metrics["loss_scale_overflows"] = new_loss_scale.overflows
+            new = jax.tree.map(lambda n, o: jnp.where(skip, o, n), new, old)
+        if g.overflow is not None:
+            metrics["loss_scale"] = g.loss_scale.scale
+            metrics["loss_scale_overflows"] = g.loss_scale.overflows
         new_state = state.replace(
-            loss_scale=new_loss_scale,
-            step=state.step + 1,
-            params=new_params,
-            opt_state=new_opt_state,
-            model_state=new_model_state,
-            skipped_steps=skipped,
+            loss_scale=g.loss_scale, step=state.step + 1, skipped_steps=skipped, **new
         )
         return new_state, metrics
 
     return train_step
+
+
+def _step_metrics(
+    options: StepOptions, state: TrainState, g: transforms.Grads, new_opt_state: PyTree
+) -> dict[str, jax.Array]:
+    """The loss, gradient norm, learning rate and aux metrics of one step."""
+    metrics = {"loss": g.loss}
+    if options.grad_norm:  # a reduction over every gradient leaf: ~10 small kernels on CPU
+        metrics["grad_norm"] = optax.tree.norm(g.grads)
+    if options.learning_rate_fn is not None:
+        metrics["learning_rate"] = jnp.asarray(options.learning_rate_fn(state.step), jnp.float32)
+    else:
+        lr = _find_learning_rate(new_opt_state)
+        if lr is not None:
+            metrics["learning_rate"] = lr
+    metrics.update({k: jnp.asarray(v) for k, v in g.aux.items()})
+    return metrics
+
+
+def _nonfinite(
+    policy: precision_lib.Policy | None,
+    state: TrainState,
+    g: transforms.Grads,
+    updates: PyTree,
+    new_params: PyTree,
+    names: list[str],
+) -> tuple[jax.Array, jax.Array]:
+    """The non-finite guard: whether to skip the step, and the first bad value's index.
+
+    Checks the loss, each gradient, each update and each new parameter (finite
+    gradients times a NaN learning rate would otherwise write NaN parameters). Fills
+    ``names`` (what the index points at) the first time it is traced.
+    """
+    named = jax.tree_util.tree_leaves_with_path(g.grads)
+    named_updates = jax.tree_util.tree_leaves_with_path(updates)
+    named_params = jax.tree_util.tree_leaves_with_path(new_params)
+    if not names:
+        names.extend(
+            ["loss"]
+            + ["grads" + jax.tree_util.keystr(p) for p, _ in named]
+            + ["updates" + jax.tree_util.keystr(p) for p, _ in named_updates]
+            + ["new params" + jax.tree_util.keystr(p) for p, _ in named_params]
+        )
+    grad_flags = [~jnp.all(jnp.isfinite(x)) for _, x in named]
+    after_flags = [~jnp.all(jnp.isfinite(u)) for _, u in named_updates] + [
+        ~jnp.all(jnp.isfinite(p)) for _, p in named_params
+    ]
+    if g.overflow is not None:
+        # Under loss scaling a non-finite gradient is an expected overflow, handled by
+        # the scale (skip, halve it), not an error -- unless the scale is already at its
+        # minimum, where halving cannot help: then it is genuine.
+        at_min = state.loss_scale.scale <= policy.loss_scale.min_scale
+        grad_flags = [f & at_min for f in grad_flags]
+        # An overflowed step's update is garbage by construction and is dropped.
+        after_flags = [f & (at_min | ~g.overflow) for f in after_flags]
+    flags = jnp.stack([~jnp.isfinite(g.loss), *grad_flags, *after_flags])
+    bad = jnp.any(flags)
+    return bad, jnp.where(bad, jnp.argmax(flags), -1).astype(jnp.int32)
 
 
 def make_train_step(
@@ -569,20 +527,17 @@ def make_train_step(
         >>> int(state.step), round(float(metrics["loss"]), 3)
         (1, 1.0)
     """
-    compiled = CompiledStep(None, None, "train_step")
-    compiled.nonfinite_policy = nonfinite
-    train_step = _build_step(
-        loss_fn,
-        optimizer,
-        learning_rate_fn,
-        nonfinite,
-        compiled,
-        True,
-        grad_accum_steps,
-        precision,
-        grad_norm,
+    options = StepOptions(
+        learning_rate_fn=learning_rate_fn,
+        mesh=mesh,
+        donate=donate,
+        jit=jit,
+        nonfinite=nonfinite,
+        grad_accum_steps=grad_accum_steps,
+        precision=precision,
+        grad_norm=grad_norm,
     )
-    return _finish(compiled, train_step, jit=jit, mesh=mesh, donate=donate)
+    return build_train_step(loss_fn, optimizer, options)
 
 
 def make_train_steps(
@@ -590,130 +545,132 @@ def make_train_steps(
     optimizer: optax.GradientTransformation,
     *,
     steps_per_call: int,
-    learning_rate_fn: Callable[[jax.Array], jax.Array] | None = None,
-    mesh: Mesh | None = None,
-    donate: bool = True,
-    jit: bool = True,
-    nonfinite: str | None = None,
-    grad_accum_steps: int = 1,
-    precision: str | precision_lib.Policy | None = None,
-    grad_norm: bool = True,
-    unroll: int | bool = 1,
+    unroll: int | bool | str = UNROLL_AUTO,
+    **options: Any,
 ) -> CompiledStep:
-    """Builds ``train_steps(state, batches) -> (new_state, metrics)``: K steps, one call.
+    """Builds ``train_steps(state, batches[, active]) -> (new_state, metrics)``: K steps.
 
     The same step as `make_train_step`, run ``K`` times by ``jax.lax.scan`` inside one
     compiled call (never a Python-unrolled loop), so small steps stop paying Python
     dispatch each time. On CPU, K fused steps give bitwise the state of K single steps.
 
     Args:
-        loss_fn, optimizer, learning_rate_fn, mesh, donate, jit, nonfinite,
-            grad_accum_steps, precision, grad_norm: as in `make_train_step`.
-        steps_per_call: K, the number of steps `fit` groups into one call (a shorter
-            group at an epoch end or budget end compiles once more and is reused).
-        unroll: ``jax.lax.scan``'s ``unroll``: 1 (default) compiles one step body and
-            loops over it; True unrolls all K steps into straight-line code (compile
-            time grows with K). Use True for convolutional models on CPU: XLA's CPU
-            backend runs convolution gradients inside a loop on a slow path (the
-            built-in CNN measured 18x slower per step than outside a loop,
-            BENCHMARKS.md); unrolled they run at the single-step speed.
+        loss_fn, optimizer: as in `make_train_step`.
+        steps_per_call: K, the number of steps one call runs. ``batches`` must have a
+            leading axis of exactly K; a shorter group (an epoch or budget end) is
+            padded to K and its padding marked inactive with ``active``.
+        unroll: ``jax.lax.scan``'s ``unroll``. ``"auto"`` (default) is decided when the
+            step is first traced and can be read back as ``spec.unroll``: True (all K
+            steps as straight-line code) when the backend is CPU and the step contains
+            a convolution — XLA's CPU backend runs convolution gradients inside a loop
+            on a slow path (the built-in CNN measured 18-33x slower per step,
+            jax#12868, BENCHMARKS.md) — else 1 (one compiled body and a loop). 1 or
+            True (or an integer) force it; compile time grows with the unrolling.
+        **options: any option of `make_train_step` (``learning_rate_fn``, ``mesh``,
+            ``donate``, ``jit``, ``nonfinite``, ``grad_accum_steps``, ``precision``,
+            ``grad_norm``): the fields of `jaxtrain.step_options.StepOptions`.
 
     Returns:
-        A `CompiledStep` with ``steps_per_call`` set. ``batches`` is a dict whose
-        entries have a leading step axis ``[k, B, ...]`` (``k <= K``); ``metrics``
-        holds per-step values stacked ``[k]``.
+        A `CompiledStep` whose ``spec`` has ``kind="fused"`` and ``steps_per_call=K``.
+        Call it with ``batches`` whose entries are ``[K, B, ...]``, and optionally
+        ``active``, a bool array ``[K]``: step ``i`` runs only where ``active[i]``
+        (an inactive step leaves the state bitwise unchanged; its metrics are zeros,
+        ``nonfinite`` -1 and the state's counters). ``metrics`` holds per-step values
+        stacked ``[K]``. Passing ``active`` or not, the step compiles once.
 
     Example:
-        >>> import jax, jax.numpy as jnp, optax
+        >>> import jax, jax.numpy as jnp, numpy as np, optax
         >>> opt = optax.sgd(0.1)
         >>> loss_fn = lambda p, b: jnp.mean((b["x"] @ p["w"]) ** 2)
         >>> steps = make_train_steps(loss_fn, opt, steps_per_call=3)
         >>> state = TrainState.create({"w": jnp.ones(2)}, opt, jax.random.key(0))
         >>> state, metrics = steps(state, {"x": jnp.ones((3, 4, 2))})  # [K, B, features]
-        >>> int(state.step), metrics["loss"].shape
-        (3, (3,))
+        >>> int(state.step), metrics["loss"].shape, steps.spec.unroll  # no convolution
+        (3, (3,), 1)
+        >>> state, _ = steps(state, {"x": jnp.ones((3, 4, 2))}, np.array([True, False, False]))
+        >>> int(state.step), steps.trace_count  # one more step ran; still one compilation
+        (4, 1)
     """
-    if (
-        isinstance(steps_per_call, bool)
-        or not isinstance(steps_per_call, int)
-        or steps_per_call < 1
-    ):
-        raise ValueError(f"steps_per_call must be an integer >= 1; got {steps_per_call!r}.")
-    compiled = CompiledStep(None, None, "train_steps")
-    compiled.nonfinite_policy = nonfinite
-    compiled.steps_per_call = steps_per_call
-    one_step = _build_step(
-        loss_fn,
-        optimizer,
-        learning_rate_fn,
-        nonfinite,
-        compiled,
-        False,
-        grad_accum_steps,
-        precision,
-        grad_norm,
-    )
-    _check_unroll(unroll)
-
-    def train_steps(state: TrainState, batches: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-        compiled._count_trace()
-        _check_step_axis(batches, steps_per_call, compiled._group_size)
-        return jax.lax.scan(one_step, state, batches, unroll=unroll)
-
-    return _finish(compiled, train_steps, jit=jit, mesh=mesh, donate=donate)
+    transform = transforms.Fused(steps_per_call)
+    opts = step_options("make_train_steps", unroll=unroll, **options)
+    return build_train_step(loss_fn, optimizer, opts, transform)
 
 
-def _check_step_axis(batches: Any, k: int, group_size: int | None) -> None:
-    """Trace-time check that every batch entry has the leading ``[K]`` step axis.
-
-    Without it a ``[B, ...]`` batch would scan over its examples: B one-example steps,
-    silently. The leading size must be K; `fit` alone may pass a shorter last group
-    (an epoch or step budget that does not divide by K), and says so through
-    ``CompiledStep._group_size`` while it makes that call.
-    """
-    leaves = jax.tree_util.tree_leaves_with_path(batches)
-    allowed = {k} if group_size is None else {k, group_size}
-    fix = (
-        f"Fix: stack {k} batches along a new first axis, e.g. "
-        f"{{name: np.stack([b[name] for b in group]) for name in group[0]}} over a group of "
-        f"{k} batches, or use make_train_step for one batch per call (fit does the stacking "
-        "itself)."
-    )
-    for path, leaf in leaves:
-        shape = tuple(jnp.shape(leaf))
-        if not shape or shape[0] not in allowed:
-            lead = f"leading size {shape[0]}" if shape else "no axes"
-            raise ValueError(
-                f"make_train_steps(steps_per_call={k}) runs {k} steps per call and needs "
-                f"batches with a leading step axis [K={k}, B, ...]; got batches"
-                f"{jax.tree_util.keystr(path)} of shape {shape} ({lead}), which is missing "
-                f"the [K] axis (a [B, ...] batch would run B one-example steps). {fix}"
-            )
-
-
-def _check_unroll(unroll: Any) -> None:
-    if not (isinstance(unroll, bool) or (isinstance(unroll, int) and unroll >= 1)):
-        raise ValueError(
-            f"unroll must be True, False or an integer >= 1 (steps per loop iteration); got "
-            f"{unroll!r}. Fix: unroll=True for convolutional models on CPU, else leave it at 1."
-        )
-
-
-def _finish(
-    compiled: CompiledStep, fn: Callable, *, jit: bool, mesh: Mesh | None, donate: bool
+def build_train_step(
+    loss_fn: LossFn,
+    optimizer: optax.GradientTransformation,
+    options: StepOptions | None = None,
+    transform: Any = None,
 ) -> CompiledStep:
-    """Attaches ``fn`` and its jit (state donated, outputs replicated on ``mesh``).
+    """A compiled train step: the pure step, a step transform around it, jit.
+
+    The public builders are thin wrappers over it: `make_train_step` (the `Single`
+    transform), `make_train_steps` (`Fused`), `make_device_epoch` (`ResidentEpoch`).
+
+    Args:
+        loss_fn: the user's loss, as in `make_train_step`.
+        optimizer: an optax ``GradientTransformation``.
+        options: the `StepOptions`; None: the defaults.
+        transform: a step transform (`jaxtrain.transforms.Single`, `Fused`,
+            `jaxtrain.resident.ResidentEpoch`); None: `Single`. An option the transform
+            lists in its ``refuses`` and that is not at its default is an error.
+
+    Returns:
+        A `CompiledStep` with the transform's `StepSpec`.
+
+    Example:
+        >>> import jax.numpy as jnp, optax
+        >>> from jaxtrain.step_options import StepOptions
+        >>> from jaxtrain.transforms import Fused
+        >>> opts = StepOptions(nonfinite="skip")
+        >>> steps = build_train_step(lambda p, b: jnp.sum(p), optax.sgd(0.1), opts, Fused(2))
+        >>> steps.spec.kind, steps.spec.nonfinite
+        ('fused', 'skip')
+    """
+    options = StepOptions() if options is None else options
+    transform = transforms.Single() if transform is None else transform
+    refused = options.changed(transform.refuses)
+    if refused:
+        given = ", ".join(f"{n}={getattr(options, n)!r}" for n in refused)
+        raise ValueError(
+            f"{transform.name} does not support {given}: the option has no meaning for "
+            f"a {transform.spec(StepOptions()).kind!r} step. Fix: leave "
+            f"{', '.join(refused)} at the default, or use a builder that supports it."
+        )
+    check_optimizer(optimizer)
+    compiled = CompiledStep(None, None, transform.name, spec=transform.spec(options))
+    one_step = build_step(loss_fn, optimizer, options, compiled.spec.nonfinite_names)
+    fn = transform.apply(one_step, options, compiled._declare_unroll)
+
+    def counted(*args):
+        compiled._count_trace()  # runs at trace time only, never per jitted call
+        return fn(*args)
+
+    return compile_step(compiled, counted, options)
+
+
+def compile_step(compiled: CompiledStep, fn: Callable, options: StepOptions) -> CompiledStep:
+    """Attaches ``fn`` and its jit (state donated, outputs replicated on the mesh).
 
     On a mesh with an ``fsdp`` axis the new state instead keeps the FSDP layout of
     `jaxtrain.parallel.state_shardings` (metrics stay replicated). The layout is pinned
     with ``with_sharding_constraint`` from the traced shapes, so it needs no state at
     build time and the step still compiles once: input and output layouts agree.
+
+    Args:
+        compiled: the `CompiledStep` to complete.
+        fn: the pure function ``fn(state, ...) -> (new_state, metrics)``.
+        options: its ``jit``, ``mesh`` and ``donate`` apply.
+
+    Returns:
+        ``compiled``, with ``fn``, ``jitted`` and ``mesh`` set.
     """
     compiled.fn = fn
-    if not jit:
+    if not options.jit:
         compiled.jitted = fn
         return compiled
-    compiled.mesh = mesh
+    mesh = compiled.mesh = options.mesh
+    donate = (0,) if options.donate else ()
     out = _replicated(mesh)
     if mesh is not None and fsdp_size(mesh) > 1:
 
@@ -724,13 +681,10 @@ def _finish(
             )
             return new_state, jax.lax.with_sharding_constraint(metrics, out)
 
-        compiled.jitted = jax.jit(sharded, donate_argnums=(0,) if donate else ())
+        compiled.jitted = jax.jit(sharded, donate_argnums=donate)
         return compiled
-    compiled.jitted = jax.jit(
-        fn,
-        donate_argnums=(0,) if donate else (),
-        out_shardings=None if out is None else (out, out),
-    )
+    outs = None if out is None else (out, out)
+    compiled.jitted = jax.jit(fn, donate_argnums=donate, out_shardings=outs)
     return compiled
 
 
@@ -759,11 +713,14 @@ def _check_opt_state(optimizer: optax.GradientTransformation, state: TrainState)
             )
 
 
-def _normalize_eval_fn(eval_fn: Callable) -> Callable:
+def _normalize_eval_fn(eval_fn: Callable, policy: precision_lib.Policy | None) -> Callable:
+    """``eval_fn`` as ``f(params, batch, model_state) -> values``, run under ``policy``."""
     extra = _accepted_kwargs(eval_fn, (MODEL_STATE_KEY,))
 
     def wrapped(params, batch, model_state):
         kwargs = {MODEL_STATE_KEY: model_state} if MODEL_STATE_KEY in extra else {}
+        if policy is not None:
+            params, batch = policy.cast_to_compute(params), policy.cast_batch(batch)
         out = eval_fn(params, batch, **kwargs)
         if not isinstance(out, Mapping):
             what = f"an array of shape {out.shape}" if hasattr(out, "shape") else type(out).__name__
@@ -771,7 +728,7 @@ def _normalize_eval_fn(eval_fn: Callable) -> Callable:
                 f"eval_fn must return a dict of per-example metric values; got {what}. "
                 "Fix: return {'accuracy': correct} with values of shape [batch]."
             )
-        return out
+        return out if policy is None else policy.cast_to_output(dict(out))
 
     return wrapped
 
@@ -781,6 +738,7 @@ def make_eval_step(
     *,
     mesh: Mesh | None = None,
     jit: bool = True,
+    precision: str | precision_lib.Policy | None = None,
 ) -> CompiledStep:
     """Builds ``eval_step(state, batch) -> sums``, mask-weighted and exact.
 
@@ -791,6 +749,10 @@ def make_eval_step(
             ``batch['mask']`` (when present) so padded examples never count.
         mesh: as in `make_train_step`.
         jit: False returns the pure function un-compiled.
+        precision: as in `make_train_step`: the parameters and the batch's
+            ``Policy.input_keys`` are cast to the compute dtype (e.g. ``"bfloat16"``)
+            before ``eval_fn`` runs, and its values cast back to float32 before they
+            are summed. None (default): ``eval_fn`` runs on the parameters as stored.
 
     Returns:
         A `CompiledStep` returning ``{name: (weighted_sum, weight)}`` device scalars;
@@ -810,19 +772,17 @@ def make_eval_step(
         >>> metrics.compute(eval_step(state, batch))  # mean of |2 - 0| and |2 - 1|
         {'err': 1.5}
     """
-    call = _normalize_eval_fn(eval_fn)
-    compiled: CompiledStep | None = None
+    options = StepOptions(mesh=mesh, jit=jit, precision=precision)
+    call = _normalize_eval_fn(eval_fn, options.precision)
+    compiled = CompiledStep(None, None, "eval_step", spec=StepSpec("eval", 0))
 
     def eval_step(state: TrainState, batch: Batch) -> metrics_lib.Sums:
-        if compiled is not None:
-            compiled._count_trace()
+        compiled._count_trace()
         values = call(state.params, batch, state.model_state)
         return metrics_lib.sums_from_values(values, batch.get("mask"))
 
-    if not jit:
-        compiled = CompiledStep(eval_step, eval_step, "eval_step")
-        return compiled
-    compiled = CompiledStep(
-        eval_step, jax.jit(eval_step, out_shardings=_replicated(mesh)), "eval_step"
-    )
+    compiled.fn = eval_step
+    # Not compile_step: nothing is donated (the state lives on) and the state is not
+    # moved onto the mesh (it is the training state, already placed).
+    compiled.jitted = jax.jit(eval_step, out_shardings=_replicated(mesh)) if jit else eval_step
     return compiled

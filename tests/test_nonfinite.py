@@ -180,7 +180,7 @@ def test_infinite_param_names_the_new_params(setup):
     p["Dense_1"]["bias"] = p["Dense_1"]["bias"] + 3e38
     state = jt.TrainState.create(p, opt, 0)
     state, m = step(state, {"x": jnp.zeros((1,))})
-    name = step.nonfinite_names[int(m["nonfinite"])]
+    name = step.spec.nonfinite_names[int(m["nonfinite"])]
     assert name == "new params['Dense_1']['bias']", name
     np.testing.assert_array_equal(np.asarray(state.params["Dense_1"]["bias"]), p["Dense_1"]["bias"])
 
