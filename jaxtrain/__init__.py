@@ -5,6 +5,7 @@ through an explicit `TrainState` by a jit-compiled ``train_step(state, batch)``.
 """
 
 from jaxtrain import distributed, losses, metrics, models, parallel
+from jaxtrain.callbacks import Callback
 from jaxtrain.data import ArrayDataset, DataPosition, load_digits
 from jaxtrain.doctor import preflight
 from jaxtrain.grain_data import GrainData
@@ -18,6 +19,7 @@ from jaxtrain.loop import (
     evaluate,
     fit,
 )
+from jaxtrain.loop_state import LoopState
 from jaxtrain.models import (
     CNN,
     MLP,
@@ -41,6 +43,7 @@ from jaxtrain.precision import DynamicLossScale, LossScaleState, Policy
 from jaxtrain.resident import make_device_epoch, put_dataset
 from jaxtrain.state import TrainState
 from jaxtrain.step import CompiledStep, make_eval_step, make_train_step, make_train_steps
+from jaxtrain.step_options import StepSpec
 from jaxtrain.tasks import (
     classification_eval,
     classification_loss,
@@ -55,6 +58,7 @@ __all__ = [
     "CNN",
     "MLP",
     "ArrayDataset",
+    "Callback",
     "CompiledStep",
     "CsvWriter",
     "DataPosition",
@@ -64,11 +68,13 @@ __all__ = [
     "GrainData",
     "History",
     "JsonlWriter",
+    "LoopState",
     "LossScaleState",
     "Model",
     "PeriodicHook",
     "Policy",
     "Preempted",
+    "StepSpec",
     "TensorBoardWriter",
     "TrainState",
     "TransformerLM",

@@ -265,6 +265,27 @@ def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
     return _put_batch(batch, mesh, stacked=False)
 
 
+def shard_stacked_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
+    """Places K stacked host batches ``[K, B, ...]`` on ``mesh`` (`make_train_steps` input).
+
+    As `shard_batch`, with the leading step axis ``K`` kept whole on every device and
+    ``B`` split over the batch axes (`stacked_batch_sharding`).
+
+    Args:
+        batch: dict of arrays ``[K, B, ...]`` (``B``: this process's rows).
+        mesh: the mesh; the global batch size must be divisible by its batch devices.
+
+    Returns:
+        The stacked batches as (global) device arrays.
+
+    Example:
+        >>> b = shard_stacked_batch({"x": np.zeros((3, 4, 2))}, data_mesh(jax.devices()[:1]))
+        >>> b["x"].shape, b["x"].sharding.spec == PartitionSpec(None, "data")
+        ((3, 4, 2), True)
+    """
+    return _put_batch(batch, mesh, stacked=True)
+
+
 def _put_batch(batch: Mapping[str, Any], mesh: Mesh, *, stacked: bool) -> dict[str, jax.Array]:
     dim = 1 if stacked else 0
     sizes = {k: np.shape(v)[dim] if np.ndim(v) > dim else None for k, v in batch.items()}

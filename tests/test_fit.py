@@ -321,3 +321,24 @@ def test_hook_errors_name_the_fix(setup):
             hooks=[lambda state, history: None],
             progress=False,
         )
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("k", [3, 8])  # 5 steps per epoch: groups 3+2, or one of 5 < K=8
+def test_fused_steps_pad_the_short_last_group_and_compile_once(setup, k):
+    """A group cut short by the epoch's end is padded to K with inactive steps: one
+    compilation, bitwise the parameters of single steps, the same records (the padded
+    steps' metrics are left out)."""
+    s = setup
+    model = jt.from_linen(jt.MLP(hidden=(32,)))
+    fused = jt.make_train_steps(jt.classification_loss(model), s["opt"], steps_per_call=k)
+    ref, h_ref = jt.fit(_state(s), s["step"], s["train_ds"], epochs=2, progress=False)
+    got, h = jt.fit(_state(s), fused, s["train_ds"], epochs=2, progress=False)
+    assert fused.trace_count == 1
+    assert h.steps == h_ref.steps == 10 and h.examples == h_ref.examples == 600
+    for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(ref.params), strict=True):
+        np.testing.assert_array_equal(a, b)
+    timing = ("examples_per_second",)
+    strip = lambda records: [{k: v for k, v in r.items() if k not in timing} for r in records]  # noqa: E731
+    assert [r["step"] for r in h.train] == [5, 10]
+    assert strip(h.train) == strip(h_ref.train)

@@ -3,6 +3,7 @@ resume it, and get bitwise the same final parameters as an uninterrupted run."""
 
 import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -29,18 +30,21 @@ ARGS = [
 CLI = [sys.executable, "-m", "jaxtrain.cli", "train"]
 
 
-def _env(pause=None):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-    env.pop("JAXTRAIN_DEBUG_PAUSE_AT", None)
-    if pause:
-        env["JAXTRAIN_DEBUG_PAUSE_AT"] = pause
-    return env
+# The fault injection lives in the tests: this wrapper runs `jaxtrain train` with a
+# callback that pauses at EVENT:N (see its docstring) and says so on stdout.
+PAUSED = str(pathlib.Path(__file__).with_name("_paused_train.py"))
 
 
-def _run(args, pause=None, timeout=180):
-    res = subprocess.run(
-        CLI + args, capture_output=True, text=True, env=_env(pause), timeout=timeout
-    )
+def _cli(pause=None):
+    return CLI if pause is None else [sys.executable, PAUSED, pause, "train"]
+
+
+def _env():
+    return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+
+
+def _run(args, timeout=180):
+    res = subprocess.run(CLI + args, capture_output=True, text=True, env=_env(), timeout=timeout)
     assert res.returncode == 0, res.stderr[-2000:]
     return res
 
@@ -48,11 +52,11 @@ def _run(args, pause=None, timeout=180):
 def _start_and_kill(out, pause, timeout=180):
     """Starts a run that pauses at ``pause``, waits for that moment, then SIGKILLs it."""
     proc = subprocess.Popen(
-        CLI + [*ARGS, "--out", str(out)],
+        _cli(pause) + [*ARGS, "--out", str(out)],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
-        env=_env(pause),
+        env=_env(),
     )
     deadline = time.monotonic() + timeout
     try:
@@ -138,11 +142,11 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path, uninterrupted, pause
 def _start_and_term(out, pause, timeout=180):
     """Starts a run that pauses at ``pause``, then sends SIGTERM (a preemption notice)."""
     proc = subprocess.Popen(
-        CLI + [*ARGS, "--out", str(out)],
+        _cli(pause) + [*ARGS, "--out", str(out)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=_env(pause),
+        env=_env(),
     )
     try:
         for line in proc.stdout:

@@ -14,7 +14,9 @@ import optax
 import pytest
 
 import jaxtrain as jt
+import jaxtrain.callbacks as callbacks_lib
 import jaxtrain.loop as loop_lib
+import jaxtrain.train_log as train_log_lib
 from jaxtrain import perf
 from jaxtrain.parallel import replicate, shard_batch
 
@@ -43,7 +45,7 @@ class FakeBar:
 @pytest.fixture
 def bar(monkeypatch):
     FakeBar.instances = []
-    monkeypatch.setattr(loop_lib, "tqdm", FakeBar)
+    monkeypatch.setattr(callbacks_lib, "tqdm", FakeBar)
     return FakeBar
 
 
@@ -93,8 +95,10 @@ def test_mfu_is_flops_over_time_over_a_fake_peak(monkeypatch, bar, setup, clock)
     fake_peak = 2e10  # FLOP/s per device
     monkeypatch.setattr(perf, "PEAKS", (("cpu", "Fake chip", fake_peak, 1),))
     reads = []
-    real_reads = loop_lib.per_step_metrics
-    monkeypatch.setattr(loop_lib, "per_step_metrics", lambda p: reads.append(1) or real_reads(p))
+    real_reads = train_log_lib.per_step_metrics
+    monkeypatch.setattr(
+        train_log_lib, "per_step_metrics", lambda p: reads.append(1) or real_reads(p)
+    )
 
     _, history = jt.fit(
         _fresh(setup),
