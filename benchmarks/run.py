@@ -12,7 +12,7 @@ everything to a JSON file.
 
 Fair play, for every contender: the same model (the same initial weights: PyTorch and
 Flax NNX models are loaded from the linen parameters), Adam(1e-3) with the same
-hyperparameters, the same batches (the digits data from `jaxtrain.load_digits`, served by
+hyperparameters, the same batches (the digits data from `jaxtrain.data.load_digits`, served by
 `jaxtrain.ArrayDataset(batch_size=128, seed=0, drop_remainder=True)`, so every batch is
 full), the same number of steps and the same loss (mean softmax cross-entropy). Batches
 are built before timing (JAX: already on the device; PyTorch: tensors) so the data
@@ -334,6 +334,7 @@ def jax_contenders(w: Workload) -> list[Contender]:
     import optax
 
     import jaxtrain as jt
+    from jaxtrain.resident import put_dataset
 
     tx = optax.adam(LEARNING_RATE)
     module = w.module
@@ -378,7 +379,7 @@ def jax_contenders(w: Workload) -> list[Contender]:
 
     def jt_epoch():
         run_epoch = jt.make_device_epoch(loss_fn, tx, w.dataset)
-        arrays = jt.put_dataset(w.dataset)
+        arrays = put_dataset(w.dataset)
         epochs = [jnp.int32(e) for e in range(w.steps // w.dataset.steps_per_epoch)]
         box = {"state": jt.TrainState.create(w.fresh_params(), tx, 0)}
 
@@ -709,8 +710,9 @@ def first_step_child(name: str, cache_dir: str) -> None:
     import optax
 
     import jaxtrain as jt
+    from jaxtrain.data import load_digits
 
-    train, _ = jt.load_digits()
+    train, _ = load_digits()
     w = make_workload(
         name, jt.ArrayDataset(train, BATCH_SIZE, drop_remainder=True).steps_per_epoch, 1, train
     )
@@ -758,6 +760,7 @@ def fit_on_off(w: Workload, repeats: int, warmup: int) -> dict[str, Any]:
     import optax
 
     import jaxtrain as jt
+    from jaxtrain.writers import JsonlWriter
 
     tx = optax.adam(LEARNING_RATE)
     loss_fn = jaxtrain_loss(w.module)
@@ -771,7 +774,7 @@ def fit_on_off(w: Workload, repeats: int, warmup: int) -> dict[str, Any]:
     def variant(on: bool):
         def prepare():
             def run():
-                writers = [jt.JsonlWriter(os.path.join(tmp, "metrics.jsonl"))] if on else []
+                writers = [JsonlWriter(os.path.join(tmp, "metrics.jsonl"))] if on else []
                 try:
                     jt.fit(
                         state0,
@@ -1155,8 +1158,9 @@ def main(argv=None) -> dict[str, Any]:
     import jax
 
     import jaxtrain as jt
+    from jaxtrain.data import load_digits
 
-    train, _ = jt.load_digits()
+    train, _ = load_digits()
     per_epoch = jt.ArrayDataset(train, BATCH_SIZE, drop_remainder=True).steps_per_epoch
     k = args.k if args.k is not None else per_epoch
     unit = math.lcm(per_epoch, k) if k >= 1 else 0
@@ -1245,7 +1249,7 @@ def main(argv=None) -> dict[str, Any]:
     )
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        from jaxtrain.logging import dumps_strict  # strict JSON: no NaN tokens
+        from jaxtrain.writers import dumps_strict  # strict JSON: no NaN tokens
 
         with open(args.out, "w") as f:
             f.write(dumps_strict(report, indent=1, default=float))

@@ -19,8 +19,10 @@ import jax
 import optax
 
 import jaxtrain as jt
+from jaxtrain.apps.tasks import classification_eval, classification_loss
 from jaxtrain.checkpoint import Checkpointer
-from jaxtrain.logging import dumps_strict
+from jaxtrain.data import load_digits
+from jaxtrain.writers import dumps_strict
 
 
 def rss_mib() -> float:
@@ -45,13 +47,13 @@ def main(argv=None) -> dict:
     warmup = args.warmup if args.warmup is not None else max(args.steps // 10, 1)
     sample_every = max(args.steps // 40, 1)
 
-    train, test = jt.load_digits()
-    model = jt.from_linen(jt.MLP(hidden=(64, 64)))
+    train, test = load_digits()
+    model = jt.from_linen(jt.models.MLP(hidden=(64, 64)))
     params, ms = model.init(jax.random.key(0), train["x"][:1])
     opt = optax.adam(1e-3)
     state = jt.TrainState.create(params, opt, 0, ms)
-    step = jt.make_train_step(jt.classification_loss(model), opt)
-    ev = jt.make_eval_step(jt.classification_eval(model))
+    step = jt.make_train_step(classification_loss(model), opt)
+    ev = jt.make_eval_step(classification_eval(model))
     samples: list[tuple[int, float]] = []
 
     def sample(st, hist):

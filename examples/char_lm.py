@@ -4,7 +4,7 @@
     python examples/char_lm.py --text book.txt --steps 3000 --d-model 128
     python examples/char_lm.py --steps 20 --seq-len 16 --d-model 32 --layers 1 --max-chars 20000
 
-The corpus is the docstrings of standard-library modules (`jaxtrain.text.stdlib_corpus`):
+The corpus is the docstrings of standard-library modules (`jaxtrain.apps.text.stdlib_corpus`):
 English that exists on every machine, so the script needs no download.
 
 Why `jaxtrain.fit` here and not a hand-written loop: a language-model run is a fixed
@@ -23,7 +23,8 @@ import jax
 import optax
 
 import jaxtrain
-from jaxtrain import text
+from jaxtrain.apps import text
+from jaxtrain.apps.tasks import classification_eval, classification_loss, init_model
 
 
 class PrintWriter:
@@ -73,7 +74,7 @@ def main(argv=None):
     eval_ds = jaxtrain.ArrayDataset(held_out, args.batch_size, shuffle=False)
 
     # --- model, optimizer, state ---
-    lm = jaxtrain.TransformerLM(
+    lm = jaxtrain.models.TransformerLM(
         vocab.size,
         max_len=args.seq_len,
         d_model=args.d_model,
@@ -81,7 +82,7 @@ def main(argv=None):
         num_layers=args.layers,
     )
     model = jaxtrain.from_linen(lm)
-    params, model_state = jaxtrain.init_model(model, args.seed, train["x"][:1])
+    params, model_state = init_model(model, args.seed, train["x"][:1])
     n_params = sum(x.size for x in jax.tree.leaves(params))
     print(f"TransformerLM: {n_params:,} parameters")
     warmup = min(100, args.steps // 10)
@@ -95,9 +96,9 @@ def main(argv=None):
 
     # classification_loss/eval handle per-token labels: logits [B, T, V], y [B, T].
     train_step = jaxtrain.make_train_step(
-        jaxtrain.classification_loss(model), optimizer, learning_rate_fn=schedule
+        classification_loss(model), optimizer, learning_rate_fn=schedule
     )
-    eval_step = jaxtrain.make_eval_step(jaxtrain.classification_eval(model))
+    eval_step = jaxtrain.make_eval_step(classification_eval(model))
 
     t0 = time.perf_counter()
     state, history = jaxtrain.fit(

@@ -19,7 +19,9 @@ import optax
 import torch
 
 import jaxtrain
+from jaxtrain.apps.tasks import classification_loss
 from jaxtrain.contrast import from_torch, nhwc_to_nchw
+from jaxtrain.data import load_digits
 
 p = argparse.ArgumentParser(description="what happens without optimizer.zero_grad()")
 p.add_argument("--steps", type=int, default=40)
@@ -27,7 +29,7 @@ p.add_argument("--lr", type=float, default=0.05)
 args = p.parse_args()
 jax.config.update("jax_default_matmul_precision", "highest")
 
-train, _ = jaxtrain.load_digits()
+train, _ = load_digits()
 batches = list(jaxtrain.ArrayDataset(train, 32, seed=0, drop_remainder=True).batches(0))
 batches = [batches[i % len(batches)] for i in range(args.steps)]
 
@@ -61,7 +63,7 @@ def functional_losses() -> list[float]:
     model = converted.model()
     optimizer = optax.sgd(args.lr)
     state = jaxtrain.TrainState.create(converted.params, optimizer, 0)
-    step = jaxtrain.make_train_step(jaxtrain.classification_loss(model), optimizer)
+    step = jaxtrain.make_train_step(classification_loss(model), optimizer)
     out = []
     for b in batches:
         state, metrics = step(state, {k: jnp.asarray(v) for k, v in b.items()})

@@ -16,6 +16,7 @@ import optax
 from flax import linen as nn
 
 import jaxtrain
+from jaxtrain.data import load_digits
 
 p = argparse.ArgumentParser(description="MLP on digits, the functional way")
 p.add_argument("--steps", type=int, default=300)
@@ -25,7 +26,7 @@ p.add_argument("--log-every", type=int, default=50)
 args = p.parse_args()
 
 # --- data: the digits, batches of [B, 8, 8, 1] images (Flax wants [B, H, W, C]).
-train, test = jaxtrain.load_digits()
+train, test = load_digits()
 batches = jaxtrain.ArrayDataset(train, args.batch_size, seed=0, drop_remainder=True).iterate()
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 import jaxtrain  # only for the data: the same batches as the functional loop
+from jaxtrain.data import load_digits
 
 p = argparse.ArgumentParser(description="MLP on digits, the PyTorch way")
 p.add_argument("--steps", type=int, default=300)
@@ -22,7 +23,7 @@ p.add_argument("--log-every", type=int, default=50)
 args = p.parse_args()
 
 # --- data: the digits, batches of [B, 8, 8, 1] images (PyTorch wants [B, C, H, W]).
-train, test = jaxtrain.load_digits()
+train, test = load_digits()
 batches = jaxtrain.ArrayDataset(train, args.batch_size, seed=0, drop_remainder=True).iterate()
 
 # --- model: an object that owns its parameters (and, after backward, their gradients).

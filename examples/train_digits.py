@@ -14,6 +14,8 @@ import jax
 import optax
 
 import jaxtrain
+from jaxtrain.apps.tasks import classification_eval, classification_loss, init_model
+from jaxtrain.data import load_digits
 
 p = argparse.ArgumentParser(description="CNN on digits with make_train_step")
 p.add_argument("--epochs", type=int, default=30)
@@ -26,14 +28,14 @@ args = p.parse_args()
 
 # --- data: fixed-shape batches (the last one zero-padded with a mask) so the step
 # compiles once; the batch is split over all devices of the mesh (one on a laptop).
-train, test = jaxtrain.load_digits()
+train, test = load_digits()
 train_ds = jaxtrain.ArrayDataset(train, args.batch_size, seed=args.seed)
 test_ds = jaxtrain.ArrayDataset(test, 120, shuffle=False)
 mesh = jaxtrain.data_mesh()
 
 # --- model and optimizer: a linen CNN adapted to jaxtrain's pure (init, apply) pair.
-model = jaxtrain.from_linen(jaxtrain.CNN())
-params, model_state = jaxtrain.init_model(model, args.seed, train["x"][:1])
+model = jaxtrain.from_linen(jaxtrain.models.CNN())
+params, model_state = init_model(model, args.seed, train["x"][:1])
 total_steps = args.epochs * train_ds.steps_per_epoch
 if args.steps is not None:
     total_steps = min(total_steps, args.steps)
@@ -46,9 +48,9 @@ optimizer = optax.adamw(schedule, weight_decay=1e-4)
 state = jaxtrain.TrainState.create(params, optimizer, args.seed, model_state)
 state = jaxtrain.replicate(state, mesh)
 train_step = jaxtrain.make_train_step(
-    jaxtrain.classification_loss(model), optimizer, learning_rate_fn=schedule, mesh=mesh
+    classification_loss(model), optimizer, learning_rate_fn=schedule, mesh=mesh
 )
-eval_step = jaxtrain.make_eval_step(jaxtrain.classification_eval(model), mesh=mesh)
+eval_step = jaxtrain.make_eval_step(classification_eval(model), mesh=mesh)
 
 # --- the loop. `train_step` returns device arrays immediately (asynchronous dispatch);
 # calling float() on them would wait for the device every step. So metrics are kept

@@ -2,14 +2,23 @@
 
 forward pass -> loss -> gradients (``jax.value_and_grad``) -> update (optax), threaded
 through an explicit `TrainState` by a jit-compiled ``train_step(state, batch)``.
+
+This namespace holds the core vocabulary only: the state, the step builders, ``fit`` and
+its callbacks, the data sources, the model adapters, the mesh helpers and the precision
+policy, plus the submodules ``losses``, ``metrics``, ``models``, ``parallel`` and
+``distributed``. Everything else is imported from its module (``jaxtrain.writers``,
+``jaxtrain.data``, ``jaxtrain.perf``, ``jaxtrain.precision``, ``jaxtrain.checkpoint``).
+
+What must not live here: the applications. ``jaxtrain.apps`` (the digits recipe, the
+``jaxtrain`` command line, the task and char-LM helpers, plots, the doctor) and
+``jaxtrain.contrast`` (the optional PyTorch comparison) build on the core; importing
+``jaxtrain`` never imports them, nor torch.
 """
 
 from jaxtrain import distributed, losses, metrics, models, parallel
 from jaxtrain.callbacks import Callback
-from jaxtrain.data import ArrayDataset, DataPosition, load_digits
-from jaxtrain.doctor import preflight
+from jaxtrain.data import ArrayDataset, DataPosition
 from jaxtrain.grain_data import GrainData
-from jaxtrain.logging import CsvWriter, JsonlWriter, TensorBoardWriter, read_csv, read_jsonl
 from jaxtrain.loop import (
     EarlyStopping,
     EventHook,
@@ -20,67 +29,33 @@ from jaxtrain.loop import (
     fit,
 )
 from jaxtrain.loop_state import LoopState
-from jaxtrain.models import (
-    CNN,
-    MLP,
-    Model,
-    TransformerLM,
-    from_function,
-    from_linen,
-    from_nnx,
-)
-from jaxtrain.parallel import (
-    data_mesh,
-    make_mesh,
-    replicate,
-    shard_batch,
-    shard_state,
-    state_shardings,
-)
-from jaxtrain.perf import peak_flops, step_flops
-from jaxtrain.plots import plot_curves, plot_runs
-from jaxtrain.precision import DynamicLossScale, LossScaleState, Policy
-from jaxtrain.resident import make_device_epoch, put_dataset
+from jaxtrain.models import Model, from_function, from_linen, from_nnx
+from jaxtrain.parallel import data_mesh, make_mesh, replicate, shard_batch, shard_state
+from jaxtrain.precision import Policy
+from jaxtrain.resident import make_device_epoch
 from jaxtrain.state import TrainState
 from jaxtrain.step import CompiledStep, make_eval_step, make_train_step, make_train_steps
 from jaxtrain.step_options import StepSpec
-from jaxtrain.tasks import (
-    classification_eval,
-    classification_loss,
-    init_model,
-    regression_eval,
-    regression_loss,
-)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CNN",
-    "MLP",
     "ArrayDataset",
     "Callback",
     "CompiledStep",
-    "CsvWriter",
     "DataPosition",
-    "DynamicLossScale",
     "EarlyStopping",
     "EventHook",
     "GrainData",
     "History",
-    "JsonlWriter",
     "LoopState",
-    "LossScaleState",
     "Model",
     "PeriodicHook",
     "Policy",
     "Preempted",
     "StepSpec",
-    "TensorBoardWriter",
     "TrainState",
-    "TransformerLM",
     "__version__",
-    "classification_eval",
-    "classification_loss",
     "data_mesh",
     "distributed",
     "evaluate",
@@ -88,8 +63,6 @@ __all__ = [
     "from_function",
     "from_linen",
     "from_nnx",
-    "init_model",
-    "load_digits",
     "losses",
     "make_device_epoch",
     "make_eval_step",
@@ -99,18 +72,7 @@ __all__ = [
     "metrics",
     "models",
     "parallel",
-    "peak_flops",
-    "plot_curves",
-    "plot_runs",
-    "preflight",
-    "put_dataset",
-    "read_csv",
-    "read_jsonl",
-    "regression_eval",
-    "regression_loss",
     "replicate",
     "shard_batch",
     "shard_state",
-    "state_shardings",
-    "step_flops",
 ]

@@ -309,7 +309,7 @@ class HookCallback(Callback):
 
 
 class Writer(Protocol):
-    """Anything that takes log records (e.g. `jaxtrain.logging.JsonlWriter`)."""
+    """Anything that takes log records (e.g. `jaxtrain.writers.JsonlWriter`)."""
 
     def write(self, record: Mapping[str, Any]) -> None: ...
 

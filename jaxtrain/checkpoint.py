@@ -17,6 +17,10 @@ damage, not deliberate edits: anyone can recompute them.
 
 Saving never fails silently: a step at or below one already saved (or being saved) is
 an error unless ``overwrite=True`` replaces the newer checkpoints explicitly.
+
+What must not live here: when the loop saves, resumes or stops for a preemption
+(`jaxtrain.checkpointing`), and run folders (`jaxtrain.apps.run_folder`). It never imports
+the loop, the applications (`jaxtrain.apps`, `jaxtrain.contrast`) or torch.
 """
 
 from __future__ import annotations
@@ -536,7 +540,7 @@ class Checkpointer:
                 warn about each one passed over.
             mesh: place the restored state on this mesh (any device count and any
                 layout, whatever the saving run used): replicated on a data mesh,
-                split by the FSDP rule (`jaxtrain.state_shardings`) on a mesh with an
+                split by the FSDP rule (`jaxtrain.parallel.state_shardings`) on a mesh with an
                 ``fsdp`` axis. None: the target's shardings (e.g. a target placed
                 with `jaxtrain.shard_state`).
 

@@ -2,6 +2,9 @@
 
 A second run of the same step on the same machine loads the compiled executable from
 disk instead of compiling it again (the time to the first step drops to a fraction).
+
+What must not live here: anything but the switch. It never imports the loop, the
+applications (`jaxtrain.apps`, `jaxtrain.contrast`) or torch.
 """
 
 from __future__ import annotations

@@ -3,6 +3,10 @@
 Every batch has the same shape, so the compiled step never recompiles: the last partial
 batch is padded with zeros and a ``mask`` entry (1.0 real, 0.0 padding) tells losses and
 metrics which rows count. Nothing is dropped silently.
+
+What must not live here: device placement (`jaxtrain.parallel`, `jaxtrain.feed`), grain
+pipelines (`jaxtrain.grain_data`) and task-specific data (`jaxtrain.apps.text`). It never
+imports the loop, the applications (`jaxtrain.apps`, `jaxtrain.contrast`) or torch.
 """
 
 from __future__ import annotations
@@ -225,7 +229,7 @@ class ArrayDataset:
         lengths = {k: (v.shape[0] if v.ndim else None) for k, v in self.arrays.items()}
         if len(set(lengths.values())) != 1 or None in lengths.values():
             raise ValueError(f"all arrays need the same leading length; got {lengths}.")
-        self.num_examples = next(iter(lengths.values()))
+        self.num_examples: int = next(iter(self.arrays.values())).shape[0]
         if self.num_examples == 0:
             raise ValueError("the dataset is empty (0 examples); give at least one example.")
         self.batch_size = _check_int("batch_size", batch_size, 1)

@@ -7,6 +7,9 @@ program whose gradient all-reduce crosses machines (NCCL on GPUs, the TPU interc
 gloo on CPUs). `jaxtrain.fit` then feeds each process its own rows of every global
 batch, computes global metrics, has all processes write each checkpoint together
 (orbax) and lets only process 0 print and write logs.
+
+What must not live here: meshes and placement (`jaxtrain.parallel`). It never imports the
+loop, the applications (`jaxtrain.apps`, `jaxtrain.contrast`) or torch.
 """
 
 from __future__ import annotations

@@ -57,13 +57,15 @@ def evaluate(
         >>> model = jt.from_function(lambda p, x: x @ p["w"])  # logits [B, 2]
         >>> params = {"w": jnp.zeros((3, 2))}
         >>> state = jt.TrainState.create(params, optax.sgd(0.1), jax.random.key(0))
-        >>> eval_step = jt.make_eval_step(jt.classification_eval(model))
+        >>> from jaxtrain.apps.tasks import classification_eval
+        >>> eval_step = jt.make_eval_step(classification_eval(model))
         >>> data = {"x": np.ones((5, 3), np.float32), "y": np.array([0, 0, 0, 1, 1], np.int32)}
         >>> result = evaluate(eval_step, state, jt.ArrayDataset(data, 2, shuffle=False))
         >>> {k: round(v, 4) for k, v in sorted(result.items())}  # 5 examples, 3 batches
         {'accuracy': 0.6, 'loss': 0.6931}
     """
     mesh = data_mesh() if mesh is None else mesh
+    batches: Iterable[Mapping[str, Any]]
     if isinstance(data, ArrayDataset):
         batches = epoch_batches(data, 0, 0, mesh)
     elif isinstance(data, GrainData):  # checked as it serves
@@ -143,7 +145,9 @@ class EarlyStopping:
         return value < best - self.min_delta
 
 
-def eval_metric_names(eval_step: Any, state: Any, eval_data: Any) -> set[str] | None:
+def eval_metric_names(
+    eval_step: CompiledStep | Callable, state: TrainState, eval_data: Any
+) -> set[str] | None:
     """The metric names `evaluate` will report, known before training starts.
 
     An abstract evaluation (``jax.eval_shape``: no compilation, no device work) of the
@@ -152,6 +156,7 @@ def eval_metric_names(eval_step: Any, state: Any, eval_data: Any) -> set[str] | 
     iterator, a grain pipeline) or the step cannot be evaluated abstractly: the check
     then happens at the first evaluation.
     """
+    batch: Mapping[str, Any]
     if isinstance(eval_data, ArrayDataset):
         batch = next(eval_data.batches(0))
     elif (
@@ -160,16 +165,16 @@ def eval_metric_names(eval_step: Any, state: Any, eval_data: Any) -> set[str] | 
         batch = eval_data[0]
     else:
         return None
-    compiled = isinstance(eval_step, CompiledStep)
-    fn = eval_step.fn if compiled else eval_step
-    traces = eval_step.trace_count if compiled else None
+    step = eval_step if isinstance(eval_step, CompiledStep) else None
+    fn = eval_step if step is None else step.fn
+    traces = 0 if step is None else step.trace_count
     try:
         out = jax.eval_shape(fn, state, dict(batch))
     except Exception:  # the first evaluation reports it (or the same error) instead
         return None
     finally:
-        if compiled:
-            eval_step._traces = traces  # an abstract evaluation is not a compilation
+        if step is not None:
+            step._traces = traces  # an abstract evaluation is not a compilation
     if not isinstance(out, Mapping):
         return None
     return {k for k in out if k not in INVALID_COUNT_KEYS}

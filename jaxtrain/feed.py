@@ -204,7 +204,8 @@ class _Active:
     """The fused step's ``active`` masks, placed once each (replicated on the mesh)."""
 
     def __init__(self, k: int, mesh: Mesh):
-        self.k, self.mesh, self.masks = k, mesh, {}
+        self.k, self.mesh = k, mesh
+        self.masks: dict[int, jax.Array] = {}
 
     def __call__(self, n: int) -> jax.Array:
         if n not in self.masks:
@@ -262,5 +263,6 @@ class Feed:
             return [Call(self.k, self.data.num_examples, (self.arrays, jnp.int32(epoch)))]
         batches = epoch_batches(self.data, epoch, start, self.mesh)
         if self.kind == "fused":
+            assert self.active is not None  # made for every fused feed
             return fused_calls(batches, self.mesh, self.k, budget, self.check, self.active)
         return single_calls(batches, self.mesh, budget, self.check)

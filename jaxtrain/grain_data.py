@@ -27,6 +27,10 @@ Example:
     3
     >>> [b["mask"].tolist() for b in data.batches(epoch=0)][-1]
     [1.0, 1.0, 0.0, 0.0]
+
+What must not live here: in-memory data (`jaxtrain.data`) and placement on devices
+(`jaxtrain.feed`). It never imports the loop, the applications (`jaxtrain.apps`,
+`jaxtrain.contrast`) or torch.
 """
 
 from __future__ import annotations
@@ -270,7 +274,7 @@ class GrainData:
                 "window shuffle seeded by the epoch) and drop shuffle=."
             )
         self.shuffle = False
-        self.num_records = None
+        self.num_records: int | None = None
 
     def _init_random_access(self, shuffle: bool | None) -> None:
         """Sets ``shuffle`` and ``num_records`` of a random-access source, checked.
@@ -279,10 +283,10 @@ class GrainData:
             ValueError: the source is empty, or ``drop_remainder`` would drop every batch.
         """
         self.shuffle = True if shuffle is None else bool(shuffle)
-        self.num_records = len(self._map)
-        if self.num_records == 0:
+        self.num_records = num_records = len(self._map)
+        if num_records == 0:
             raise ValueError("GrainData source is empty (0 records); give at least one.")
-        if self.drop_remainder and self.batch_size > self.num_records:
+        if self.drop_remainder and self.batch_size > num_records:
             raise ValueError(
                 f"batch_size={self.batch_size} is larger than the source ({self.num_records} "
                 "records) with drop_remainder=True, so every batch would be dropped. "
@@ -329,6 +333,7 @@ class GrainData:
                 grain.ReadOptions(num_threads=self.read_threads, prefetch_buffer_size=self.prefetch)
             )
         else:
+            assert self._iter is not None  # a source without _map is a streaming one
             ds = self._iter(epoch)
             if isinstance(ds, grain.MapDataset):
                 ds = ds.to_iter_dataset()

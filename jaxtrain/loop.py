@@ -19,7 +19,7 @@ import functools
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
@@ -46,6 +46,9 @@ from jaxtrain.state import TrainState
 from jaxtrain.step import CompiledStep
 from jaxtrain.step_options import StepSpec
 from jaxtrain.train_log import TrainLog, per_step_metrics
+
+if TYPE_CHECKING:  # annotations only: orbax is imported when a Checkpointer is made
+    from jaxtrain.checkpoint import Checkpointer
 
 __all__ = [
     "EarlyStopping",
@@ -82,7 +85,7 @@ def _check_counts(epochs, num_steps, log_every, eval_every, save_every, flops_pe
     ):
         raise ValueError(
             f"flops_per_step must be a positive number of FLOPs or None; got {flops_per_step!r}. "
-            "Fix: pass jaxtrain.step_flops(train_step, state, batch), or leave it out when "
+            "Fix: pass jaxtrain.perf.step_flops(train_step, state, batch), or leave it out when "
             "the backend gives no cost analysis (step_flops returned None)."
         )
 
@@ -137,7 +140,7 @@ def _feed(spec: StepSpec, train_data: Any, loop: LoopState, mesh: Mesh) -> Feed:
                 "a step from make_device_epoch runs the data set it was built with: pass that "
                 "same ArrayDataset as train_data."
             )
-        per_epoch = loop.steps_per_epoch
+        per_epoch: int = train_data.steps_per_epoch  # the ArrayDataset of the step
         if loop.index or (loop.num_steps is not None and (loop.num_steps - loop.step) % per_epoch):
             raise ValueError(
                 "a device-resident epoch runs whole epochs: start at a batch index of 0 and "
@@ -237,7 +240,7 @@ def fit(
     writers: Sequence[Writer] = (),
     progress: bool = True,
     start: DataPosition | None = None,
-    checkpointer: Any = None,
+    checkpointer: Checkpointer | None = None,
     save_every: int | None = None,
     save_at_epoch_end: bool = True,
     resume: bool | str = False,
@@ -300,8 +303,8 @@ def fit(
             otherwise.
         config: JSON-ready run configuration stored in every checkpoint.
         flops_per_step: FLOPs of one training step on all devices (e.g. from
-            `jaxtrain.step_flops`). Then each train record also has
-            ``model_flops_per_second`` and ``mfu`` (against `jaxtrain.peak_flops` of the
+            `jaxtrain.perf.step_flops`). Then each train record also has
+            ``model_flops_per_second`` and ``mfu`` (against `jaxtrain.perf.peak_flops` of the
             mesh's devices; None where the peak is unknown, as on CPU), and the progress
             bar shows TFLOP/s and MFU ("unknown" there). From the interval's
             device-synchronised time, as ``examples_per_second`` (see `History`): no
@@ -317,7 +320,8 @@ def fit(
         >>> model = jt.from_function(lambda p, x: x @ p["w"])  # logits [B, 2]
         >>> opt = optax.sgd(0.5)
         >>> state = jt.TrainState.create({"w": jnp.zeros((3, 2))}, opt, jax.random.key(0))
-        >>> train_step = jt.make_train_step(jt.classification_loss(model), opt)
+        >>> from jaxtrain.apps.tasks import classification_loss
+        >>> train_step = jt.make_train_step(classification_loss(model), opt)
         >>> data = {"x": np.eye(3, dtype=np.float32)[[0, 1, 0, 1]], "y": np.array([0, 1, 0, 1])}
         >>> state, history = fit(state, train_step, jt.ArrayDataset(data, 2), epochs=3,
         ...                      progress=False)

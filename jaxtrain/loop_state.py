@@ -47,7 +47,7 @@ class History:
             intervals is not counted; checkpoints and hooks inside an interval are.
         compile_seconds: seconds this call spent tracing and compiling the train step
             (or loading it from the persistent cache), from JAX's compile events; 0.0
-            when the step was compiled before (e.g. by `jaxtrain.step_flops`; see
+            when the step was compiled before (e.g. by `jaxtrain.perf.step_flops`; see
             ``CompiledStep.compile_seconds``) or is not a `CompiledStep`.
 
     Example:
@@ -92,6 +92,13 @@ class History:
         return d
 
 
+def _no_callbacks() -> CallbackList:
+    """An empty `CallbackList`: a LoopState made outside `fit` announces to no one."""
+    from jaxtrain.callbacks import CallbackList  # that module imports this one
+
+    return CallbackList([])
+
+
 @dataclasses.dataclass
 class LoopState:
     """The state of one `fit` call that its callbacks read and update (host data only).
@@ -121,7 +128,7 @@ class LoopState:
         steps_per_epoch: batches per epoch when the data knows it (else None).
         at_epoch_end: True during ``on_epoch_end``.
         callbacks: this fit's callbacks, for a callback that announces an event (the
-            train log announces ``on_log``, evaluation ``on_eval_end``).
+            train log announces ``on_log``, evaluation ``on_eval_end``); none by default.
         clock: the loop's one clock (seconds; ``time.perf_counter``).
         call_started: ``clock()`` when the newest call was dispatched.
 
@@ -150,7 +157,7 @@ class LoopState:
     num_steps: int | None = None
     steps_per_epoch: int | None = None
     at_epoch_end: bool = False
-    callbacks: CallbackList | None = None
+    callbacks: CallbackList = dataclasses.field(default_factory=_no_callbacks)
     clock: Callable[[], float] = time.perf_counter
     call_started: float = 0.0
 

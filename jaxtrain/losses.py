@@ -4,6 +4,10 @@ Every function takes an optional ``mask`` so that padded examples (the last part
 batch) or padded tokens never count. A mask of shape ``[B]`` is broadcast over trailing
 label dimensions, so the same function serves classification (labels ``[B]``) and
 language modelling (labels ``[B, T]``, mask ``[B]`` or ``[B, T]``).
+
+What must not live here: loss functions bound to a model (``(params, batch) -> loss``, in
+`jaxtrain.apps.tasks`) and metric accumulation (`jaxtrain.metrics`). It never imports the
+loop, the applications (`jaxtrain.apps`, `jaxtrain.contrast`) or torch.
 """
 
 from __future__ import annotations
@@ -101,12 +105,12 @@ def _poison(value: jax.Array, *counts: jax.Array | None) -> jax.Array:
 
     An out-of-range label otherwise gives a NaN loss or, with label smoothing, a small
     finite one: training would go on silently. NaN is caught by ``nonfinite=`` and shows
-    in every log; the built-in `jaxtrain.classification_loss` also reports the counts.
+    in every log; the built-in `jaxtrain.apps.tasks.classification_loss` also reports the counts.
     """
-    counts = [c for c in counts if c is not None]
-    if not counts:
+    present = [c for c in counts if c is not None]
+    if not present:
         return value
-    return jnp.where(sum(counts) > 0, jnp.nan, value).astype(value.dtype)
+    return jnp.where(sum(present) > 0, jnp.nan, value).astype(value.dtype)
 
 
 def _broadcast_mask(mask: jax.Array | None, shape: tuple[int, ...]) -> jax.Array:

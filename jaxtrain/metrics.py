@@ -3,6 +3,10 @@
 Averages of averages are wrong when batches hold different numbers of real examples
 (the padded last batch). Keeping the sum and the weight separately makes merging exact:
 the mean over a whole data set is ``sum(totals) / sum(weights)``, whatever the batching.
+
+What must not live here: per-batch losses (`jaxtrain.losses`) and log records
+(`jaxtrain.train_log`). It never imports the loop, the applications (`jaxtrain.apps`,
+`jaxtrain.contrast`) or torch.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ def sums_from_values(values: Mapping[str, jax.Array], mask: jax.Array | None) ->
     for name, v in values.items():
         v = jnp.asarray(v, jnp.float32)
         if name in INVALID_COUNT_KEYS:
-            # Counts of invalid labels / mask values (jaxtrain.classification_eval):
+            # Counts of invalid labels / mask values (jaxtrain.apps.tasks.classification_eval):
             # summed unweighted, so a bad mask cannot weight its own error away.
             out[name] = (jnp.sum(v), jnp.float32(1))
         elif v.ndim == 0:
@@ -100,7 +104,7 @@ def compute(sums: Sums) -> dict[str, float]:
 
     Returns:
         ``{name: total / weight}`` as Python floats (NaN where the weight is 0). The
-        counts ``invalid_labels`` / ``invalid_mask`` (from `jaxtrain.classification_eval`)
+        counts ``invalid_labels`` / ``invalid_mask`` (from `jaxtrain.apps.tasks.classification_eval`)
         are left out when 0.
 
     Raises:

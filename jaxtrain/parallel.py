@@ -14,10 +14,16 @@ and backward passes need it and reduce-scatters the gradients — still one ``ja
 Across several processes (`jaxtrain.distributed.initialize`), the mesh spans every
 process's devices and each process supplies only its own rows of a global batch
 (`shard_batch` assembles them with ``jax.make_array_from_process_local_data``).
+
+What must not live here: multi-process start-up (`jaxtrain.distributed`) and the loop's
+feeding (`jaxtrain.feed`). It never imports the loop, the applications (`jaxtrain.apps`,
+`jaxtrain.contrast`) or torch.
 """
 
 from __future__ import annotations
 
+import inspect
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -26,11 +32,47 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxtrain.types import PyTree
+
 DATA_AXIS = "data"
 FSDP_AXIS = "fsdp"
 # Leaves with fewer elements than this stay replicated under FSDP: biases, norms, step
 # counters, keys. Splitting them saves almost no memory and costs one collective each.
 FSDP_MIN_ELEMENTS = 2**12
+
+# `jax.make_mesh(shape, names, axis_types=..., devices=...)` (jax >= 0.4.36) lays devices
+# out by their physical topology (rings on TPU torii). Older jax: the plain reshape below.
+_AXIS_TYPE = getattr(jax.sharding, "AxisType", None)
+_MAKE_MESH_PARAMS = inspect.signature(jax.make_mesh).parameters if hasattr(jax, "make_mesh") else {}
+_TOPOLOGY_MESH = _AXIS_TYPE is not None and {"devices", "axis_types"} <= set(_MAKE_MESH_PARAMS)
+
+
+def _processes_contiguous(devices: np.ndarray) -> bool:
+    """Whether each process's devices form one contiguous run of the flattened mesh."""
+    runs = [p for p, _ in itertools.groupby(d.process_index for d in devices.flat)]
+    return len(runs) == len(set(runs))
+
+
+def _build_mesh(devices: list[jax.Device], shape: tuple[int, ...], names: tuple[str, ...]) -> Mesh:
+    """A mesh of ``shape`` over ``devices``, laid out by ``jax.make_mesh`` where it can.
+
+    The axes are ``Auto`` (what ``Mesh(...)`` gives): newer ``jax.make_mesh`` defaults to
+    ``Explicit`` sharding, which would change how ``jit`` propagates shardings in every
+    step. The given device order (``Mesh(np.array(devices).reshape(shape))``) is used on
+    jax without ``make_mesh(devices=...)``, when ``jax.make_mesh`` cannot map the shape on
+    the topology (a multi-slice or non-contiguous device set), and when its layout would
+    give a process non-neighbouring devices (`process_rows` needs contiguous rows).
+    """
+    if _TOPOLOGY_MESH and _AXIS_TYPE is not None:  # the second: for the type checker
+        try:
+            mesh = jax.make_mesh(
+                shape, names, axis_types=(_AXIS_TYPE.Auto,) * len(shape), devices=devices
+            )
+        except (ValueError, AssertionError, NotImplementedError):
+            mesh = None  # a topology jax.make_mesh cannot map: keep the given order
+        if mesh is not None and _processes_contiguous(mesh.devices):
+            return mesh
+    return Mesh(np.array(devices).reshape(shape), names)
 
 
 def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -50,7 +92,7 @@ def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     devices = list(jax.devices() if devices is None else devices)
     if not devices:
         raise ValueError("data_mesh needs at least one device; got an empty list.")
-    return Mesh(np.array(devices), (DATA_AXIS,))
+    return _build_mesh(devices, (len(devices),), (DATA_AXIS,))
 
 
 def make_mesh(
@@ -58,9 +100,12 @@ def make_mesh(
 ) -> Mesh:
     """A 2-D mesh with axes ``("data", "fsdp")``: batch split over both, state over ``fsdp``.
 
-    Devices are laid out in ``jax.devices()`` order (process by process), ``fsdp`` the
+    Devices are laid out by ``jax.make_mesh``, which knows the topology (on TPUs the
+    physical torus, on GPUs device ids, on CPUs the given order), ``fsdp`` the
     fastest-varying axis, so an ``fsdp`` group is made of neighbouring devices (on one
-    machine when ``fsdp`` is at most its device count).
+    machine when ``fsdp`` is at most its device count). Each process's devices stay
+    contiguous; where ``jax.make_mesh`` cannot give that (or this jax has no
+    ``make_mesh(devices=...)``) the devices keep their given order, process by process.
 
     Args:
         data: the size of the ``data`` axis; default ``len(devices) // fsdp``.
@@ -96,7 +141,7 @@ def make_mesh(
             f"fsdp={fsdp} ({data * fsdp}) for {n} devices. Fix: e.g. data={n // fsdp}, "
             f"fsdp={fsdp}."
         )
-    return Mesh(np.array(devices).reshape(data, fsdp), (DATA_AXIS, FSDP_AXIS))
+    return _build_mesh(devices, (data, fsdp), (DATA_AXIS, FSDP_AXIS))
 
 
 def fsdp_size(mesh: Mesh) -> int:
@@ -229,6 +274,7 @@ def process_rows(mesh: Mesh, global_batch_size: int) -> slice:
         {
             (s[0].start or 0, global_batch_size if s[0].stop is None else s[0].stop)
             for s in index_map.values()
+            if s is not None  # every device of a NamedSharding has an index
         }
     )
     start, stop = spans[0][0], spans[-1][1]
@@ -316,7 +362,7 @@ def _leaf_spec(shape: tuple[int, ...], n: int, min_elements: int) -> PartitionSp
     return PartitionSpec(*spec)
 
 
-def state_shardings(tree: Any, mesh: Mesh, *, min_elements: int = FSDP_MIN_ELEMENTS) -> Any:
+def state_shardings(tree: PyTree, mesh: Mesh, *, min_elements: int = FSDP_MIN_ELEMENTS) -> PyTree:
     """The FSDP placement rule: a ``NamedSharding`` for every leaf of ``tree``.
 
     The rule, for a mesh whose ``fsdp`` axis has ``n > 1`` devices: a leaf with at
@@ -348,8 +394,8 @@ def state_shardings(tree: Any, mesh: Mesh, *, min_elements: int = FSDP_MIN_ELEME
 
 
 def shard_state(
-    tree: Any, mesh: Mesh, *, copy: bool = True, min_elements: int = FSDP_MIN_ELEMENTS
-) -> Any:
+    tree: PyTree, mesh: Mesh, *, copy: bool = True, min_elements: int = FSDP_MIN_ELEMENTS
+) -> PyTree:
     """Places ``tree`` on ``mesh`` by the FSDP rule of `state_shardings`.
 
     On a mesh without an ``fsdp`` axis this is `replicate`.
@@ -372,7 +418,7 @@ def shard_state(
     return _place(tree, state_shardings(tree, mesh, min_elements=min_elements), copy)
 
 
-def replicate(tree: Any, mesh: Mesh, copy: bool = True) -> Any:
+def replicate(tree: PyTree, mesh: Mesh, copy: bool = True) -> PyTree:
     """Places every leaf of ``tree`` fully replicated on ``mesh``.
 
     Args:

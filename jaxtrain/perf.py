@@ -1,15 +1,21 @@
 """Throughput and model FLOPs utilisation (MFU) of a compiled train step.
 
-FLOPs per step come from XLA's cost analysis of the compiled step (the count XLA's own
-scheduler uses: a multiply-add is 2 FLOPs; optimizer and elementwise work included).
-The peak comes from a table of dense bfloat16 peaks per chip, matched on
-``device.device_kind``; on CPU, and on chips not in the table, the peak and the MFU are
-unknown (None).
+FLOPs per step are the step's *model FLOPs*, counted from its jaxpr (`jaxpr_flops`): the
+matrix products and convolutions, a multiply-add counting 2, the convention of the
+``6 * N * tokens`` formula. The count does not depend on the backend. XLA's cost analysis
+is only a fallback (`step_flops_source` says which was used): on GPUs it misses the
+matrix products that became cuBLAS calls (measured on an H200: 3.2x too few FLOPs for a
+transformer step). The peak comes from a table of dense bfloat16 peaks per chip, matched
+on ``device.device_kind``; on CPU, and on chips not in the table, the peak and the MFU
+are unknown (None).
 
 Example:
     >>> flops = step_flops(train_step, state, batch)  # doctest: +SKIP
     >>> perf_summary(flops, steps_per_second=120.0, devices=jax.devices())  # doctest: +SKIP
     {'flops_per_step': 3.2e+07, 'model_flops_per_second': 3.8e+09, 'mfu': 0.014, ...}
+
+What must not live here: the loop's throughput log (`jaxtrain.train_log`). It never imports
+the loop, the applications (`jaxtrain.apps`, `jaxtrain.contrast`) or torch.
 """
 
 from __future__ import annotations
@@ -20,11 +26,13 @@ import os
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.monitoring
+from jax.extend import core as jax_core
 
 TFLOPS = 1e12
 
@@ -89,10 +97,9 @@ def _flops_from_cost(cost: Any) -> float | None:
         cost = cost[0] if len(cost) else None
     if not isinstance(cost, Mapping):
         return None
-    flops = cost.get("flops")
     try:
-        flops = float(flops)
-    except (TypeError, ValueError):
+        flops = float(cost["flops"])
+    except (KeyError, TypeError, ValueError):
         return None
     return flops if flops > 0 else None
 
@@ -106,14 +113,178 @@ def _num_devices(compiled: Any) -> int:
         return 1
 
 
-def step_flops(step: Any, *args: Any) -> float | None:
-    """FLOPs of one call of a jit-compiled step, summed over all its devices.
+# --- Model FLOPs from the jaxpr ----------------------------------------------------------
+# Primitives whose work is opaque to a jaxpr walk: a Pallas kernel's jaxpr is one block of
+# a grid whose extent the walk cannot read reliably; counting it once would be a guess.
+_OPAQUE = frozenset({"pallas_call"})
 
-    Lowers and compiles ``step`` for ``args`` (after a first call with the same argument
-    shapes and shardings this reuses the compiled program: no retrace, no new
-    compilation) and reads XLA's cost analysis of the *lowered* program: the whole
-    (global) computation before XLA's optimisations. The optimised program's analysis
-    is per device, and on GPUs misses the matrix products that became cuBLAS calls.
+
+def _sub_jaxprs(params: Mapping[str, Any]) -> list[Any]:
+    """The jaxprs in an equation's parameters (a pjit's body, a remat's, a custom rule's)."""
+    found = []
+    for value in params.values():
+        for v in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(v, (jax_core.ClosedJaxpr, jax_core.Jaxpr)):
+                found.append(v)
+    return found
+
+
+def _dot_flops(eqn: Any) -> int:
+    """2 x output elements x contracted elements (batch dims are in the output)."""
+    (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+    lhs_shape = eqn.invars[0].aval.shape
+    out_shape = eqn.outvars[0].aval.shape
+    return 2 * math.prod(out_shape) * math.prod(lhs_shape[d] for d in lhs_contract)
+
+
+def _conv_flops(eqn: Any) -> int:
+    """2 x output elements x (kernel window x in-channels per group).
+
+    The kernel's in-channel dimension already holds in-channels / feature_group_count, so
+    each output element costs the kernel's size over its out-channel dimension. Padding
+    and dilation zeros count as work (model FLOPs, not XLA's exact valid-tap count).
+    """
+    rhs_shape = eqn.invars[1].aval.shape
+    out_channels_dim = eqn.params["dimension_numbers"].rhs_spec[0]
+    per_output = math.prod(rhs_shape) // rhs_shape[out_channels_dim]
+    return 2 * math.prod(eqn.outvars[0].aval.shape) * per_output
+
+
+def _shard_map_devices(params: Mapping[str, Any]) -> int:
+    """How many copies of a shard_map body run: the sizes of its manual mesh axes."""
+    mesh = params.get("mesh")
+    axes = params.get("newly_manual_axes", params.get("manual_axes"))
+    if mesh is None or axes is None:
+        return 1
+    return math.prod(int(mesh.shape[a]) for a in axes)
+
+
+def _count(jaxpr: Any) -> int:
+    """Model FLOPs of a ``Jaxpr`` or ``ClosedJaxpr``, nested jaxprs included."""
+    inner = jaxpr.jaxpr if isinstance(jaxpr, jax_core.ClosedJaxpr) else jaxpr
+    total = 0
+    for eqn in inner.eqns:
+        name, params = eqn.primitive.name, eqn.params
+        if name == "dot_general":
+            total += _dot_flops(eqn)
+        elif name == "conv_general_dilated":
+            total += _conv_flops(eqn)
+        elif name == "scan":
+            total += int(params["length"]) * _count(params["jaxpr"])
+        elif name == "cond":  # one branch runs; which is unknown when tracing
+            total += max((_count(b) for b in params["branches"]), default=0)
+        elif name == "while":  # trip count unknown when tracing: one iteration
+            total += _count(params["cond_jaxpr"]) + _count(params["body_jaxpr"])
+        elif name == "shard_map":  # the body sees one shard; it runs on each device
+            total += _shard_map_devices(params) * sum(_count(j) for j in _sub_jaxprs(params))
+        elif name not in _OPAQUE:  # pjit, closed_call, remat, custom_jvp/vjp: once
+            total += sum(_count(j) for j in _sub_jaxprs(params))
+    return total
+
+
+def jaxpr_flops(fn: Any, *args: Any) -> float:
+    """Model FLOPs of one call of ``fn``, counted from its jaxpr.
+
+    Traces ``jax.make_jaxpr(fn)(*args)`` (abstractly: nothing is compiled or run) and adds
+    up the matrix products and convolutions, a multiply-add counting 2:
+
+    - ``dot_general``: 2 x output elements x contracted elements (batch dimensions are
+      part of the output, so a batched matmul counts every batch once);
+    - ``conv_general_dilated``: 2 x output elements x kernel window x in-channels per
+      feature group (padding and dilation zeros count, as in the analytic formula);
+    - nested jaxprs: ``pjit``, ``closed_call``, ``remat``/``checkpoint`` and the custom
+      JVP/VJP calls once (a rematerialised forward appears, and counts, twice); a ``scan``
+      times its length; a ``cond`` its most expensive branch; a ``while`` loop's body
+      *once*, because its trip count is not known when tracing; a ``shard_map`` body
+      once per device of its mesh axes. A Pallas kernel (``pallas_call``) counts 0.
+
+    Elementwise work (activations, LayerNorm, softmax, the optimizer update) is not
+    counted: these are the *model FLOPs* of MFU, the convention of ``6 * N * tokens``.
+    The count is global (the program before partitioning over devices) and does not
+    depend on the dtype or the backend, unlike XLA's cost analysis, which on GPUs misses
+    the matrix products that became cuBLAS calls.
+
+    Args:
+        fn: a function, a ``jax.jit`` function, or a `jaxtrain.CompiledStep` (its jitted
+            function is traced, which reuses the trace of an earlier call or lowering with
+            the same shapes: ``trace_count`` does not change).
+        *args: its arguments: arrays or ``jax.ShapeDtypeStruct`` s (only shapes and dtypes
+            are read; a donated state stays valid).
+
+    Returns:
+        FLOPs of one call (0.0 when it has no matrix product or convolution).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> x, w = jax.ShapeDtypeStruct((8, 16), jnp.float32), jnp.ones((16, 4))
+        >>> jaxpr_flops(lambda x, w: jnp.tanh(x @ w), x, w)  # 2 * 8 * 16 * 4; tanh is free
+        1024.0
+    """
+    target, call_args = fn, args
+    if hasattr(fn, "jitted") and hasattr(fn, "trace_count"):  # a jaxtrain.CompiledStep
+        complete = getattr(fn, "_complete", None)  # a fused step's implicit `active`
+        call_args = complete(args) if complete is not None else args
+        target = fn.jitted
+    traces = getattr(fn, "_traces", None)
+    try:
+        closed = jax.make_jaxpr(target)(*call_args)
+    finally:
+        # A step built with jit=False traces its counting body directly; there
+        # trace_count counts calls, and an abstract trace is not one.
+        if traces is not None and not hasattr(target, "lower"):
+            fn._traces = traces
+    return float(_count(closed))
+
+
+# How the last step_flops of each step counted (see step_flops_source).
+_SOURCES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _record(step: Any, source: str | None) -> None:
+    try:
+        _SOURCES[step] = source
+    except TypeError:  # not weak-referenceable: step_flops_source says None
+        pass
+
+
+def step_flops_source(step: Any) -> str | None:
+    """How the last `step_flops` of ``step`` counted its FLOPs.
+
+    Args:
+        step: the step given to `step_flops`.
+
+    Returns:
+        ``"jaxpr"`` (model FLOPs, `jaxpr_flops`: the normal case); ``"xla-lowered: ..."``
+        or ``"xla-compiled: ..."`` when the jaxpr walk failed or found no matrix product
+        and XLA's cost analysis of the lowered (global) or compiled (per device, times
+        the device count) program was used instead, with the reason after the colon;
+        None when `step_flops` has not counted this step or returned None.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> f = jax.jit(lambda x, w: x @ w)
+        >>> step_flops(f, jnp.ones((8, 16)), jnp.ones((16, 4)))
+        1024.0
+        >>> step_flops_source(f)
+        'jaxpr'
+    """
+    try:
+        return _SOURCES.get(step)
+    except TypeError:
+        return None
+
+
+def step_flops(step: Any, *args: Any) -> float | None:
+    """Model FLOPs of one call of a jit-compiled step, all its devices together.
+
+    Counts the matrix products and convolutions of the step's jaxpr (`jaxpr_flops`):
+    backend- and dtype-independent, and global, so no per-device multiplication. Only
+    when that walk fails (or finds no matrix product) does it fall back to XLA's cost
+    analysis; `step_flops_source` says which count was used.
+
+    It also lowers and compiles ``step`` for ``args`` and adds the compile time to the
+    step's ``compile_seconds``: fit's first call with the same shapes and shardings then
+    reuses this program (no retrace, no new compilation; the jaxpr reuses the trace).
 
     Args:
         step: a `jaxtrain.CompiledStep` or a ``jax.jit`` function (anything with
@@ -123,8 +294,8 @@ def step_flops(step: Any, *args: Any) -> float | None:
             state stays valid.
 
     Returns:
-        FLOPs per call (a multiply-add counts 2), or None where the backend gives no
-        cost analysis.
+        FLOPs per call (a multiply-add counts 2), or None when neither the jaxpr nor the
+        backend's cost analysis gives a count.
 
     Example:
         >>> import jax.numpy as jnp
@@ -148,22 +319,34 @@ def step_flops(step: Any, *args: Any) -> float | None:
     finally:
         if hasattr(step, "_compile_seconds"):
             step._compile_seconds += COMPILE_CLOCK.seconds_since(seen)
-    # The program as lowered, before XLA's optimisations: every dot is still a dot. The
-    # optimised GPU program has turned the matrix products into cuBLAS custom calls,
-    # which its cost analysis does not count (measured on an H200: 3.2x too few FLOPs
-    # for a transformer step). The lowered program is also the global one (before
-    # SPMD partitioning), so no per-device multiplication is needed.
+    try:
+        flops: float | None = jaxpr_flops(step, *args)
+    except Exception as e:  # e.g. a step that lowers but cannot be traced again
+        first_line = (str(e).splitlines() or [""])[0]
+        why = f"the jaxpr walk failed ({type(e).__name__}: {first_line})"
+    else:
+        if flops:
+            _record(step, "jaxpr")
+            return flops
+        why = "the jaxpr has no matrix product or convolution"
+    # Fallback: XLA's count, which includes elementwise work. The lowered program is the
+    # global one; the optimised one is per device and, on GPUs, misses cuBLAS matmuls.
     try:
         flops = _flops_from_cost(lowered.cost_analysis())
     except NotImplementedError:
         flops = None
     if flops is not None:
+        _record(step, f"xla-lowered: {why}")
         return flops
-    try:  # a backend without a lowered cost analysis: the per-device optimised program
+    try:
         flops = _flops_from_cost(compiled.cost_analysis())
     except NotImplementedError:
+        flops = None
+    if flops is None:
+        _record(step, None)
         return None
-    return None if flops is None else flops * _num_devices(compiled)
+    _record(step, f"xla-compiled: {why}")
+    return flops * _num_devices(compiled)
 
 
 def steps_per_second(history: Any) -> float | None:
@@ -270,9 +453,9 @@ class _CompileClock:
                 jax.monitoring.register_event_time_span_listener(self._on_span)
                 self.installed = True
 
-    def _on_span(self, event: str, start: float, end: float, **kwargs: Any) -> None:
+    def _on_span(self, event: str, start_time: float, end_time: float, **kwargs: Any) -> None:
         if event in _COMPILE_EVENTS:
-            self.spans.append((threading.get_ident(), start, end))
+            self.spans.append((threading.get_ident(), start_time, end_time))
             self.count += 1
 
     def seconds_since(self, count: int) -> float:

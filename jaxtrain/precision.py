@@ -39,13 +39,16 @@ Example:
     >>> state, metrics = step(state, batch)  # at 2**14 it fits: the update is applied
     >>> float(metrics["loss"]), float(metrics["loss_scale"]), state.params["w"]
     (1.0, 16384.0, Array([0.2, 0.2, 0.2], dtype=float32))
+
+What must not live here: how the step applies the policy (`jaxtrain.transforms`). It never
+imports the loop, the applications (`jaxtrain.apps`, `jaxtrain.contrast`) or torch.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -53,7 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-PyTree = Any
+from jaxtrain.types import PyTree
 
 __all__ = ["NAMES", "DynamicLossScale", "LossScaleState", "Policy", "get_policy"]
 
@@ -223,7 +226,7 @@ class Policy:
             object.__setattr__(self, field, _dtype(getattr(self, field), field))
         if self.loss_scale is not None and not isinstance(self.loss_scale, DynamicLossScale):
             raise ValueError(
-                "Policy.loss_scale must be a jaxtrain.DynamicLossScale or None; got "
+                "Policy.loss_scale must be a jaxtrain.precision.DynamicLossScale or None; got "
                 f"{type(self.loss_scale).__name__}. Fix: loss_scale=DynamicLossScale()."
             )
         keys = self.input_keys
@@ -364,7 +367,9 @@ def check_loss_scale_state(policy: Policy, loss_scale: PyTree) -> None:
         )
 
 
-def wrap_loss(call_loss, policy: Policy, scale: jax.Array | None):
+def wrap_loss(
+    call_loss: Callable[..., Any], policy: Policy, scale: jax.Array | None
+) -> Callable[..., Any]:
     """``call_loss`` computed under ``policy``, its loss multiplied by ``scale``.
 
     ``call_loss(params, batch, rng, model_state) -> (loss, (aux, model_state))`` is

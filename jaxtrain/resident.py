@@ -25,9 +25,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxtrain import parallel
 from jaxtrain.data import MASK_KEY, ArrayDataset
-from jaxtrain.step import CompiledStep, LossFn, build_train_step
+from jaxtrain.step import CompiledStep, build_train_step
 from jaxtrain.step_options import UNROLL_AUTO, StepOptions, StepSpec, step_options
 from jaxtrain.transforms import abstract, convolution_on_cpu, resolve_unroll
+from jaxtrain.types import LossFn
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,8 +1,13 @@
-"""`TrainState`: everything a training run carries from one step to the next, as data."""
+"""`TrainState`: everything a training run carries from one step to the next, as data.
+
+What must not live here: how a state is updated (`jaxtrain.step`) or stored
+(`jaxtrain.checkpoint`). It never imports the loop, the applications (`jaxtrain.apps`,
+`jaxtrain.contrast`) or torch.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +15,10 @@ import numpy as np
 import optax
 from flax import struct
 
-PyTree = Any
+from jaxtrain.types import PyTree
+
+if TYPE_CHECKING:  # annotations only: precision is imported where a policy is used
+    from jaxtrain.precision import Policy
 
 
 def as_key_data(rng: jax.Array | int) -> jax.Array:
@@ -40,7 +48,7 @@ def max_key_seed() -> int:
     seed 0's key, negative seeds wrap around) and ints beyond 64 bits overflow; with it,
     64 bits (Python ints up to ``2**63 - 1``).
     """
-    return 2**63 - 1 if jax.config.jax_enable_x64 else 2**32 - 1
+    return 2**63 - 1 if jax.config.read("jax_enable_x64") else 2**32 - 1
 
 
 def check_key_seed(seed: Any, name: str = "rng seed", *, top: int | None = None) -> int:
@@ -132,6 +140,12 @@ class TrainState:
     skipped_steps: jax.Array = struct.field(default_factory=lambda: jnp.zeros((), jnp.int32))
     loss_scale: PyTree = struct.field(default_factory=dict)
 
+    if TYPE_CHECKING:
+        # flax.struct.dataclass adds this at runtime, where type checkers cannot see it.
+        def replace(self, **changes: Any) -> TrainState:
+            """A copy with the fields in ``changes`` replaced."""
+            ...
+
     @classmethod
     def create(
         cls,
@@ -140,7 +154,7 @@ class TrainState:
         rng: jax.Array | int,
         model_state: PyTree | None = None,
         *,
-        precision: Any = None,
+        precision: str | Policy | None = None,
         copy: bool = True,
     ) -> TrainState:
         """Builds the initial state, on arrays of its own.
@@ -188,9 +202,9 @@ class TrainState:
                 "Fix: cast them (e.g. jnp.asarray(x, jnp.float32)) or keep them in model_state."
             )
         model_state = {} if model_state is None else model_state
-        rng = as_key_data(rng)
+        key_data = as_key_data(rng)
         if copy:
-            params, model_state, rng = _private_copy((params, model_state, rng))
+            params, model_state, key_data = _private_copy((params, model_state, key_data))
         opt_state = optimizer.init(params)
         # Some optimizers keep the params themselves in their state (lookahead's slow
         # weights): one buffer twice in a donated state would be deleted twice.
@@ -203,7 +217,7 @@ class TrainState:
             step=jnp.zeros((), jnp.int32),
             params=params,
             opt_state=opt_state,
-            rng=rng,
+            rng=key_data,
             model_state=model_state,
             skipped_steps=jnp.zeros((), jnp.int32),
             loss_scale=_initial_loss_scale(precision),
@@ -214,7 +228,7 @@ class TrainState:
         return jax.random.fold_in(jax.random.wrap_key_data(self.rng), self.step)
 
 
-def _initial_loss_scale(precision: Any) -> PyTree:
+def _initial_loss_scale(precision: str | Policy | None) -> PyTree:
     """``TrainState.loss_scale`` for a policy, a policy name, or None (an empty dict)."""
     from jaxtrain.precision import get_policy  # precision.py does not import state.py
 

@@ -38,10 +38,7 @@ from jaxtrain.step_options import (
     check_optimizer,
     step_options,
 )
-
-PyTree = Any
-Batch = Mapping[str, jax.Array]
-LossFn = Callable[..., Any]
+from jaxtrain.types import Batch, EvalFn, LossFn, PyTree
 
 MODEL_STATE_KEY = "model_state"
 
@@ -89,6 +86,13 @@ def _check_aux(aux: Mapping[str, Any]) -> None:
             )
 
 
+def _unbuilt(*args: Any, **kwargs: Any) -> Any:
+    raise RuntimeError(
+        "this CompiledStep has no step function: its builder never set fn/jitted. "
+        "Fix: build steps with make_train_step, make_train_steps or make_eval_step."
+    )
+
+
 class CompiledStep:
     """A step function plus what a careful user wants to know about its compilation.
 
@@ -117,10 +121,17 @@ class CompiledStep:
     """
 
     def __init__(
-        self, fn: Callable, jitted: Callable, name: str = "step", spec: StepSpec | None = None
+        self,
+        fn: Callable[..., Any] | None,
+        jitted: Callable[..., Any] | None,
+        name: str = "step",
+        spec: StepSpec | None = None,
     ):
-        self.fn = fn
-        self.jitted = jitted
+        # None while a builder makes the body, which counts its traces on this object; a
+        # call before the builder sets both says so rather than calling None.
+        self.fn: Callable[..., Any] = _unbuilt if fn is None else fn
+        # Any: a jax.jit object (with .lower) or, with jit=False, the plain function.
+        self.jitted: Any = _unbuilt if jitted is None else jitted
         self.name = name  # for messages: "train_step", "train_steps", "eval_step"
         self.spec = StepSpec("step") if spec is None else spec
         self._traces = 0
@@ -151,7 +162,7 @@ class CompiledStep:
         from the persistent compilation cache), over all its compilations so far.
 
         Measured from JAX's own compile events, wherever the compilation happened: in a
-        call, or in ``lower(...).compile()`` (e.g. `jaxtrain.step_flops`). 0.0 before
+        call, or in ``lower(...).compile()`` (e.g. `jaxtrain.perf.step_flops`). 0.0 before
         the first compilation and with ``jit=False``.
         """
         return self._compile_seconds
@@ -180,11 +191,11 @@ class CompiledStep:
             self._all_active = jnp.asarray(ones) if where is None else jax.device_put(ones, where)
         return (*args[:2], self._all_active)
 
-    def lower(self, *args):
+    def lower(self, *args: Any) -> Any:
         """``jax.jit(...).lower`` for inspecting the compiled step."""
         return self.jitted.lower(*self._complete(args))
 
-    def __call__(self, *args):
+    def __call__(self, *args: Any) -> Any:
         traces, seen = self._traces, perf_lib.COMPILE_CLOCK.count
         args = self._complete(args)
         try:
@@ -362,7 +373,7 @@ def build_step(
         # Loss scaling always skips an overflowed step (its gradients are garbage).
         skip = g.overflow
         if options.nonfinite is not None:
-            bad, index = _nonfinite(options.precision, state, g, updates, new_params, names)
+            bad, index = _nonfinite(options.policy, state, g, updates, new_params, names)
             skip = bad if skip is None else skip | bad
             skipped = skipped + bad.astype(skipped.dtype)
             metrics["skipped_steps"] = skipped
@@ -432,6 +443,7 @@ def _nonfinite(
         # Under loss scaling a non-finite gradient is an expected overflow, handled by
         # the scale (skip, halve it), not an error -- unless the scale is already at its
         # minimum, where halving cannot help: then it is genuine.
+        assert policy is not None and policy.loss_scale is not None  # only they overflow
         at_min = state.loss_scale.scale <= policy.loss_scale.min_scale
         grad_flags = [f & at_min for f in grad_flags]
         # An overflowed step's update is garbage by construction and is dropped.
@@ -472,7 +484,7 @@ def make_train_step(
             ``optax.inject_hyperparams``, whose rate is read from the state.
         mesh: a mesh with a ``data`` axis (`jaxtrain.data_mesh`), or ``data`` and
             ``fsdp`` axes (`jaxtrain.make_mesh`). The new state is kept replicated on
-            it — or, with ``fsdp``, in the layout of `jaxtrain.state_shardings` (place
+            it — or, with ``fsdp``, in the layout of `jaxtrain.parallel.state_shardings` (place
             the initial state with `jaxtrain.shard_state`; `fit` does) — and the
             metrics replicated; batches must be sharded by the caller
             (`jaxtrain.shard_batch`). None: wherever the inputs live.
@@ -697,7 +709,8 @@ def _check_opt_state(optimizer: optax.GradientTransformation, state: TrainState)
     exp_leaves = jax.tree_util.tree_leaves_with_path(expected)
     got_leaves = jax.tree_util.tree_leaves_with_path(state.opt_state)
     fix = "Fix: rebuild the state with TrainState.create(params, optimizer, rng)."
-    if jax.tree.structure(expected) != jax.tree.structure(state.opt_state):
+    # ignore: jax's stubs name PyTreeDef from a module mypy cannot resolve; it has __eq__.
+    if jax.tree.structure(expected) != jax.tree.structure(state.opt_state):  # type: ignore[operator]
         raise ValueError(
             "params do not match the optimizer state: opt_state has the structure "
             f"{jax.tree.structure(state.opt_state)} but optimizer.init(params) gives "
@@ -713,7 +726,7 @@ def _check_opt_state(optimizer: optax.GradientTransformation, state: TrainState)
             )
 
 
-def _normalize_eval_fn(eval_fn: Callable, policy: precision_lib.Policy | None) -> Callable:
+def _normalize_eval_fn(eval_fn: EvalFn, policy: precision_lib.Policy | None) -> Callable:
     """``eval_fn`` as ``f(params, batch, model_state) -> values``, run under ``policy``."""
     extra = _accepted_kwargs(eval_fn, (MODEL_STATE_KEY,))
 
@@ -734,7 +747,7 @@ def _normalize_eval_fn(eval_fn: Callable, policy: precision_lib.Policy | None) -
 
 
 def make_eval_step(
-    eval_fn: Callable[..., Mapping[str, jax.Array]],
+    eval_fn: EvalFn,
     *,
     mesh: Mesh | None = None,
     jit: bool = True,
@@ -773,7 +786,7 @@ def make_eval_step(
         {'err': 1.5}
     """
     options = StepOptions(mesh=mesh, jit=jit, precision=precision)
-    call = _normalize_eval_fn(eval_fn, options.precision)
+    call = _normalize_eval_fn(eval_fn, options.policy)
     compiled = CompiledStep(None, None, "eval_step", spec=StepSpec("eval", 0))
 
     def eval_step(state: TrainState, batch: Batch) -> metrics_lib.Sums:

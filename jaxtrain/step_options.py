@@ -106,7 +106,7 @@ class StepOptions:
     grad_norm: bool = True
     unroll: int | bool | str = UNROLL_AUTO
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.learning_rate_fn is not None and not callable(self.learning_rate_fn):
             raise TypeError(
                 "learning_rate_fn must be a function step -> learning rate (e.g. an optax "
@@ -119,6 +119,15 @@ class StepOptions:
         check_positive_int("grad_accum_steps", self.grad_accum_steps)
         check_unroll(self.unroll)
         object.__setattr__(self, "precision", precision_lib.get_policy(self.precision))
+
+    @property
+    def policy(self) -> precision_lib.Policy | None:
+        """``precision`` as its `Policy` (or None), the type the transforms take.
+
+        ``__post_init__`` already resolved a name; this says so to the type checker
+        (get_policy returns a Policy as given).
+        """
+        return precision_lib.get_policy(self.precision)
 
     def changed(self, names: tuple[str, ...]) -> list[str]:
         """Which of the options ``names`` differ from their defaults.

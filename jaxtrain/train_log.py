@@ -45,7 +45,7 @@ def per_step_metrics(
         >>> [float(m["loss"]) for m in per_step_metrics([({"loss": jnp.float32(4.0)}, 1), fused])]
         [4.0, 3.0, 2.0]
     """
-    out = []
+    out: list[dict[str, np.ndarray]] = []
     host = jax.device_get([m for m, _ in pending])  # the one transfer
     for m, (_, steps) in zip(host, pending, strict=True):
         arrays = {k: np.asarray(v) for k, v in m.items()}
@@ -132,7 +132,7 @@ def _is_ready(metrics: Mapping[str, Any]) -> bool:
     """Whether a step's metrics are computed already (asks, never waits)."""
     for v in metrics.values():
         if isinstance(v, jax.Array):
-            return v.is_ready()
+            return v.is_ready()  # type: ignore[attr-defined]  # on every concrete jax.Array; absent from jax.Array's stub
     return True  # restored from a checkpoint: host values
 
 
@@ -186,7 +186,9 @@ class TrainLog(Callback):
         self.compile_seconds = compile_seconds
         self.lagged: list[_Interval] = []
         self.first_call = True
-        self.examples, self.steps, self.started = 0, 0, None  # the open interval's timed work
+        # The open interval's timed work.
+        self.examples, self.steps = 0, 0
+        self.started: float | None = None
         self.last_done: float | None = None  # when the newest read-back interval finished
         self.t_start, self.compile_before = 0.0, 0.0  # set at train begin
 
@@ -291,7 +293,8 @@ class TrainLog(Callback):
     def _timing(self, loop: LoopState, interval: _Interval) -> dict[str, Any]:
         started = interval.started if self.last_done is None else self.last_done
         self.last_done = interval.done
-        seconds = None if started is None else self.last_done - started
+        done = self.last_done
+        seconds = None if started is None or done is None else done - started
         out: dict[str, Any] = {"examples_per_second": None}
         flops_s = None
         if interval.examples and seconds is not None and seconds > 0:

@@ -27,13 +27,18 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from jaxtrain import precision as precision_lib
 from jaxtrain.losses import INVALID_COUNT_KEYS
-from jaxtrain.step_options import UNROLL_AUTO, StepOptions, StepSpec, check_positive_int
-
-PyTree = Any
-Batch = Mapping[str, jax.Array]
+from jaxtrain.state import TrainState
+from jaxtrain.step_options import (
+    StepOptions,
+    StepSpec,
+    check_positive_int,
+    check_unroll,
+)
+from jaxtrain.types import Batch, PyTree
 
 _log = logging.getLogger("jaxtrain")
 
@@ -62,11 +67,11 @@ class Grads(NamedTuple):
     loss_scale: PyTree
 
 
-GradFn = Callable[[Callable, Any, Batch, jax.Array], Grads]
+GradFn = Callable[[Callable, TrainState, Batch, jax.Array], Grads]
 GradTransform = Callable[[GradFn], GradFn]
 
 
-def value_and_grad(call_loss: Callable, state: Any, batch: Batch, rng: jax.Array) -> Grads:
+def value_and_grad(call_loss: Callable, state: TrainState, batch: Batch, rng: jax.Array) -> Grads:
     """The base `GradFn`: ``jax.value_and_grad`` of the loss at ``state.params``.
 
     Args:
@@ -112,7 +117,7 @@ def chain(*transforms: GradTransform) -> GradTransform:
 
 def gradient_fn(options: StepOptions) -> GradFn:
     """The `GradFn` ``options`` asks for: precision around accumulation around the grad."""
-    return chain(mixed_precision(options.precision), accumulate(options.grad_accum_steps))(
+    return chain(mixed_precision(options.policy), accumulate(options.grad_accum_steps))(
         value_and_grad
     )
 
@@ -274,7 +279,7 @@ def _sub_jaxprs(eqn: Any) -> list[Any]:
     return found
 
 
-def convolution_on_cpu(jaxpr: Callable[[], Any], mesh: Any) -> bool:
+def convolution_on_cpu(jaxpr: Callable[[], Any], mesh: Mesh | None) -> bool:
     """Whether the step runs on CPU and contains a convolution.
 
     XLA:CPU runs convolutions (and their gradients) inside nested computations — a
@@ -305,8 +310,9 @@ def resolve_unroll(unroll: int | bool | str, slow_loop: bool) -> int | bool:
     Returns:
         ``unroll`` as ``jax.lax.scan`` takes it.
     """
-    if not (isinstance(unroll, str) and unroll == UNROLL_AUTO):
+    if not isinstance(unroll, str):
         return unroll
+    check_unroll(unroll)  # "auto" is the only string it lets through
     if not slow_loop:
         return 1
     _log.info(

@@ -1,4 +1,7 @@
-"""Versions of jaxtrain and the JAX stack, for summaries and checkpoints."""
+"""Versions of jaxtrain and the JAX stack, for summaries and checkpoints.
+
+Nothing else lives here; it never imports the loop, the applications or torch.
+"""
 
 from __future__ import annotations
 

@@ -16,20 +16,22 @@ import numpy as np
 import optax
 
 import jaxtrain as jt
+from jaxtrain.apps.tasks import classification_loss, init_model
 from jaxtrain.checkpoint import Checkpointer, leaf_name
+from jaxtrain.data import load_digits
 
 NUM_STEPS = 12
 BATCH = 64
 # 64 -> 512 -> 512 -> 10: every kernel has a dimension of 512, divisible by 8 and 4, and
 # the kernels hold 99% of the parameters; the biases (512, 10 elements) stay replicated.
-MODEL = jt.MLP(hidden=(512, 512), num_outputs=10)
+MODEL = jt.models.MLP(hidden=(512, 512), num_outputs=10)
 
 
 def setup():
-    train, _ = jt.load_digits()
+    train, _ = load_digits()
     model = jt.from_linen(MODEL)
     optimizer = optax.adam(1e-3)
-    params, model_state = jt.init_model(model, 0, train["x"][:1])
+    params, model_state = init_model(model, 0, train["x"][:1])
     state = jt.TrainState.create(params, optimizer, 0, model_state)
     return train, model, optimizer, state
 
@@ -46,7 +48,7 @@ def host(tree):
 
 def run(mesh, steps_per_call=None):
     train, model, optimizer, state = setup()
-    loss_fn = jt.classification_loss(model)
+    loss_fn = classification_loss(model)
     if steps_per_call:
         step = jt.make_train_steps(loss_fn, optimizer, steps_per_call=steps_per_call, mesh=mesh)
     else:
@@ -75,7 +77,7 @@ def run(mesh, steps_per_call=None):
             x.sharding.is_equivalent_to(want, x.ndim)
             for x, want in zip(
                 jax.tree.leaves(final),
-                jax.tree.leaves(jt.state_shardings(final, mesh)),
+                jax.tree.leaves(jt.parallel.state_shardings(final, mesh)),
                 strict=True,
             )
         ),
@@ -87,25 +89,27 @@ def device_epoch(mesh):
     """One device-resident epoch (make_device_epoch) on ``mesh``: final params, traces."""
     train, model, optimizer, state = setup()
     data = jt.ArrayDataset(train, BATCH, seed=0)
-    fn = jt.make_device_epoch(jt.classification_loss(model), optimizer, data, mesh=mesh)
+    fn = jt.make_device_epoch(classification_loss(model), optimizer, data, mesh=mesh)
     final, _ = jt.fit(state, fn, data, epochs=1, mesh=mesh, log_every=100, progress=False)
     matches = all(
         x.sharding.is_equivalent_to(want, x.ndim)
         for x, want in zip(
-            jax.tree.leaves(final), jax.tree.leaves(jt.state_shardings(final, mesh)), strict=True
+            jax.tree.leaves(final),
+            jax.tree.leaves(jt.parallel.state_shardings(final, mesh)),
+            strict=True,
         )
     )
     return host(final.params), fn.trace_count, matches
 
 
 def train_command():
-    """`jaxtrain train --fsdp 4` (via job.run) next to the same run without sharding."""
-    from jaxtrain import job
+    """`jaxtrain train --fsdp 4` (via digits.run) next to the same run without sharding."""
+    from jaxtrain.apps import digits
 
     out = {}
     with tempfile.TemporaryDirectory() as d:
         for n in (1, 4):
-            cfg = job.TrainConfig(
+            cfg = digits.TrainConfig(
                 model="mlp",
                 epochs=1,
                 fsdp=n,
@@ -113,7 +117,7 @@ def train_command():
                 progress=False,
                 checkpoint=False,
             )
-            summary = job.run(cfg)
+            summary = digits.run(cfg)
             out[str(n)] = {
                 "test": summary["test"],
                 "train_loss": summary["train"]["loss"],
@@ -121,7 +125,7 @@ def train_command():
                 "compilations": summary["train_step_compilations"],
             }
         try:
-            job.run(job.TrainConfig(model="mlp", epochs=1, fsdp=3, out=f"{d}/3"))
+            digits.run(digits.TrainConfig(model="mlp", epochs=1, fsdp=3, out=f"{d}/3"))
             out["error"] = None
         except ValueError as e:
             out["error"] = str(e)

@@ -14,6 +14,8 @@ import numpy as np
 import optax
 
 import jaxtrain as jt
+from jaxtrain.apps.tasks import classification_eval, classification_loss, init_model
+from jaxtrain.data import load_digits
 
 NUM_STEPS = 30
 BATCH = 64
@@ -36,13 +38,13 @@ def _sharding_info(state, batch, n_devices):
 
 def run(devices):
     mesh = jt.data_mesh(devices)
-    train, test = jt.load_digits()
-    model = jt.from_linen(jt.MLP(hidden=(64,), num_outputs=10))
+    train, test = load_digits()
+    model = jt.from_linen(jt.models.MLP(hidden=(64,), num_outputs=10))
     optimizer = optax.sgd(0.1, momentum=0.9)
-    params, model_state = jt.init_model(model, 0, train["x"][:1])
+    params, model_state = init_model(model, 0, train["x"][:1])
     state = jt.TrainState.create(params, optimizer, 0, model_state)
-    train_step = jt.make_train_step(jt.classification_loss(model), optimizer, mesh=mesh)
-    eval_step = jt.make_eval_step(jt.classification_eval(model), mesh=mesh)
+    train_step = jt.make_train_step(classification_loss(model), optimizer, mesh=mesh)
+    eval_step = jt.make_eval_step(classification_eval(model), mesh=mesh)
     seen = []
 
     def recording_step(state, batch):

@@ -21,7 +21,9 @@ import numpy as np
 import optax
 
 import jaxtrain as jt
+from jaxtrain.apps.tasks import classification_eval, classification_loss, init_model
 from jaxtrain.checkpoint import Checkpointer
+from jaxtrain.data import load_digits
 
 GRAIN_STEPS = 8
 NUM_STEPS = 30  # crosses the end of epoch 0 (23 batches of 64, the last one padded)
@@ -38,13 +40,13 @@ class ListWriter:
 
 
 def train(mesh, ckpt_dir):
-    train_data, test_data = jt.load_digits()
-    model = jt.from_linen(jt.MLP(hidden=(32,), num_outputs=10))
+    train_data, test_data = load_digits()
+    model = jt.from_linen(jt.models.MLP(hidden=(32,), num_outputs=10))
     optimizer = optax.sgd(0.1, momentum=0.9)
-    params, model_state = jt.init_model(model, 0, train_data["x"][:1])
+    params, model_state = init_model(model, 0, train_data["x"][:1])
     state = jt.TrainState.create(params, optimizer, 0, model_state)
-    train_step = jt.make_train_step(jt.classification_loss(model), optimizer, mesh=mesh)
-    eval_step = jt.make_eval_step(jt.classification_eval(model), mesh=mesh)
+    train_step = jt.make_train_step(classification_loss(model), optimizer, mesh=mesh)
+    eval_step = jt.make_eval_step(classification_eval(model), mesh=mesh)
     writer = ListWriter()
     with Checkpointer(ckpt_dir, keep_last=2) as ckpt:
         state, history = jt.fit(
@@ -66,13 +68,13 @@ def train(mesh, ckpt_dir):
 
 def train_grain(mesh):
     """A short run fed by `GrainData` (every process runs the same pipeline, keeps its rows)."""
-    train_data, _ = jt.load_digits()
+    train_data, _ = load_digits()
     records = [{"x": x, "y": y} for x, y in zip(train_data["x"], train_data["y"], strict=True)]
-    model = jt.from_linen(jt.MLP(hidden=(32,), num_outputs=10))
+    model = jt.from_linen(jt.models.MLP(hidden=(32,), num_outputs=10))
     optimizer = optax.sgd(0.1, momentum=0.9)
-    params, model_state = jt.init_model(model, 0, train_data["x"][:1])
+    params, model_state = init_model(model, 0, train_data["x"][:1])
     state = jt.TrainState.create(params, optimizer, 0, model_state)
-    loss = jt.classification_loss(model)
+    loss = classification_loss(model)
     seen = []
 
     def loss_fn(params, batch, **kwargs):

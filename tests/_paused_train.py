@@ -21,7 +21,8 @@ import sys
 import time
 
 import jaxtrain
-from jaxtrain import cli, evaluation, job
+from jaxtrain import evaluation
+from jaxtrain.apps import cli, digits
 
 
 def wait_to_be_killed(label: str, seconds: float = 3600) -> None:
@@ -96,12 +97,12 @@ def install(pause: str) -> None:
         return
     if event not in ("step", "save"):
         raise SystemExit(f"_paused_train: unknown pause {pause!r}; use step:N, save:N or eval:N")
-    real_fit = job.fit
+    real_fit = digits.fit
 
     def fit(*args, callbacks=(), **kwargs):
         return real_fit(*args, callbacks=[*callbacks, PauseAt(event, n)], **kwargs)
 
-    job.fit = fit
+    digits.fit = fit
 
 
 if __name__ == "__main__":

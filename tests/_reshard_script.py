@@ -20,7 +20,7 @@ def same(a, b):
 
 
 assert jax.device_count() == 8
-model = jt.from_linen(jt.MLP(hidden=(16,)))
+model = jt.from_linen(jt.models.MLP(hidden=(16,)))
 params, _ = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
 opt = optax.adam(1e-3)
 state = jt.TrainState.create(params, opt, 0)

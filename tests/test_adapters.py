@@ -9,11 +9,13 @@ from flax import linen as nn
 from flax import nnx
 
 import jaxtrain as jt
+from jaxtrain.apps.tasks import classification_eval, classification_loss
+from jaxtrain.data import load_digits
 
 
 @pytest.fixture(scope="module")
 def digits():
-    train, test = jt.load_digits()
+    train, test = load_digits()
     return jt.ArrayDataset(train, 64, seed=0), jt.ArrayDataset(test, 120, shuffle=False)
 
 
@@ -21,8 +23,8 @@ def _train(model, params, model_state, digits, epochs=3):
     train_ds, test_ds = digits
     opt = optax.adam(3e-3)
     state = jt.TrainState.create(params, opt, 0, model_state)
-    step = jt.make_train_step(jt.classification_loss(model), opt)
-    ev = jt.make_eval_step(jt.classification_eval(model))
+    step = jt.make_train_step(classification_loss(model), opt)
+    ev = jt.make_eval_step(classification_eval(model))
     before = jt.evaluate(ev, state, test_ds)
     state, hist = jt.fit(state, step, train_ds, epochs=epochs, log_every=10, progress=False)
     after = jt.evaluate(ev, state, test_ds)
@@ -56,7 +58,7 @@ def test_linen_adapter_trains_and_updates_batch_stats(digits):
 
 
 def test_linen_module_without_train_argument(digits):
-    model = jt.from_linen(jt.MLP(hidden=(32,)))  # MLP takes train; check a plain Dense too
+    model = jt.from_linen(jt.models.MLP(hidden=(32,)))  # MLP takes train; check a plain Dense too
     plain = jt.from_linen(nn.Dense(10))
     x = digits[0].arrays["x"][:2].reshape(2, -1)
     params, ms = plain.init(jax.random.key(0), x)

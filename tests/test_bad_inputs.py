@@ -10,16 +10,17 @@ import optax
 import pytest
 
 import jaxtrain as jt
-from jaxtrain import cli
+from jaxtrain.apps import cli
+from jaxtrain.apps.digits import TrainConfig
+from jaxtrain.apps.tasks import classification_eval, classification_loss
 from jaxtrain.checkpoint import Checkpointer, CheckpointError
-from jaxtrain.job import TrainConfig
 
 X = np.zeros((10, 8, 8, 1), np.float32)
 Y = np.arange(10, dtype=np.int32) % 10
 
 
 def _model_and_state():
-    model = jt.from_linen(jt.CNN(channels=(4,), dense=8))
+    model = jt.from_linen(jt.models.CNN(channels=(4,), dense=8))
     params, ms = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
     opt = optax.sgd(0.1)
     return model, jt.TrainState.create(params, opt, 0, ms), opt
@@ -27,7 +28,7 @@ def _model_and_state():
 
 def _train_step_on(batch, loss_fn=None):
     model, st, opt = _model_and_state()
-    step = jt.make_train_step(loss_fn or jt.classification_loss(model), opt)
+    step = jt.make_train_step(loss_fn or classification_loss(model), opt)
     return step(st, batch)
 
 
@@ -43,7 +44,7 @@ def _params_not_matching_opt_state():
     opt = optax.adam(1e-3)
     st = jt.TrainState.create(st.params, opt, 0, st.model_state)
     other = jax.tree.map(lambda p: jnp.zeros(p.shape[:-1] + (p.shape[-1] + 1,)), st.params)
-    step = jt.make_train_step(jt.classification_loss(model), opt)
+    step = jt.make_train_step(classification_loss(model), opt)
     return step(st.replace(params=other), _batch())
 
 
@@ -69,7 +70,7 @@ def _resume_without_checkpoint(tmp_path):
 
 def _fused_without_k_axis():
     model, st, opt = _model_and_state()
-    steps = jt.make_train_steps(jt.classification_loss(model), opt, steps_per_call=4)
+    steps = jt.make_train_steps(classification_loss(model), opt, steps_per_call=4)
     # B=8 != K. (B == K is not visible in the shapes; the model's input check then
     # catches the missing batch axis.)
     b = {"x": jnp.zeros((8, 8, 8, 1)), "y": jnp.zeros((8,), jnp.int32), "mask": jnp.ones(8)}
@@ -78,7 +79,7 @@ def _fused_without_k_axis():
 
 def _fit_plain(batches):
     model, st, opt = _model_and_state()
-    step = jt.make_train_step(jt.classification_loss(model), opt)
+    step = jt.make_train_step(classification_loss(model), opt)
     return jt.fit(st, step, batches, epochs=1, progress=False)
 
 
@@ -91,8 +92,8 @@ def _np_batch(**over):
 
 def _early_stopping_typo():
     model, st, opt = _model_and_state()
-    step = jt.make_train_step(jt.classification_loss(model), opt)
-    eval_step = jt.make_eval_step(jt.classification_eval(model))
+    step = jt.make_train_step(classification_loss(model), opt)
+    eval_step = jt.make_eval_step(classification_eval(model))
     ds = jt.ArrayDataset({"x": X, "y": Y}, 4)
     stop = jt.EarlyStopping("acuracy", "max")
     return jt.fit(st, step, ds, epochs=1, eval_step=eval_step, eval_data=ds, early_stopping=stop)
@@ -451,8 +452,8 @@ def test_bad_input_is_a_clear_error(build, exc, parts, tmp_path, capsys):
 
 def test_early_stopping_typo_is_refused_before_the_first_step():
     model, st, opt = _model_and_state()
-    step = jt.make_train_step(jt.classification_loss(model), opt)
-    eval_step = jt.make_eval_step(jt.classification_eval(model))
+    step = jt.make_train_step(classification_loss(model), opt)
+    eval_step = jt.make_eval_step(classification_eval(model))
     ds = jt.ArrayDataset({"x": X, "y": Y}, 4)
     for eval_data in (ds, list(ds.batches(0))):
         with pytest.raises(ValueError, match="early_stopping.metric='acc' is not a metric"):

@@ -10,15 +10,17 @@ import optax
 import pytest
 
 import jaxtrain as jt
+from jaxtrain.apps.tasks import classification_eval, classification_loss
+from jaxtrain.data import load_digits
 
 pytestmark = pytest.mark.integration  # tiny trainings
 
 
 @pytest.fixture(scope="module")
 def setup():
-    train, test = jt.load_digits()
+    train, test = load_digits()
     train = {k: v[:300] for k, v in train.items()}  # batch 64: 5 steps per epoch
-    model = jt.from_linen(jt.MLP(hidden=(16,)))
+    model = jt.from_linen(jt.models.MLP(hidden=(16,)))
     params, _ = model.init(jax.random.key(0), train["x"][:1])
     opt = optax.adam(1e-2)
     return {
@@ -26,8 +28,8 @@ def setup():
         "test_ds": jt.ArrayDataset(test, 120, shuffle=False),
         "params": params,
         "opt": opt,
-        "step": jt.make_train_step(jt.classification_loss(model), opt),
-        "eval": jt.make_eval_step(jt.classification_eval(model)),
+        "step": jt.make_train_step(classification_loss(model), opt),
+        "eval": jt.make_eval_step(classification_eval(model)),
     }
 
 

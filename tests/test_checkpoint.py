@@ -17,16 +17,18 @@ import optax
 import pytest
 
 import jaxtrain as jt
+from jaxtrain.apps.tasks import classification_eval, classification_loss
 from jaxtrain.checkpoint import Checkpointer, CheckpointError
+from jaxtrain.data import load_digits
 
 HERE = pathlib.Path(__file__).parent
 
 
 @pytest.fixture(scope="module")
 def setup():
-    train, test = jt.load_digits()
+    train, test = load_digits()
     train = {k: v[:320] for k, v in train.items()}  # 5 steps of 64 per epoch
-    model = jt.from_linen(jt.MLP(hidden=(32,), dropout=0.1))
+    model = jt.from_linen(jt.models.MLP(hidden=(32,), dropout=0.1))
     params, _ = model.init(jax.random.key(0), train["x"][:1])
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(3e-3))
     return {
@@ -35,8 +37,8 @@ def setup():
         "opt": opt,
         "train_ds": jt.ArrayDataset(train, 64, seed=1),
         "test_ds": jt.ArrayDataset(test, 120, shuffle=False),
-        "step": jt.make_train_step(jt.classification_loss(model), opt),
-        "eval": jt.make_eval_step(jt.classification_eval(model)),
+        "step": jt.make_train_step(classification_loss(model), opt),
+        "eval": jt.make_eval_step(classification_eval(model)),
     }
 
 
@@ -101,6 +103,7 @@ def test_keep_last_k_plus_best(tmp_path, setup):
         assert c.all_steps() == [2, 3] and c.best_step() == 2
 
 
+@pytest.mark.integration  # two trainings through fit
 def test_resume_is_bitwise_identical_with_same_history(tmp_path, setup):
     s = setup
     common = dict(
@@ -254,7 +257,7 @@ def test_checkpoint_of_another_model_names_leaf_and_shapes(tmp_path, setup):
     with Checkpointer(tmp_path) as c:
         c.save(5, _fresh(setup))
         c.wait()
-        bigger = jt.from_linen(jt.MLP(hidden=(48,)))
+        bigger = jt.from_linen(jt.models.MLP(hidden=(48,)))
         p, _ = bigger.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
         target = jt.TrainState.create(p, setup["opt"], 0)
         with pytest.raises(CheckpointError) as e:
@@ -335,7 +338,7 @@ def test_partial_save_is_never_the_latest(tmp_path, setup):
         assert c.restore(_fresh(setup)).step == 10
 
 
-@pytest.mark.slow  # starts a subprocess
+@pytest.mark.e2e  # starts a subprocess
 def test_restore_onto_another_device_count():
     """8 virtual CPU devices -> 1 and 1 -> 8, bitwise (subprocess: the flag needs a fresh jax)."""
     env = dict(

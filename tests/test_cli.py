@@ -7,11 +7,11 @@ from importlib import metadata
 
 import pytest
 
-from jaxtrain import cli
-from jaxtrain.job import TrainConfig
-from jaxtrain.logging import read_jsonl
+from jaxtrain.apps import cli
+from jaxtrain.apps.digits import TrainConfig
+from jaxtrain.writers import read_jsonl
 
-CLI = [sys.executable, "-m", "jaxtrain.cli"]
+CLI = [sys.executable, "-m", "jaxtrain.apps.cli"]
 
 
 def _run_cli(args, timeout=120):
@@ -20,9 +20,10 @@ def _run_cli(args, timeout=120):
 
 def test_console_script_is_declared():
     eps = {ep.name: ep.value for ep in metadata.entry_points(group="console_scripts")}
-    assert eps.get("jaxtrain") == "jaxtrain.cli:main"
+    assert eps.get("jaxtrain") == "jaxtrain.apps.cli:main"
 
 
+@pytest.mark.e2e  # a whole `jaxtrain train` run (2 epochs), its files and curves
 def test_short_run_writes_three_files_with_documented_fields(tmp_path, capsys):
     out = tmp_path / "run"
     code = cli.main(
@@ -77,6 +78,7 @@ def test_short_run_writes_three_files_with_documented_fields(tmp_path, capsys):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
+@pytest.mark.e2e  # the full default training (the CNN, 40 epochs): long by nature
 def test_default_run_reaches_98_percent(tmp_path, capsys):
     """The headline claim: the default job reaches >= 98.0% test accuracy and says so."""
     assert TrainConfig().epochs == 40 and TrainConfig().model == "cnn"
@@ -90,7 +92,7 @@ def test_default_run_reaches_98_percent(tmp_path, capsys):
     )
 
 
-@pytest.mark.slow  # starts a subprocess
+@pytest.mark.e2e  # starts a subprocess
 def test_help_documents_every_option():
     top = _run_cli(["--help"])
     assert top.returncode == 0 and "train" in top.stdout
@@ -119,7 +121,7 @@ def test_help_documents_every_option():
         ([], ["the following arguments are required: COMMAND"]),
     ],
 )
-@pytest.mark.slow  # starts a subprocess
+@pytest.mark.e2e  # starts a subprocess
 def test_bad_options_fail_clearly(args, expected):
     res = _run_cli(args)
     assert res.returncode == 2
@@ -127,7 +129,7 @@ def test_bad_options_fail_clearly(args, expected):
         assert text in res.stderr, (text, res.stderr)
 
 
-@pytest.mark.slow  # starts a subprocess
+@pytest.mark.e2e  # starts a subprocess
 def test_unwritable_output_directory(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
@@ -155,7 +157,7 @@ def test_every_config_field_is_an_option_declared_once():
     field's default and its declared choices, and the same check as validate()."""
     import dataclasses
 
-    from jaxtrain import fields
+    from jaxtrain.apps import fields
 
     train = cli.build_parser()._subparsers._group_actions[0].choices["train"]
     by_dest = {a.dest: a for a in train._actions}

@@ -9,12 +9,13 @@ import pytest
 SCRIPT = r"""
 import json, sys, time
 import jaxtrain as jt, jax, optax
+from jaxtrain.apps.tasks import classification_loss
 from jaxtrain.compile_cache import enable_compilation_cache
 enable_compilation_cache(sys.argv[1])
 model = jt.from_linen(jt.MLP(hidden=(16,)))
 p, _ = model.init(jax.random.key(0), jax.numpy.zeros((1, 8, 8, 1)))
 opt = optax.adam(1e-3)
-step = jt.make_train_step(jt.classification_loss(model), opt)
+step = jt.make_train_step(classification_loss(model), opt)
 batch = {"x": jax.numpy.zeros((8, 8, 8, 1)), "y": jax.numpy.zeros(8, "int32")}
 t = time.perf_counter()
 state, m = step(jt.TrainState.create(p, opt, 0), batch)

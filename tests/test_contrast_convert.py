@@ -118,7 +118,7 @@ def test_params_round_trip_into_torch():
 
 
 @pytest.mark.parametrize(
-    "module", [jt.MLP(hidden=(16, 8)), jt.CNN(channels=(4, 8), dense=16, dropout=0.0)]
+    "module", [jt.models.MLP(hidden=(16, 8)), jt.models.CNN(channels=(4, 8), dense=16, dropout=0.0)]
 )
 def test_torch_twin_fits_the_builtin_model(module):
     twin = torch_twin(module, (1, 8, 8)).eval()

@@ -12,8 +12,8 @@ from jaxtrain.contrast import from_torch, torch_twin
 
 X = jnp.zeros((1, 8, 8, 1))
 MODULES = {
-    "mlp": lambda init: jt.MLP(hidden=(256, 128), param_init=init),
-    "cnn": lambda init: jt.CNN(channels=(16, 32), dense=128, dropout=0.0, param_init=init),
+    "mlp": lambda init: jt.models.MLP(hidden=(256, 128), param_init=init),
+    "cnn": lambda init: jt.models.CNN(channels=(16, 32), dense=128, dropout=0.0, param_init=init),
 }
 
 
@@ -71,7 +71,7 @@ def test_default_init_is_unchanged():
         assert module.param_init == "flax"
         b = module.init(jax.random.key(3), X)
         jax.tree.map(np.testing.assert_array_equal, a, b)
-    plain = jt.MLP(hidden=(8,)).init(jax.random.key(0), X)["params"]
+    plain = jt.models.MLP(hidden=(8,)).init(jax.random.key(0), X)["params"]
     assert np.all(np.asarray(plain["Dense_0"]["bias"]) == 0)  # Flax: zero biases
 
 
@@ -79,6 +79,6 @@ def test_unknown_init_names_the_choices():
     with pytest.raises(
         ValueError, match=r"param_init must be one of 'flax', 'torch'; got 'pytorch'"
     ):
-        jt.MLP(param_init="pytorch").init(jax.random.key(0), X)
+        jt.models.MLP(param_init="pytorch").init(jax.random.key(0), X)
     with pytest.raises(ValueError, match=r"got 'he'.*Fix: param_init='flax'"):
-        jt.CNN(param_init="he").init(jax.random.key(0), X)
+        jt.models.CNN(param_init="he").init(jax.random.key(0), X)

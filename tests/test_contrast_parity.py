@@ -17,14 +17,14 @@ import numpy as np
 import pytest
 import torch
 
-import jaxtrain as jt
-from jaxtrain.cli import main
+from jaxtrain.apps.cli import main
 from jaxtrain.contrast import compare, digits_models, presets
 from jaxtrain.contrast.runner import TARGET_ALL, TARGET_FIRST, TARGET_PARAMS
+from jaxtrain.data import load_digits
 
 torch.set_num_threads(1)  # the suite runs on 2 cores with pytest -n 2
 STEPS = 200
-TRAIN, _ = jt.load_digits()
+TRAIN, _ = load_digits()
 
 
 def _run(kind, preset, steps):
@@ -59,7 +59,7 @@ def test_parity_over_200_steps(kind, preset):
 @pytest.mark.parametrize("preset", sorted(presets(STEPS)))
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
 def test_builtin_models_first_steps(kind, preset):
-    """jaxtrain.MLP / jaxtrain.CNN against their PyTorch twins: the 10-step target."""
+    """jaxtrain.models.MLP / jaxtrain.models.CNN against their PyTorch twins: the 10-step target."""
     c = _run(kind, preset, 10)
     assert c.max_rel_diff(10) <= TARGET_FIRST, c.table()
     assert c.final_param_diff <= TARGET_PARAMS
@@ -80,11 +80,11 @@ def test_compare_command_prints_the_table_and_writes_the_plot(tmp_path, capsys):
     assert len(record["torch_loss"]) == 12 and record["summary"]["meets_targets"]
 
 
-@pytest.mark.slow  # starts a subprocess
+@pytest.mark.e2e  # starts a subprocess
 def test_compare_without_torch_says_how_to_install_it(tmp_path):
     code = (
         "import sys; sys.modules['torch'] = None\n"  # makes `import torch` fail
-        "from jaxtrain.cli import main\n"
+        "from jaxtrain.apps.cli import main\n"
         f"sys.exit(main(['compare', '--steps', '2', '--out', {str(tmp_path)!r}]))\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
@@ -93,11 +93,11 @@ def test_compare_without_torch_says_how_to_install_it(tmp_path):
     assert "pip install torch==2.13.0 then pip install -e .[torch]" in r.stderr
 
 
-@pytest.mark.slow  # starts a subprocess
+@pytest.mark.e2e  # starts a subprocess
 def test_core_never_imports_torch():
     code = (
-        "import sys, jaxtrain, jaxtrain.cli, jaxtrain.contrast\n"
-        "jaxtrain.cli.build_parser()\n"
+        "import sys, jaxtrain, jaxtrain.apps.cli, jaxtrain.contrast\n"
+        "jaxtrain.apps.cli.build_parser()\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
@@ -107,7 +107,7 @@ def test_core_never_imports_torch():
     assert r.returncode == 0, r.stderr
 
 
-@pytest.mark.slow  # starts a subprocess
+@pytest.mark.e2e  # starts a subprocess
 def test_contrast_functions_without_torch_raise_the_install_hint():
     code = (
         "import sys; sys.modules['torch'] = None\n"

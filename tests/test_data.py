@@ -6,7 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from jaxtrain import ArrayDataset, DataPosition, load_digits
+from jaxtrain import ArrayDataset, DataPosition
+from jaxtrain.data import load_digits
 
 N, B = 10, 4
 

@@ -1,4 +1,4 @@
-"""`jaxtrain doctor` / `jaxtrain.preflight`: the report's fields and the loud CPU-fallback warning."""
+"""`jaxtrain doctor` / `jaxtrain.apps.doctor.preflight`: the report, and the loud CPU-fallback warning."""
 
 import json
 import subprocess
@@ -8,9 +8,8 @@ import warnings
 import jax
 import pytest
 
-import jaxtrain
-from jaxtrain import cli
-from jaxtrain.doctor import _device_info, preflight
+from jaxtrain.apps import cli
+from jaxtrain.apps.doctor import _device_info, preflight
 
 BANNER = "!! WARNING: JAX IS NOT RUNNING WHERE EXPECTED"
 
@@ -139,10 +138,10 @@ def test_cli_doctor(capsys):
     assert json.loads(capsys.readouterr().out)["backend"] == "cpu"
 
 
-@pytest.mark.slow  # starts a subprocess
+@pytest.mark.e2e  # starts a subprocess
 def test_console_doctor_expecting_tpu_fails_loudly():
     r = subprocess.run(
-        [sys.executable, "-m", "jaxtrain.cli", "doctor", "--expect", "tpu"],
+        [sys.executable, "-m", "jaxtrain.apps.cli", "doctor", "--expect", "tpu"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -150,7 +149,3 @@ def test_console_doctor_expecting_tpu_fails_loudly():
     assert r.returncode == 1, r.stderr
     assert BANNER in r.stdout
     assert "A TPU was expected (expect='tpu') but JAX is running on CPU" in r.stdout
-
-
-def test_preflight_is_exported():
-    assert jaxtrain.preflight is preflight

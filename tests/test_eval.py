@@ -9,20 +9,22 @@ import pytest
 
 import jaxtrain as jt
 from jaxtrain import ArrayDataset, TrainState, evaluate, make_eval_step
+from jaxtrain.apps.tasks import classification_eval
+from jaxtrain.data import load_digits
 
-MODULE = jt.MLP(hidden=(32,), num_outputs=10)
+MODULE = jt.models.MLP(hidden=(32,), num_outputs=10)
 MODEL = jt.from_linen(MODULE)
 BATCH = 64
 
 
 @functools.cache
 def _setup():
-    _, test = jt.load_digits()
+    _, test = load_digits()
     params, model_state = jax.jit(MODEL.init)(jax.random.key(0), test["x"][:1])
     # Perturb the init so that the predictions are far from uniform (a sharper test).
     params = jax.tree.map(lambda p: p * 3.0 + 0.05, params)
     state = TrainState.create(params, optax.sgd(0.1), 0, model_state)
-    eval_step = make_eval_step(jt.classification_eval(MODEL))
+    eval_step = make_eval_step(classification_eval(MODEL))
     return test, state, eval_step
 
 
@@ -83,7 +85,7 @@ def test_evaluate_ignores_garbage_in_padded_rows():
 @pytest.mark.parametrize("batch_size", [7, 360, 500])
 def test_evaluate_is_exact_for_any_batching_and_order(batch_size):
     test, state, _ = _setup()
-    eval_step = make_eval_step(jt.classification_eval(MODEL))
+    eval_step = make_eval_step(classification_eval(MODEL))
     exact = _exact(test, state)
     _assert_matches(
         evaluate(eval_step, state, ArrayDataset(test, batch_size, shuffle=False)), exact

@@ -7,13 +7,15 @@ import optax
 import pytest
 
 import jaxtrain as jt
+from jaxtrain.apps.tasks import classification_eval, classification_loss
+from jaxtrain.data import load_digits
 
 
 @pytest.fixture(scope="module")
 def setup():
-    train, test = jt.load_digits()
+    train, test = load_digits()
     train = {k: v[:300] for k, v in train.items()}  # 300 examples, batch 64: 5 steps/epoch
-    model = jt.from_linen(jt.MLP(hidden=(32,)))
+    model = jt.from_linen(jt.models.MLP(hidden=(32,)))
     params, ms = model.init(jax.random.key(0), train["x"][:1])
     opt = optax.adam(1e-2)
     return {
@@ -23,8 +25,8 @@ def setup():
         "params": params,
         "opt": opt,
         # One compiled step for the whole module: fit never retraces it.
-        "step": jt.make_train_step(jt.classification_loss(model), opt),
-        "eval": jt.make_eval_step(jt.classification_eval(model)),
+        "step": jt.make_train_step(classification_loss(model), opt),
+        "eval": jt.make_eval_step(classification_eval(model)),
     }
 
 
@@ -330,8 +332,8 @@ def test_fused_steps_pad_the_short_last_group_and_compile_once(setup, k):
     compilation, bitwise the parameters of single steps, the same records (the padded
     steps' metrics are left out)."""
     s = setup
-    model = jt.from_linen(jt.MLP(hidden=(32,)))
-    fused = jt.make_train_steps(jt.classification_loss(model), s["opt"], steps_per_call=k)
+    model = jt.from_linen(jt.models.MLP(hidden=(32,)))
+    fused = jt.make_train_steps(classification_loss(model), s["opt"], steps_per_call=k)
     ref, h_ref = jt.fit(_state(s), s["step"], s["train_ds"], epochs=2, progress=False)
     got, h = jt.fit(_state(s), fused, s["train_ds"], epochs=2, progress=False)
     assert fused.trace_count == 1

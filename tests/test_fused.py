@@ -8,13 +8,16 @@ import optax
 import pytest
 
 import jaxtrain as jt
+from jaxtrain.apps.tasks import classification_loss
+from jaxtrain.data import load_digits
+from jaxtrain.resident import put_dataset
 
 
 @pytest.fixture(scope="module")
 def setup():
-    train, _ = jt.load_digits()
+    train, _ = load_digits()
     train = {k: v[:300] for k, v in train.items()}  # 5 batches of 64 per epoch, last padded
-    model = jt.from_linen(jt.MLP(hidden=(32,), dropout=0.1))
+    model = jt.from_linen(jt.models.MLP(hidden=(32,), dropout=0.1))
     params, _ = model.init(jax.random.key(0), train["x"][:1])
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(3e-3))
     return train, model, params, opt
@@ -31,7 +34,7 @@ def _assert_bitwise(a, b):
 
 def test_k_fused_steps_equal_k_single_steps_bitwise(setup):
     train, model, params, opt = setup
-    loss = jt.classification_loss(model)
+    loss = classification_loss(model)
     single = jt.make_train_step(loss, opt)
     fused = jt.make_train_steps(loss, opt, steps_per_call=5)
     batches = list(jt.ArrayDataset(train, 64, seed=0).batches(0))
@@ -50,7 +53,7 @@ def test_k_fused_steps_equal_k_single_steps_bitwise(setup):
 
 def test_fit_with_fused_steps_matches_single_steps(setup):
     train, model, params, opt = setup
-    loss = jt.classification_loss(model)
+    loss = classification_loss(model)
     ds = jt.ArrayDataset(train, 64, seed=0)
     single = jt.make_train_step(loss, opt)
     fused = jt.make_train_steps(loss, opt, steps_per_call=2)
@@ -73,7 +76,7 @@ def test_fit_with_fused_steps_matches_single_steps(setup):
 
 def test_fused_steps_respect_the_step_budget(setup):
     train, model, params, opt = setup
-    fused = jt.make_train_steps(jt.classification_loss(model), opt, steps_per_call=4)
+    fused = jt.make_train_steps(classification_loss(model), opt, steps_per_call=4)
     st, h = jt.fit(
         _fresh(params, opt), fused, jt.ArrayDataset(train, 64, seed=0), num_steps=7, progress=False
     )
@@ -89,7 +92,7 @@ def _state_bytes(state):
 def test_donation_aliases_the_state(setup, fused):
     """The compiled step's memory analysis shows the state's buffers aliased (>= 99%)."""
     train, model, params, opt = setup
-    loss = jt.classification_loss(model)
+    loss = classification_loss(model)
     step = (
         jt.make_train_steps(loss, opt, steps_per_call=3) if fused else jt.make_train_step(loss, opt)
     )
@@ -117,7 +120,7 @@ def test_steps_per_call_must_be_positive():
 def test_device_resident_epoch_matches_host_fed(setup):
     """A whole epoch per dispatch, data on the device: same results as the host-fed path."""
     train, model, params, opt = setup
-    loss = jt.classification_loss(model)
+    loss = classification_loss(model)
     ds = jt.ArrayDataset(train, 64, seed=4)
     host, h_host = jt.fit(
         _fresh(params, opt),
@@ -144,7 +147,7 @@ def test_cli_steps_per_call_gives_the_same_parameters(tmp_path, capsys):
     """`jaxtrain train --steps-per-call 4` ends bitwise where the per-step run ends."""
     import json
 
-    from jaxtrain import cli
+    from jaxtrain.apps import cli
 
     shas = []
     for k in ("1", "4", "4 --unroll"):
@@ -163,7 +166,7 @@ def test_cli_steps_per_call_gives_the_same_parameters(tmp_path, capsys):
 def test_unrolled_fused_steps_equal_single_steps(setup, unroll):
     """``unroll`` (the fast path for convolutions on XLA:CPU) changes no result."""
     train, model, params, opt = setup
-    loss = jt.classification_loss(model)
+    loss = classification_loss(model)
     batches = list(jt.ArrayDataset(train, 64, seed=0).batches(0))[:4]
     stacked = {k: np.stack([b[k] for b in batches]) for k in batches[0]}
     rolled = jt.make_train_steps(loss, opt, steps_per_call=4)
@@ -179,9 +182,9 @@ def test_unrolled_fused_steps_equal_single_steps(setup, unroll):
 
 def test_device_epoch_unrolled_matches_rolled(setup):
     train, model, params, opt = setup
-    loss = jt.classification_loss(model)
+    loss = classification_loss(model)
     ds = jt.ArrayDataset(train, 64, seed=4)
-    arrays = jt.put_dataset(ds)
+    arrays = put_dataset(ds)
     got = [
         jt.make_device_epoch(loss, opt, ds, unroll=u)(_fresh(params, opt), arrays, jnp.int32(0))
         for u in (1, True)
@@ -201,7 +204,7 @@ def test_unroll_must_be_bool_or_positive_int(bad):
 @pytest.mark.parametrize("fused", [False, True])
 def test_grad_norm_metric_can_be_switched_off(setup, fused):
     train, model, params, opt = setup
-    loss = jt.classification_loss(model)
+    loss = classification_loss(model)
     batches = list(jt.ArrayDataset(train, 64, seed=0).batches(0))[:2]
     if fused:
         make = lambda **kw: jt.make_train_steps(loss, opt, steps_per_call=2, **kw)  # noqa: E731
@@ -224,7 +227,7 @@ def test_grad_norm_metric_can_be_switched_off(setup, fused):
 def test_batch_without_the_step_axis_is_an_error_naming_it(setup):
     """A [B, ...] batch would otherwise run B one-example steps."""
     train, model, params, opt = setup
-    fused = jt.make_train_steps(jt.classification_loss(model), opt, steps_per_call=4)
+    fused = jt.make_train_steps(classification_loss(model), opt, steps_per_call=4)
     batch = next(jt.ArrayDataset(train, 64, seed=0).batches(0))  # [64, 8, 8, 1]: no [K]
     with pytest.raises(
         ValueError,
@@ -245,7 +248,7 @@ def test_fit_runs_a_shorter_last_group_without_recompiling(setup):
     Found on an H200: the shorter last group compiled the fused step a second time.
     """
     train, model, params, opt = setup
-    loss = jt.classification_loss(model)
+    loss = classification_loss(model)
     fused = jt.make_train_steps(loss, opt, steps_per_call=4)
     ds = jt.ArrayDataset(train, 64, seed=0)  # 5 batches: a group of 4, then one of 1
     got, h = jt.fit(_fresh(params, opt), fused, ds, epochs=2, progress=False)

@@ -7,12 +7,14 @@ import optax
 import pytest
 
 import jaxtrain as jt
+from jaxtrain.apps.tasks import classification_loss
+from jaxtrain.data import load_digits
 
 
 @pytest.fixture(scope="module")
 def setup():
-    train, _ = jt.load_digits()
-    model = jt.from_linen(jt.MLP(hidden=(32,)))  # no dropout: same function for any split
+    train, _ = load_digits()
+    model = jt.from_linen(jt.models.MLP(hidden=(32,)))  # no dropout: same function for any split
     params, _ = model.init(jax.random.key(0), train["x"][:1])
     return train, model, params
 
@@ -41,7 +43,7 @@ def _rel(a, b):
 def test_k_microbatches_equal_one_large_batch(setup, n_pad):
     train, model, params = setup
     opt = optax.sgd(0.5)
-    loss = jt.classification_loss(model)
+    loss = classification_loss(model)
     batch = _batch(train, 64, n_pad)
     one = jt.make_train_step(loss, opt)
     acc = jt.make_train_step(loss, opt, grad_accum_steps=4)
@@ -61,7 +63,7 @@ def test_temporary_memory_does_not_grow_with_k(setup):
     """Microbatches of 16: a batch of 32 (k=2) and of 128 (k=8) need the same scratch."""
     train, model, params = setup
     opt = optax.adam(1e-3)
-    loss = jt.classification_loss(model)
+    loss = classification_loss(model)
     state = jt.TrainState.create(params, opt, 0)
     temp = {}
     for k in (2, 8):
@@ -74,20 +76,21 @@ def test_temporary_memory_does_not_grow_with_k(setup):
 def test_batch_not_divisible_is_a_clear_error(setup):
     train, model, params = setup
     opt = optax.sgd(0.1)
-    step = jt.make_train_step(jt.classification_loss(model), opt, grad_accum_steps=3)
+    step = jt.make_train_step(classification_loss(model), opt, grad_accum_steps=3)
     with pytest.raises(
         ValueError, match=r"grad_accum_steps=3 must divide the batch size; got .*'x': 64"
     ):
         step(jt.TrainState.create(jax.tree.map(jnp.copy, params), opt, 0), _batch(train, 64, 0))
     with pytest.raises(ValueError, match="grad_accum_steps must be an integer >= 1; got 0"):
-        jt.make_train_step(jt.classification_loss(model), opt, grad_accum_steps=0)
+        jt.make_train_step(classification_loss(model), opt, grad_accum_steps=0)
 
 
+@pytest.mark.e2e  # two `jaxtrain train` runs end to end
 def test_cli_grad_accum_steps_runs_and_matches_closely(tmp_path):
     """`jaxtrain train --grad-accum-steps 4` trains like the plain run (float32-close)."""
     import json
 
-    from jaxtrain import cli
+    from jaxtrain.apps import cli
 
     acc = []
     for k in ("1", "4"):
@@ -132,7 +135,7 @@ def test_memory_against_optax_multisteps_and_one_big_batch(setup):
     step (its argument bytes grow with k), where MultiSteps gets one microbatch per call.
     """
     train, model, params = setup
-    loss = jt.classification_loss(model)
+    loss = classification_loss(model)
     opt = optax.adam(1e-3)
     multi = optax.MultiSteps(opt, every_k_schedule=8).gradient_transformation()
     m = 16

@@ -14,21 +14,22 @@ import optax
 import pytest
 
 import jaxtrain as jt
+from jaxtrain.apps.tasks import classification_loss
 from jaxtrain.checkpoint import Checkpointer, meta_digest
-from jaxtrain.data import DataPosition
+from jaxtrain.data import DataPosition, load_digits
 
 N, B = 200, 32  # 7 batches per epoch, the last one 8 real + 24 padding
 
 
 @pytest.fixture(scope="module")
 def setup():
-    train, _ = jt.load_digits()
+    train, _ = load_digits()
     x, y = train["x"][:N].reshape(N, -1), train["y"][:N]
     records = [{"x": x[i], "y": y[i]} for i in range(N)]
-    model = jt.from_linen(jt.MLP(hidden=(16,), dropout=0.1))
+    model = jt.from_linen(jt.models.MLP(hidden=(16,), dropout=0.1))
     params, _ = model.init(jax.random.key(0), x[:1])
     opt = optax.adam(3e-3)
-    loss = jt.classification_loss(model)
+    loss = classification_loss(model)
     return {
         "records": records,
         "params": params,
@@ -203,6 +204,7 @@ def test_fit_puts_grain_batches_on_the_device_one_batch_ahead(setup):
     assert setup["step"].trace_count == 1  # padded last batch: no recompilation
 
 
+@pytest.mark.e2e  # grain worker processes
 def test_grain_worker_processes_serve_the_same_batches_and_resume():
     """worker_count > 0: grain reads in spawned processes (mp_prefetch); same batches,
     and its (differently shaped) iterator state restores mid-epoch."""

@@ -27,7 +27,7 @@ ARGS = [
     "--no-progress",
     "--tensorboard",
 ]  # 23 steps per epoch: saves at 10, 20, 23, 30, 40, 46, 50, 60, 69
-CLI = [sys.executable, "-m", "jaxtrain.cli", "train"]
+CLI = [sys.executable, "-m", "jaxtrain.apps.cli", "train"]
 
 
 # The fault injection lives in the tests: this wrapper runs `jaxtrain train` with a
@@ -187,7 +187,7 @@ def test_sigterm_saves_then_resume_is_bitwise_identical(tmp_path, uninterrupted)
 
 
 def test_resume_rejects_a_folder_without_a_run(tmp_path, capsys):
-    from jaxtrain import cli
+    from jaxtrain.apps import cli
 
     assert cli.main(["train", "--resume", str(tmp_path), "--epochs", "5"]) == 2
     err = capsys.readouterr().err

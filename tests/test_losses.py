@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from jaxtrain import losses, metrics
+from jaxtrain.apps.tasks import classification_eval, classification_loss
 
 
 def _np_log_softmax(logits):
@@ -300,7 +301,7 @@ def _label_batches(bad_label, bad_at=2, n=4):
 @pytest.mark.parametrize("fused", [False, True])
 def test_fit_raises_at_the_next_log_for_labels_out_of_range(fused):
     jt, model, opt, state = _tiny_classifier()
-    loss = jt.classification_loss(model, label_smoothing=0.1)
+    loss = classification_loss(model, label_smoothing=0.1)
     if fused:
         step = jt.make_train_steps(loss, opt, steps_per_call=2)
     else:
@@ -316,12 +317,12 @@ def test_fit_raises_at_the_next_log_for_labels_out_of_range(fused):
 
 def test_fit_hides_the_counts_when_they_are_zero_and_checks_masks():
     jt, model, opt, state = _tiny_classifier()
-    step = jt.make_train_step(jt.classification_loss(model), opt)
+    step = jt.make_train_step(classification_loss(model), opt)
     _, h = jt.fit(state, step, _label_batches(1), epochs=1, log_every=2, progress=False)
     assert h.train and not any("invalid_labels" in r or "invalid_mask" in r for r in h.train)
     batches = _label_batches(1)
     batches[1]["mask"] = jnp.array([1.0, -1.0, 1.0, 1.0])
-    step = jt.make_train_step(jt.classification_loss(model), opt, grad_accum_steps=2)
+    step = jt.make_train_step(classification_loss(model), opt, grad_accum_steps=2)
     with pytest.raises(
         ValueError, match=r"training step 2: the loss counted 1 mask value\(s\) outside \[0, 1\]"
     ):
@@ -330,7 +331,7 @@ def test_fit_hides_the_counts_when_they_are_zero_and_checks_masks():
 
 def test_evaluate_raises_for_labels_out_of_range():
     jt, model, opt, state = _tiny_classifier()
-    eval_step = jt.make_eval_step(jt.classification_eval(model))
+    eval_step = jt.make_eval_step(classification_eval(model))
     assert set(jt.evaluate(eval_step, state, _label_batches(1))) == {"loss", "accuracy"}
     with pytest.raises(
         ValueError,

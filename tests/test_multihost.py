@@ -162,7 +162,7 @@ def test_initialize_reads_environment_variables(monkeypatch):
 
 
 def test_train_command_passes_coordinator_options(tmp_path, capsys):
-    from jaxtrain import cli
+    from jaxtrain.apps import cli
 
     args = ["train", "--out", str(tmp_path), "--num-processes", "2", "--process-id", "0"]
     assert cli.main([*args, "--coordinator-address", "nohost"]) == 2

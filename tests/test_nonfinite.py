@@ -7,13 +7,15 @@ import optax
 import pytest
 
 import jaxtrain as jt
+from jaxtrain.apps.tasks import classification_loss
+from jaxtrain.data import load_digits
 
 
 @pytest.fixture(scope="module")
 def setup():
-    train, _ = jt.load_digits()
+    train, _ = load_digits()
     train = {k: v[:256] for k, v in train.items()}
-    model = jt.from_linen(jt.MLP(hidden=(16,)))
+    model = jt.from_linen(jt.models.MLP(hidden=(16,)))
     params, _ = model.init(jax.random.key(0), train["x"][:1])
     return train, model, params
 
@@ -36,7 +38,7 @@ def _copy(tree):
 def test_skip_leaves_state_bitwise_unchanged_and_counts(setup, jit):
     train, model, params = setup
     opt = optax.adam(1e-2)
-    step = jt.make_train_step(jt.classification_loss(model), opt, nonfinite="skip", jit=jit)
+    step = jt.make_train_step(classification_loss(model), opt, nonfinite="skip", jit=jit)
     state = jt.TrainState.create(_copy(params), opt, 0)
     batches = _nan_batches(train, 1)
     state, m0 = step(state, batches[0])
@@ -58,7 +60,7 @@ def test_without_guard_nan_poisons_the_params(setup):
     """The control: the same batch without the guard turns parameters into NaN."""
     train, model, params = setup
     opt = optax.adam(1e-2)
-    step = jt.make_train_step(jt.classification_loss(model), opt)
+    step = jt.make_train_step(classification_loss(model), opt)
     state = jt.TrainState.create(_copy(params), opt, 0)
     state, _ = step(state, _nan_batches(train, 0)[0])
     assert not all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
@@ -68,7 +70,7 @@ def test_raise_stops_fit_at_next_log_with_step_and_leaf(setup):
     train, model, params = setup
     opt = optax.sgd(0.1)
 
-    step = jt.make_train_step(jt.classification_loss(model), opt, nonfinite="raise")
+    step = jt.make_train_step(classification_loss(model), opt, nonfinite="raise")
     state = jt.TrainState.create(_copy(params), opt, 0)
     # Already on the device: fit does not read such batches back (numpy batches are
     # checked on the host, see below); the guard catches the NaN inside the step.
@@ -83,7 +85,7 @@ def test_raise_stops_fit_at_next_log_with_step_and_leaf(setup):
 def test_raise_names_the_first_nonfinite_gradient_leaf(setup):
     train, model, params = setup
     opt = optax.sgd(0.1)
-    base = jt.classification_loss(model)
+    base = classification_loss(model)
 
     def loss_fn(p, batch, *, rng, model_state):
         loss, aux = base(p, batch, rng=rng, model_state=model_state)
@@ -104,7 +106,7 @@ def test_raise_names_the_first_nonfinite_gradient_leaf(setup):
 def test_guard_does_not_sync_per_step(setup):
     train, model, params = setup
     opt = optax.adam(1e-2)
-    step = jt.make_train_step(jt.classification_loss(model), opt, nonfinite="raise")
+    step = jt.make_train_step(classification_loss(model), opt, nonfinite="raise")
     state = jt.TrainState.create(_copy(params), opt, 0)
     batches = list(jt.ArrayDataset(train, 64, shuffle=False).batches(0))
     with jax.transfer_guard_device_to_host("disallow"):
@@ -132,7 +134,7 @@ def test_nan_learning_rate_is_skipped_not_written_into_params(setup, how, kind):
         opt = optax.inject_hyperparams(optax.sgd)(learning_rate=jnp.nan)
     else:
         opt = optax.sgd(lambda step: jnp.where(step >= 1, jnp.nan, 0.1))  # NaN from step 1
-    loss = jt.classification_loss(model)
+    loss = classification_loss(model)
     if kind == "fused":
         step = jt.make_train_steps(loss, opt, steps_per_call=2, nonfinite="skip")
         batch = {k: np.stack([batches[0][k], batches[1][k]]) for k in batches[0]}
@@ -160,7 +162,7 @@ def test_nan_learning_rate_is_skipped_not_written_into_params(setup, how, kind):
 def test_nan_learning_rate_raise_names_the_update(setup):
     model, params, batches = _lr_nan_setup(setup)
     opt = optax.inject_hyperparams(optax.sgd)(learning_rate=jnp.nan)
-    step = jt.make_train_step(jt.classification_loss(model), opt, nonfinite="raise")
+    step = jt.make_train_step(classification_loss(model), opt, nonfinite="raise")
     state = jt.TrainState.create(_copy(params), opt, 0)
     with pytest.raises(
         FloatingPointError,
@@ -189,7 +191,7 @@ def test_nan_input_from_a_plain_iterable_is_an_error_naming_the_batch(setup):
     """Numpy batches from any iterable are checked on the host before placement."""
     train, model, params = setup
     opt = optax.sgd(0.1)
-    step = jt.make_train_step(jt.classification_loss(model), opt)
+    step = jt.make_train_step(classification_loss(model), opt)
     state = jt.TrainState.create(_copy(params), opt, 0)
     with pytest.raises(
         ValueError,

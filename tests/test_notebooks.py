@@ -1,6 +1,7 @@
 """Every notebook runs top to bottom (tiny sizes) and is committed without outputs."""
 
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -118,7 +119,10 @@ def test_quickstart_trains_and_reports(executed):
     assert "train compilations: 1" in text  # the manual step and fit share one compilation
     match = re.search(r"test loss (\d+\.\d+)\s+test accuracy (\d\.\d+)", text)
     assert match, text[-2000:]
-    assert 0.0 <= float(match.group(2)) <= 1.0
+    # Four steps (JAXTRAIN_SMALL) already learn: measured test loss 2.2665, below uniform
+    # guessing (ln 10 = 2.3026) and the first step's 2.35, and accuracy 0.181 (chance 0.1).
+    assert float(match.group(1)) < math.log(10), text[-2000:]
+    assert float(match.group(2)) > 0.15, text[-2000:]
     images = [
         o
         for c in cells

@@ -5,9 +5,12 @@ import pytest
 from matplotlib import colors as mcolors
 from matplotlib import image as mimage
 
-from jaxtrain import cli
-from jaxtrain.job import TrainConfig, run
-from jaxtrain.plots import _run_labels, load_run, plot_runs
+from jaxtrain.apps import cli
+from jaxtrain.apps.digits import TrainConfig, run
+from jaxtrain.apps.plots import _run_labels, load_run, plot_runs
+
+# One xdist group (pytest --dist loadgroup): the module fixtures train once, on one worker.
+pytestmark = pytest.mark.xdist_group("test_plot")
 
 
 @pytest.fixture(scope="module")

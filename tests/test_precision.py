@@ -11,21 +11,23 @@ import optax
 import pytest
 
 import jaxtrain as jt
+from jaxtrain.apps.digits import TrainConfig
+from jaxtrain.apps.tasks import classification_eval, classification_loss
 from jaxtrain.checkpoint import Checkpointer
-from jaxtrain.job import TrainConfig
+from jaxtrain.data import load_digits
 from jaxtrain.precision import DynamicLossScale, LossScaleState, Policy, get_policy
 
 
 @pytest.fixture(scope="module")
 def digits():
-    train, test = jt.load_digits()
+    train, test = load_digits()
     return train, test
 
 
 @pytest.fixture(scope="module")
 def mlp(digits):
     train, _ = digits
-    model = jt.from_linen(jt.MLP(hidden=(64,)))
+    model = jt.from_linen(jt.models.MLP(hidden=(64,)))
     params, _ = model.init(jax.random.key(0), train["x"][:1])
     return model, params
 
@@ -75,7 +77,7 @@ def test_from_name_builds_the_standard_policies():
         (lambda: Policy.from_name("float64"), ValueError, "unknown precision 'float64'; expected one of"),
         (lambda: Policy(compute_dtype=jnp.int8), ValueError, "Policy.compute_dtype must be one of float32, bfloat16, float16; got"),
         (lambda: Policy(param_dtype="float64"), ValueError, "Policy.param_dtype must be one of float32, bfloat16, float16; got 'float64'"),
-        (lambda: Policy(loss_scale=2.0**15), ValueError, "Policy.loss_scale must be a jaxtrain.DynamicLossScale or None; got float"),
+        (lambda: Policy(loss_scale=2.0**15), ValueError, "Policy.loss_scale must be a jaxtrain.precision.DynamicLossScale or None; got float"),
         (lambda: Policy(input_keys="x"), ValueError, "Policy.input_keys must be a tuple of batch entry names; got 'x'. Fix: input_keys=('x',)."),
         (lambda: DynamicLossScale(initial_scale=1000.0), ValueError, "DynamicLossScale.initial_scale must be a power of two (so that scaling is exact); got 1000.0. Fix: e.g. initial_scale=2.0**15."),
         (lambda: DynamicLossScale(initial_scale=2.0, min_scale=4.0), ValueError, "needs min_scale <= initial_scale <= max_scale; got min_scale=4.0, initial_scale=2.0"),
@@ -141,7 +143,7 @@ def test_float32_policy_is_bitwise_the_plain_step(digits, mlp, jit):
     opt = optax.adam(1e-3)
     states = []
     for precision in (None, "float32"):
-        step = jt.make_train_step(jt.classification_loss(model), opt, precision=precision, jit=jit)
+        step = jt.make_train_step(classification_loss(model), opt, precision=precision, jit=jit)
         state = jt.TrainState.create(_copy(params), opt, 0, precision=precision)
         for i in range(2):
             state, _ = step(state, _batch(train, start=32 * i))
@@ -160,7 +162,7 @@ def test_compute_in_low_precision_state_stays_float32(digits, mlp, name):
         # Trace time: what the policy hands the loss function.
         seen["params"] = _float_dtypes(p)
         seen["batch"] = {k: v.dtype.name for k, v in batch.items()}
-        return jt.classification_loss(model)(p, batch, rng=rng, model_state=model_state)
+        return classification_loss(model)(p, batch, rng=rng, model_state=model_state)
 
     step = jt.make_train_step(loss_fn, opt, precision=name)
     state = jt.TrainState.create(_copy(params), opt, 0, precision=name)
@@ -191,23 +193,24 @@ def test_builtin_losses_compute_softmax_in_float32():
 
 def _train_digits_cnn(train, test, precision, epochs=8, seed=0):
     """The digits CNN, AdamW (peak 3e-3, warmup 1 epoch, cosine), label smoothing 0.1."""
-    model = jt.from_linen(jt.CNN())
+    model = jt.from_linen(jt.models.CNN())
     params, model_state = model.init(jax.random.key(seed), train["x"][:1])
     data = jt.ArrayDataset(train, 64, seed=seed)
     total = epochs * data.steps_per_epoch
     schedule = optax.warmup_cosine_decay_schedule(0.0, 3e-3, data.steps_per_epoch, total)
     opt = optax.adamw(schedule, weight_decay=1e-4)
     state = jt.TrainState.create(params, opt, seed, model_state, precision=precision)
-    step = jt.make_train_step(jt.classification_loss(model, 0.1), opt, precision=precision)
+    step = jt.make_train_step(classification_loss(model, 0.1), opt, precision=precision)
     state, _ = jt.fit(state, step, data, epochs=epochs, log_every=1000, progress=False)
     evaluation = jt.evaluate(
-        jt.make_eval_step(jt.classification_eval(model)),
+        jt.make_eval_step(classification_eval(model)),
         state,
         jt.ArrayDataset(test, 120, shuffle=False),
     )
     return state, step, evaluation
 
 
+@pytest.mark.e2e  # two converged CNN trainings: long by nature
 def test_bfloat16_digits_cnn_matches_float32_accuracy(digits):
     """Same seed, same 184 steps: bfloat16 compute within 0.5 points of float32.
 
@@ -237,7 +240,7 @@ def _overflow_run(train, model, params, nonfinite, loss_scale):
     policy = Policy.from_name("float16", loss_scale=loss_scale)
     opt = optax.adam(1e-3)
     step = jt.make_train_step(
-        jt.classification_loss(model), opt, precision=policy, nonfinite=nonfinite
+        classification_loss(model), opt, precision=policy, nonfinite=nonfinite
     )
     state = jt.TrainState.create(_copy(params), opt, 0, precision=policy)
     history = []
@@ -291,9 +294,7 @@ def test_overflow_at_the_minimum_scale_is_a_genuine_nonfinite(digits, mlp):
     ls = DynamicLossScale(initial_scale=2.0**15, min_scale=2.0**15)
     policy = Policy.from_name("float16", loss_scale=ls)
     opt = optax.adam(1e-3)
-    step = jt.make_train_step(
-        jt.classification_loss(model), opt, precision=policy, nonfinite="skip"
-    )
+    step = jt.make_train_step(classification_loss(model), opt, precision=policy, nonfinite="skip")
     state = jt.TrainState.create(_copy(params), opt, 0, precision=policy)
     before = jax.device_get(state.params)
     # x * 100: the scaled float16 backward overflows; the forward stays finite.
@@ -310,9 +311,7 @@ def test_fit_does_not_raise_on_an_expected_overflow(digits, mlp):
     model, params = mlp
     policy = Policy.from_name("float16")
     opt = optax.adam(1e-3)
-    step = jt.make_train_step(
-        jt.classification_loss(model), opt, precision=policy, nonfinite="raise"
-    )
+    step = jt.make_train_step(classification_loss(model), opt, precision=policy, nonfinite="raise")
     state = jt.TrainState.create(_copy(params), opt, 0, precision=policy)
     batches = [_batch(train, start=32 * i, x_factor=100.0 if i == 1 else 1.0) for i in range(4)]
     state, history = jt.fit(state, step, batches, epochs=1, log_every=2, progress=False)
@@ -324,7 +323,7 @@ def test_missing_loss_scale_state_and_wrong_param_dtype_are_clear_errors(digits,
     train, _ = digits
     model, params = mlp
     opt = optax.sgd(0.1)
-    step = jt.make_train_step(jt.classification_loss(model), opt, precision="float16")
+    step = jt.make_train_step(classification_loss(model), opt, precision="float16")
     with pytest.raises(
         ValueError,
         match=r"precision policy 'float16' uses dynamic loss scaling, whose state lives in "
@@ -332,7 +331,7 @@ def test_missing_loss_scale_state_and_wrong_param_dtype_are_clear_errors(digits,
         r"optimizer, rng, precision=policy\)",
     ):
         step(jt.TrainState.create(_copy(params), opt, 0), _batch(train))
-    step = jt.make_train_step(jt.classification_loss(model), opt, precision="bfloat16")
+    step = jt.make_train_step(classification_loss(model), opt, precision="bfloat16")
     with pytest.raises(
         ValueError, match="the state carries a loss scale but precision policy 'bfloat16' does not"
     ):
@@ -352,7 +351,7 @@ def test_grad_accum_composes_with_precision(digits, mlp, name):
     train, _ = digits
     model, params = mlp
     opt = optax.sgd(0.5)
-    loss = jt.classification_loss(model)
+    loss = classification_loss(model)
     updates = []
     for k in (1, 4):
         step = jt.make_train_step(loss, opt, precision=name, grad_accum_steps=k)
@@ -376,10 +375,8 @@ def test_fused_steps_carry_the_loss_scale(digits, mlp):
     opt = optax.adam(1e-3)
     policy = Policy.from_name("float16", loss_scale=DynamicLossScale(growth_interval=2))
     batches = [_batch(train, start=32 * i, x_factor=100.0 if i == 1 else 1.0) for i in range(3)]
-    single = jt.make_train_step(jt.classification_loss(model), opt, precision=policy)
-    fused = jt.make_train_steps(
-        jt.classification_loss(model), opt, steps_per_call=3, precision=policy
-    )
+    single = jt.make_train_step(classification_loss(model), opt, precision=policy)
+    fused = jt.make_train_steps(classification_loss(model), opt, steps_per_call=3, precision=policy)
     s1 = jt.TrainState.create(_copy(params), opt, 0, precision=policy)
     for b in batches:
         s1, _ = single(s1, b)
@@ -410,8 +407,9 @@ def test_loss_scale_state_round_trips_through_a_checkpoint(tmp_path, digits, mlp
     assert len(jax.tree.leaves(plain)) == len(jax.tree.leaves(state)) - 3
 
 
+@pytest.mark.e2e  # a whole `jaxtrain train` run
 def test_cli_precision_flag(tmp_path):
-    from jaxtrain import cli
+    from jaxtrain.apps import cli
 
     out = tmp_path / "bf16"
     args = ["train", "--model", "mlp", "--max-steps", "4", "--no-checkpoint", "--no-progress"]
@@ -436,9 +434,12 @@ def test_readme_mixed_precision_block_runs(digits):
     section = readme.split("### Mixed precision")[1]
     block = re.findall(r"```python\n(.*?)```", section, re.S)[0]
     train, _ = digits
-    model = jt.from_linen(jt.MLP(hidden=(32,)))
+    model = jt.from_linen(jt.models.MLP(hidden=(32,)))
     params, model_state = model.init(jax.random.key(0), train["x"][:1])
+    from jaxtrain.apps.tasks import classification_loss  # imported by the tour's first block
+
     ns = {"jt": jt, "model": model, "params": params, "model_state": model_state}
+    ns["classification_loss"] = classification_loss
     ns["optimizer"] = optax.adam(1e-3)
     exec(compile(block, "README.md", "exec"), ns)
     state, metrics = ns["train_step"](ns["state"], _batch(train))

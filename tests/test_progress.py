@@ -18,7 +18,10 @@ import jaxtrain.callbacks as callbacks_lib
 import jaxtrain.loop as loop_lib
 import jaxtrain.train_log as train_log_lib
 from jaxtrain import perf
+from jaxtrain.apps.tasks import classification_loss
+from jaxtrain.data import load_digits
 from jaxtrain.parallel import replicate, shard_batch
+from jaxtrain.perf import step_flops
 
 B, STEPS, LOG_EVERY, SECONDS_PER_STEP = 32, 12, 4, 0.25
 
@@ -51,16 +54,16 @@ def bar(monkeypatch):
 
 @pytest.fixture(scope="module")
 def setup():
-    train, _ = jt.load_digits()
+    train, _ = load_digits()
     arrays = {"x": train["x"][: B * 8], "y": train["y"][: B * 8]}  # 8 full batches
-    model = jt.from_linen(jt.MLP(hidden=(16,)))
+    model = jt.from_linen(jt.models.MLP(hidden=(16,)))
     params, _ = model.init(jax.random.key(0), arrays["x"][:1])
     opt = optax.adam(1e-3)
-    step = jt.make_train_step(jt.classification_loss(model), opt)
+    step = jt.make_train_step(classification_loss(model), opt)
     data = jt.ArrayDataset(arrays, B, seed=0)
     state = jt.TrainState.create(params, opt, 0)
     mesh = jt.data_mesh()
-    flops = jt.step_flops(step, replicate(state, mesh), shard_batch(next(data.batches(0)), mesh))
+    flops = step_flops(step, replicate(state, mesh), shard_batch(next(data.batches(0)), mesh))
     assert flops is not None and flops > 0
     return {"params": params, "opt": opt, "step": step, "data": data, "flops": flops}
 
@@ -264,7 +267,7 @@ def test_compile_time_counted_where_the_compile_happens(slow):
     state = jt.TrainState.create({"w": slow["w"]}, slow["opt"], 0)
     batch = {"x": slow["x"][:SLOW_B]}
     mesh = jt.data_mesh()
-    assert jt.step_flops(step, jt.shard_state(state, mesh), jt.shard_batch(batch, mesh)) > 0
+    assert step_flops(step, jt.shard_state(state, mesh), jt.shard_batch(batch, mesh)) > 0
     compiled = step.compile_seconds
     assert compiled > 0
     _, h = jt.fit(state, step, [batch] * 2, epochs=1, progress=False)

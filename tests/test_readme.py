@@ -4,6 +4,8 @@ import pathlib
 import re
 import subprocess
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
@@ -20,6 +22,10 @@ def test_quickstart_is_exactly_two_command_lines():
     assert "pip install -e ." in install_and_train and "jaxtrain train" in install_and_train
     assert '".[test' in install_and_test and "pytest" in install_and_test
     assert "torch==2.13.0" in install_and_test  # the CPU build: parity tests must not skip
+    assert install_and_test.index("torch==2.13.0") < install_and_test.index('".[test')
+    # CI runs every tier (no -m marker selection) and names the 20 slowest tests.
+    pytest_args = install_and_test.split("pytest", 1)[1].split()
+    assert "-m" not in pytest_args and "--durations=20" in pytest_args, pytest_args
 
 
 def test_ci_runs_the_readme_test_line():
@@ -30,6 +36,21 @@ def test_ci_runs_the_readme_test_line():
     out = subprocess.run(["bash", "-c", cmd], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == _quickstart_lines()[1]
     assert 'eval "$test_line"' in script
+
+
+@pytest.mark.parametrize("code", [0, 1, 5])
+def test_ci_exits_with_the_test_line_status_no_tests_included(code):
+    """pytest's exit 5 (no tests collected) fails CI like any other failure, with a word."""
+    script = (ROOT / ".ci" / "run").read_text()
+    tail = script[script.index('echo "+ $test_line"') :]
+    res = subprocess.run(
+        ["bash", "-c", f"set -euo pipefail\ntest_line='(exit {code})'\n{tail}"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert res.returncode == code, res
+    assert ("collected no tests" in res.stderr) == (code == 5), res.stderr
 
 
 def test_readme_python_blocks_run(tmp_path, monkeypatch):

@@ -12,10 +12,10 @@ import sys
 
 import pytest
 
-from jaxtrain import cli, job
+from jaxtrain.apps import cli, digits
+from jaxtrain.apps.run_folder import LOCK_FILE, RunLock
 from jaxtrain.checkpoint import Checkpointer
-from jaxtrain.logging import dumps_strict
-from jaxtrain.run_folder import LOCK_FILE, RunLock
+from jaxtrain.writers import dumps_strict
 
 # 6 steps of the MLP, checkpoints at steps 3 and 6 (23 steps make an epoch).
 TINY = ["--model", "mlp", "--max-steps", "6", "--log-every", "3", "--save-every", "3"]
@@ -59,7 +59,7 @@ def test_new_run_into_a_run_folder_is_refused_and_overwrite_says_what_it_removed
     assert "--resume" in err[0] and "new --out" in err[0] and "--overwrite" in err[0]
     assert (run / "config.json").read_text() == before  # nothing touched
     with pytest.raises(ValueError, match="already holds a run .*--overwrite"):
-        job.run(job.TrainConfig(model="mlp", max_steps=2, out=str(run), progress=False))
+        digits.run(digits.TrainConfig(model="mlp", max_steps=2, out=str(run), progress=False))
 
     (run / "notes.txt").write_text("mine")
     code, out, err = _main([*TINY, "--max-steps", "3", "--out", str(run), "--overwrite"], capsys)
@@ -74,7 +74,7 @@ def test_new_run_into_a_run_folder_is_refused_and_overwrite_says_what_it_removed
         assert c.all_steps() == [3]  # the old run's step 6 is gone, not mixed in
 
 
-@pytest.mark.slow  # starts a subprocess
+@pytest.mark.e2e  # starts a subprocess
 def test_second_writer_is_refused_naming_the_first(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
@@ -84,7 +84,7 @@ def test_second_writer_is_refused_naming_the_first(tmp_path, capsys):
         assert lock["pid"] == os.getpid() and lock["host"] == socket.gethostname()
         # A real second process: refused at start, before any training.
         res = subprocess.run(
-            [sys.executable, "-m", "jaxtrain.cli", "train", *TINY, "--out", str(out)],
+            [sys.executable, "-m", "jaxtrain.apps.cli", "train", *TINY, "--out", str(out)],
             capture_output=True,
             text=True,
             env=env,
@@ -95,12 +95,12 @@ def test_second_writer_is_refused_naming_the_first(tmp_path, capsys):
         assert f"is in use by process {os.getpid()} on host {socket.gethostname()!r}" in res.stderr
         # The library path too.
         with pytest.raises(ValueError, match=f"in use by process {os.getpid()}"):
-            job.run(job.TrainConfig(model="mlp", max_steps=2, out=str(out), progress=False))
+            digits.run(digits.TrainConfig(model="mlp", max_steps=2, out=str(out), progress=False))
         assert not (out / "config.json").exists()
     assert not (out / LOCK_FILE).exists()  # released
 
 
-@pytest.mark.slow  # starts a subprocess
+@pytest.mark.e2e  # starts a subprocess
 def test_lock_of_another_host_is_refused_and_a_stale_one_taken_over(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
@@ -235,6 +235,7 @@ def test_a_diverged_run_never_exits_0(tmp_path, capsys, policy, message):
         json.loads((out / "summary.json").read_text(), parse_constant=no_constants)
 
 
+@pytest.mark.unit
 def test_dumps_strict_writes_no_nan_tokens():
     s = dumps_strict({"a": [float("nan"), float("inf"), -float("inf"), 1.5]})
     assert s == '{"a": [null, null, null, 1.5]}'
@@ -326,6 +327,7 @@ USER_ERRORS = [
 ]
 
 
+@pytest.mark.unit  # refused before any training
 @pytest.mark.parametrize(
     ("setup", "argv", "expected"), [c[1:] for c in USER_ERRORS], ids=[c[0] for c in USER_ERRORS]
 )

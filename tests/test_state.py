@@ -88,7 +88,11 @@ def test_state_is_pytree_of_arrays_only():
         _params(), optax.adam(1e-3), 0, model_state={"batch_stats": {"mean": jnp.zeros(2)}}
     )
     leaves_with_path = jax.tree_util.tree_leaves_with_path(state)
-    assert len(leaves_with_path) > 0
+    # Every field is data: step, 3 params, adam's count + mu + nu, rng, 1 model-state
+    # array, skipped_steps (loss_scale is empty without a float16 policy).
+    opt_leaves = len(jax.tree.leaves(optax.adam(1e-3).init(_params())))
+    assert opt_leaves == 7
+    assert len(leaves_with_path) == 1 + 3 + opt_leaves + 1 + 1 + 1
     for path, leaf in leaves_with_path:
         assert isinstance(leaf, (jax.Array, np.ndarray)), (jax.tree_util.keystr(path), leaf)
     # Round trip through flatten/unflatten preserves everything (no static junk).

@@ -12,16 +12,18 @@ import pytest
 
 import jaxtrain as jt
 from jaxtrain import ArrayDataset, TrainState, make_eval_step, make_train_step
+from jaxtrain.apps.tasks import classification_eval, classification_loss
+from jaxtrain.data import load_digits
 from jaxtrain.losses import softmax_cross_entropy
 
 # A small MLP with dropout, so that the per-step rng matters for the result.
-MODULE = jt.MLP(hidden=(32,), num_outputs=10, dropout=0.1)
+MODULE = jt.models.MLP(hidden=(32,), num_outputs=10, dropout=0.1)
 MODEL = jt.from_linen(MODULE)
 
 
 @functools.cache
 def _digits():
-    train, _ = jt.load_digits()
+    train, _ = load_digits()
     return train
 
 
@@ -114,7 +116,7 @@ def test_train_step_matches_hand_written_loop_bitwise(opt_name):
     state = _init_state(optimizer)
     params, opt_state = _copy(state.params), _copy(state.opt_state)
     rng_data = np.asarray(state.rng)
-    train_step = make_train_step(jt.classification_loss(MODEL), optimizer)
+    train_step = make_train_step(classification_loss(MODEL), optimizer)
 
     for i, batch in enumerate(batches):
         state, metrics = train_step(state, batch)
@@ -247,10 +249,8 @@ def _shared_steps():
     """One compiled train/eval step pair reused by several tests (compiles dominate)."""
     schedule = optax.linear_schedule(1e-2, 1e-3, 50)
     optimizer = optax.adam(schedule)
-    train_step = make_train_step(
-        jt.classification_loss(MODEL), optimizer, learning_rate_fn=schedule
-    )
-    return optimizer, train_step, make_eval_step(jt.classification_eval(MODEL))
+    train_step = make_train_step(classification_loss(MODEL), optimizer, learning_rate_fn=schedule)
+    return optimizer, train_step, make_eval_step(classification_eval(MODEL))
 
 
 def _train(seed, n_steps=5):

@@ -9,9 +9,13 @@ import optax
 import pytest
 
 import jaxtrain
-from jaxtrain import text
+from jaxtrain.apps import text
+from jaxtrain.apps.tasks import classification_loss
 
 SEQ_LEN = 16
+
+# One xdist group (pytest --dist loadgroup): the module fixtures train once, on one worker.
+pytestmark = pytest.mark.xdist_group("test_text")
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +30,7 @@ def vocab(corpus):
 
 @pytest.fixture(scope="module")
 def module(vocab):
-    return jaxtrain.TransformerLM(
+    return jaxtrain.models.TransformerLM(
         vocab.size, max_len=SEQ_LEN, d_model=32, num_heads=2, num_layers=1
     )
 
@@ -136,7 +140,7 @@ def test_short_training_lowers_the_loss(lm, corpus, vocab):
     # A copy: the step donates the state's buffers, which would delete the fixture's params.
     params = jax.tree.map(jnp.copy, params)
     state = jaxtrain.TrainState.create(params, optimizer, 0, model_state)
-    step = jaxtrain.make_train_step(jaxtrain.classification_loss(model), optimizer)
+    step = jaxtrain.make_train_step(classification_loss(model), optimizer)
     losses = []
     for _, batch in zip(range(30), ds.batches(0), strict=False):
         state, metrics = step(state, batch)

@@ -14,6 +14,9 @@ import optax
 import pytest
 
 import jaxtrain as jt
+from jaxtrain.apps.tasks import classification_eval, classification_loss
+from jaxtrain.data import load_digits
+from jaxtrain.resident import put_dataset
 from jaxtrain.step import build_train_step
 from jaxtrain.step_options import NONFINITE_POLICIES, StepOptions, StepSpec
 from jaxtrain.transforms import Fused, pad_steps
@@ -21,14 +24,14 @@ from jaxtrain.transforms import Fused, pad_steps
 
 @pytest.fixture(scope="module")
 def digits():
-    train, _ = jt.load_digits()
+    train, _ = load_digits()
     return {k: v[:256] for k, v in train.items()}
 
 
 def _setup(digits, model):
     model = jt.from_linen(model)
     params, _ = model.init(jax.random.key(0), digits["x"][:1])
-    return jt.classification_loss(model), params, optax.adam(3e-3)
+    return classification_loss(model), params, optax.adam(3e-3)
 
 
 def _fresh(params, opt, **kw):
@@ -50,7 +53,9 @@ def _singles(step, state, batches):
 @pytest.mark.parametrize("cnn", [False, True])
 def test_active_runs_only_the_marked_steps_bitwise(digits, cnn):
     """K=4 with active [T, T, F, F] is bitwise 2 single steps; one trace for any active."""
-    model = jt.CNN(channels=(4,), dense=8) if cnn else jt.MLP(hidden=(16,), dropout=0.1)
+    model = (
+        jt.models.CNN(channels=(4,), dense=8) if cnn else jt.models.MLP(hidden=(16,), dropout=0.1)
+    )
     loss, params, opt = _setup(digits, model)
     batches = list(jt.ArrayDataset(digits, 32, seed=0).batches(0))[:4]
     stacked = {k: np.stack([b[k] for b in batches]) for k in batches[0]}
@@ -77,7 +82,7 @@ def test_active_runs_only_the_marked_steps_bitwise(digits, cnn):
 def test_fused_conv_on_cpu_unrolls_by_default_and_says_so(digits):
     if jax.default_backend() != "cpu":
         pytest.skip("the automatic unrolling is for XLA:CPU")
-    loss, params, opt = _setup(digits, jt.CNN(channels=(4,), dense=8))
+    loss, params, opt = _setup(digits, jt.models.CNN(channels=(4,), dense=8))
     batches = list(jt.ArrayDataset(digits, 32, seed=0).batches(0))[:3]
     stacked = {k: np.stack([b[k] for b in batches]) for k in batches[0]}
     fused = jt.make_train_steps(loss, opt, steps_per_call=3)
@@ -93,7 +98,7 @@ def test_fused_conv_on_cpu_unrolls_by_default_and_says_so(digits):
 
 @pytest.mark.integration
 def test_mlp_keeps_the_loop_and_device_epoch_decides_too(digits):
-    loss, params, opt = _setup(digits, jt.MLP(hidden=(16,)))
+    loss, params, opt = _setup(digits, jt.models.MLP(hidden=(16,)))
     fused = jt.make_train_steps(loss, opt, steps_per_call=2)
     b = next(jt.ArrayDataset(digits, 32).batches(0))
     fused(_fresh(params, opt), {k: np.stack([v, v]) for k, v in b.items()})
@@ -101,13 +106,13 @@ def test_mlp_keeps_the_loop_and_device_epoch_decides_too(digits):
     ds = jt.ArrayDataset(digits, 64, seed=1)
     epoch = jt.make_device_epoch(loss, opt, ds)
     assert epoch.spec.unroll == "auto"
-    epoch(_fresh(params, opt), jt.put_dataset(ds), jnp.int32(0))
+    epoch(_fresh(params, opt), put_dataset(ds), jnp.int32(0))
     assert epoch.spec.unroll == 1
 
 
 @pytest.mark.integration
 def test_active_of_the_wrong_shape_is_refused(digits):
-    loss, params, opt = _setup(digits, jt.MLP(hidden=(8,)))
+    loss, params, opt = _setup(digits, jt.models.MLP(hidden=(8,)))
     fused = jt.make_train_steps(loss, opt, steps_per_call=4)
     b = next(jt.ArrayDataset(digits, 32).batches(0))
     stacked = {k: np.stack([v] * 4) for k, v in b.items()}
@@ -122,7 +127,7 @@ def test_active_of_the_wrong_shape_is_refused(digits):
 
 @pytest.mark.integration
 def test_pad_steps_pads_a_short_group_for_one_compilation(digits):
-    loss, params, opt = _setup(digits, jt.MLP(hidden=(8,)))
+    loss, params, opt = _setup(digits, jt.models.MLP(hidden=(8,)))
     batches = list(jt.ArrayDataset(digits, 32, seed=0).batches(0))[:3]
     fused = jt.make_train_steps(loss, opt, steps_per_call=2)
     state = _fresh(params, opt)
@@ -142,16 +147,16 @@ def test_pad_steps_pads_a_short_group_for_one_compilation(digits):
 )
 def test_device_epoch_supports_every_option(digits, option):
     """Formerly dropped by make_device_epoch: now applied, bitwise as host-fed steps."""
-    loss, params, opt = _setup(digits, jt.MLP(hidden=(16,)))
+    loss, params, opt = _setup(digits, jt.models.MLP(hidden=(16,)))
     ds = jt.ArrayDataset(digits, 64, seed=2)
     epoch = jt.make_device_epoch(loss, opt, ds, **option)
-    got, metrics = epoch(_fresh(params, opt), jt.put_dataset(ds), jnp.int32(1))
+    got, metrics = epoch(_fresh(params, opt), put_dataset(ds), jnp.int32(1))
     single = jt.make_train_step(loss, opt, **option)
     ref = _singles(single, _fresh(params, opt), ds.batches(1))
     _assert_bitwise(got, ref)
     assert ("grad_norm" in metrics) is option.get("grad_norm", True)
     plain, _ = jt.make_device_epoch(loss, opt, ds)(
-        _fresh(params, opt), jt.put_dataset(ds), jnp.int32(1)
+        _fresh(params, opt), put_dataset(ds), jnp.int32(1)
     )
     if "grad_norm" not in option:  # the option changed the result: it was applied
         assert not np.array_equal(
@@ -182,12 +187,12 @@ def test_a_transform_refuses_an_option_by_name():
 
 
 def test_each_step_declares_its_spec(digits):
-    loss, _, opt = _setup(digits, jt.MLP(hidden=(8,)))
+    loss, _, opt = _setup(digits, jt.models.MLP(hidden=(8,)))
     ds = jt.ArrayDataset(digits, 64)
     single = jt.make_train_step(loss, opt, nonfinite="skip")
     fused = build_train_step(loss, opt, StepOptions(nonfinite="raise"), Fused(3))
     epoch = jt.make_device_epoch(loss, opt, ds)
-    ev = jt.make_eval_step(jt.classification_eval(jt.from_linen(jt.MLP(hidden=(8,)))))
+    ev = jt.make_eval_step(classification_eval(jt.from_linen(jt.models.MLP(hidden=(8,)))))
     assert single.spec == StepSpec("step", 1, None, "skip", [], None)
     assert fused.spec == StepSpec("fused", 3, None, "raise", [], "auto")
     assert epoch.spec == StepSpec("epoch", ds.steps_per_epoch, ds, None, [], "auto")

@@ -11,6 +11,7 @@ from flax import linen as nn
 from flax import nnx
 
 import jaxtrain as jt
+from jaxtrain.apps.tasks import classification_eval, classification_loss
 
 X = np.random.default_rng(0).normal(size=(16, 4)).astype(np.float32)
 Y = (X[:, 0] > 0).astype(np.int32)
@@ -53,7 +54,7 @@ def test_one_init_two_optimizers_both_train_with_donated_steps(kind, use_mesh):
     # Copies, not views: a numpy view of a CPU buffer pins it (JAX then copies instead
     # of donating), which would hide the bug this test is about.
     before = jax.tree.map(lambda a: np.array(a, copy=True), params)
-    loss = jt.classification_loss(model)
+    loss = classification_loss(model)
     runs = {}
     opts = {"sgd": optax.sgd(0.1), "adam": optax.adam(1e-2)}
     states = {n: jt.TrainState.create(params, o, 0, model_state) for n, o in opts.items()}
@@ -94,7 +95,7 @@ def _consumed_message(name):
 def test_reusing_a_donated_state_says_donated_and_the_fix():
     model, params, ms = _function_model()
     opt = optax.sgd(0.1)
-    loss = jt.classification_loss(model)
+    loss = classification_loss(model)
     step = jt.make_train_step(loss, opt)
     old = jt.TrainState.create(params, opt, 0)
     new, _ = step(old, BATCH)
@@ -106,7 +107,7 @@ def test_reusing_a_donated_state_says_donated_and_the_fix():
     steps(old, stacked)
     with pytest.raises(RuntimeError, match=_consumed_message("train_steps")):
         steps(old, stacked)
-    ev = jt.make_eval_step(jt.classification_eval(model))
+    ev = jt.make_eval_step(classification_eval(model))
     with pytest.raises(RuntimeError, match=_consumed_message("eval_step")):
         ev(old, BATCH)
     # The state the step returned is the one to use.
@@ -192,7 +193,7 @@ def test_loss_that_drops_model_state_is_an_error():
     ):
         step(state, BATCH)
     # Returning it (or the given one, to freeze on purpose) is fine.
-    state, _ = jt.make_train_step(jt.classification_loss(model), opt)(state, BATCH)
+    state, _ = jt.make_train_step(classification_loss(model), opt)(state, BATCH)
 
     def frozen(params, batch, *, rng, model_state):
         logits, _ = model.apply(params, model_state, batch["x"], train=False)

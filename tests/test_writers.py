@@ -10,8 +10,8 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import jaxtrain
-from jaxtrain import cli
-from jaxtrain.logging import CsvWriter, JsonlWriter, TensorBoardWriter, read_csv, read_jsonl
+from jaxtrain.apps import cli
+from jaxtrain.writers import CsvWriter, JsonlWriter, TensorBoardWriter, read_csv, read_jsonl
 
 TRAIN_1 = {"step": 20, "epoch": 0, "split": "train", "loss": 1.25, "learning_rate": 0.002}
 EVAL_1 = {"step": 23, "epoch": 0, "split": "eval", "loss": 0.5, "accuracy": 0.875}
@@ -117,7 +117,7 @@ def test_diverged_run_writes_strict_json(tmp_path):
     import numpy as np
     import optax
 
-    from jaxtrain.plots import load_run, plot_curves, plot_runs
+    from jaxtrain.apps.plots import load_run, plot_curves, plot_runs
 
     opt = optax.sgd(1e30)  # diverges: inf, then NaN loss and parameters
     step = jaxtrain.make_train_step(lambda p, b: jnp.mean((b["x"] @ p["w"]) ** 2), opt)
@@ -158,10 +158,6 @@ def test_train_cli_writes_tensorboard_and_csv(tmp_path, capsys):
         {k: v for k, v in r.items() if v is not None} for r in records
     ]
     assert json.loads((out / "config.json").read_text())["tensorboard"] is True
-
-
-def test_writers_are_exported():
-    assert jaxtrain.CsvWriter is CsvWriter and jaxtrain.TensorBoardWriter is TensorBoardWriter
 
 
 @pytest.mark.parametrize("bad", [-1, 1.5, True, "3"])

@@ -170,7 +170,8 @@ def step_anatomy(
         >>> model = jt.from_function(lambda p, x: x @ p["w"])  # logits [B, 2]
         >>> opt = optax.sgd(0.1)
         >>> state = jt.TrainState.create({"w": jnp.zeros((3, 2))}, opt, jax.random.key(0))
-        >>> step = jt.make_train_step(jt.classification_loss(model), opt)
+        >>> from jaxtrain.apps.tasks import classification_loss
+        >>> step = jt.make_train_step(classification_loss(model), opt)
         >>> batch = {"x": jnp.ones((4, 3)), "y": jnp.array([0, 1, 0, 1])}
         >>> anatomy = step_anatomy(step, state, batch, model)
         >>> "dot_general" in anatomy.forward_jaxpr, step.trace_count

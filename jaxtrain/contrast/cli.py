@@ -12,8 +12,8 @@ import os
 import sys
 from typing import Any
 
-from jaxtrain import fields
-from jaxtrain.logging import dumps_strict
+from jaxtrain.apps import fields
+from jaxtrain.writers import dumps_strict
 
 COMMAND = "compare"
 MODELS = ("mlp-tanh", "cnn-tanh", "mlp", "cnn")
@@ -47,7 +47,7 @@ def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--model",
         choices=MODELS,
         default="mlp-tanh",
-        help="mlp-tanh, cnn-tanh: smooth nn.Sequential models; mlp, cnn: jaxtrain.MLP and jaxtrain.CNN (ReLU, max-pool) and their torch twins",
+        help="mlp-tanh, cnn-tanh: smooth nn.Sequential models; mlp, cnn: jaxtrain.models.MLP and jaxtrain.models.CNN (ReLU, max-pool) and their torch twins",
     )
     p.add_argument(
         "--optimizer",

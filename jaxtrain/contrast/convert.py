@@ -24,7 +24,7 @@ NCHW before flattening instead.
 
 Layers are named the way Flax names them in a compact module (``Conv_0``, ``Dense_0``,
 ``LayerNorm_0``, ...), so the converted parameters of a PyTorch twin of jaxtrain's
-`jaxtrain.MLP` or `jaxtrain.CNN` (see `torch_twin`) fit those models directly.
+`jaxtrain.models.MLP` or `jaxtrain.models.CNN` (see `torch_twin`) fit those models directly.
 
 `from_torch` walks the layers once, handing each to its converter (one function per
 PyTorch layer type, looked up in `_converters`), which checks the layer's settings and
@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -195,7 +195,8 @@ class Converted:
 
     def apply(self, params: dict, x: Any) -> jax.Array:
         """Runs the Flax model on a PyTorch-layout input (NCHW converted to NHWC)."""
-        return self.module.apply({"params": params}, jnp.asarray(nchw_to_nhwc(x)))
+        # cast: without mutable collections, apply returns the output alone.
+        return cast(jax.Array, self.module.apply({"params": params}, jnp.asarray(nchw_to_nhwc(x))))
 
     def params_from(self, torch_model: Any) -> dict:
         """The current weights of ``torch_model`` (same architecture) as Flax params."""
@@ -609,7 +610,7 @@ def torch_twin(module: nn.Module, input_shape: Sequence[int]) -> Any:
     gives parameters with exactly the tree of ``module.init(...)["params"]``.
 
     Args:
-        module: a `jaxtrain.MLP` or `jaxtrain.CNN`.
+        module: a `jaxtrain.models.MLP` or `jaxtrain.models.CNN`.
         input_shape: PyTorch shape of one example, e.g. ``(1, 8, 8)`` for the digits.
 
     Returns:
@@ -620,10 +621,10 @@ def torch_twin(module: nn.Module, input_shape: Sequence[int]) -> Any:
 
     Example:
         >>> import jaxtrain as jt
-        >>> twin = torch_twin(jt.MLP(hidden=(8,), num_outputs=3), (4,))
+        >>> twin = torch_twin(jt.models.MLP(hidden=(8,), num_outputs=3), (4,))
         >>> [type(m).__name__ for m in twin]
         ['Flatten', 'Linear', 'ReLU', 'Linear']
-        >>> from_torch(twin, (4,)).params["Dense_1"]["kernel"].shape  # jt.MLP's tree
+        >>> from_torch(twin, (4,)).params["Dense_1"]["kernel"].shape  # jt.models.MLP's tree
         (8, 3)
     """
     from jaxtrain.models.builtin import CNN, MLP
@@ -635,13 +636,13 @@ def torch_twin(module: nn.Module, input_shape: Sequence[int]) -> Any:
     if isinstance(module, CNN):
         return tnn.Sequential(*_cnn_twin_layers(module, shape, tnn))
     raise TypeError(
-        f"torch_twin knows jaxtrain.MLP and jaxtrain.CNN; got {type(module).__name__}. "
+        f"torch_twin knows jaxtrain.models.MLP and jaxtrain.models.CNN; got {type(module).__name__}. "
         "Fix: build the nn.Sequential yourself and convert it with from_torch."
     )
 
 
 def _mlp_twin_layers(module: Any, shape: tuple[int, ...], tnn: Any) -> list[Any]:
-    """The PyTorch layers of a `jaxtrain.MLP` on examples of ``shape``."""
+    """The PyTorch layers of a `jaxtrain.models.MLP` on examples of ``shape``."""
     width = int(np.prod(shape))
     layers: list[Any] = [tnn.Flatten()]
     for h in module.hidden:
@@ -654,7 +655,7 @@ def _mlp_twin_layers(module: Any, shape: tuple[int, ...], tnn: Any) -> list[Any]
 
 
 def _cnn_twin_layers(module: Any, shape: tuple[int, ...], tnn: Any) -> list[Any]:
-    """The PyTorch layers of a `jaxtrain.CNN` on ``(C, H, W)`` examples."""
+    """The PyTorch layers of a `jaxtrain.models.CNN` on ``(C, H, W)`` examples."""
     if len(shape) != 3:
         raise ValueError(
             f"torch_twin of a CNN needs input_shape (C, H, W); got {shape}. "

@@ -168,6 +168,12 @@ def clip_by_global_norm_torch(max_norm: float, eps: float = 1e-6) -> optax.Gradi
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+def _cosine_steps(spec: OptimizerSpec) -> int:
+    """Steps of the cosine part: ``total_steps`` (set, for ``"cosine"``) minus warm-up."""
+    assert spec.total_steps is not None  # OptimizerSpec refuses "cosine" without it
+    return spec.total_steps - spec.warmup_steps
+
+
 def optax_schedule(spec: OptimizerSpec) -> Callable[[jax.Array], jax.Array]:
     """The optax schedule ``step -> lr`` equal to the spec's PyTorch scheduler."""
     if spec.schedule == "constant":
@@ -176,7 +182,7 @@ def optax_schedule(spec: OptimizerSpec) -> Callable[[jax.Array], jax.Array]:
         main = optax.exponential_decay(spec.lr, spec.step_size, spec.gamma, staircase=True)
     else:
         main = optax.cosine_decay_schedule(
-            spec.lr, spec.total_steps - spec.warmup_steps, alpha=spec.min_lr / spec.lr
+            spec.lr, _cosine_steps(spec), alpha=spec.min_lr / spec.lr
         )
     if not spec.warmup_steps:
         return main
@@ -270,9 +276,7 @@ def make_torch(spec: OptimizerSpec, params: Iterable[Any]) -> tuple[Any, Any]:
     elif spec.schedule == "step":
         main = sched.StepLR(opt, step_size=spec.step_size, gamma=spec.gamma)
     else:
-        main = sched.CosineAnnealingLR(
-            opt, T_max=spec.total_steps - spec.warmup_steps, eta_min=spec.min_lr
-        )
+        main = sched.CosineAnnealingLR(opt, T_max=_cosine_steps(spec), eta_min=spec.min_lr)
     if not spec.warmup_steps:
         return opt, main
     warmup = sched.LinearLR(

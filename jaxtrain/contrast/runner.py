@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxtrain.apps.tasks import classification_loss, regression_loss
 from jaxtrain.contrast._torch import require_torch
 from jaxtrain.contrast.convert import from_torch, nhwc_to_nchw, torch_twin
 from jaxtrain.contrast.optim import OptimizerSpec, make_optax, make_torch, torch_clip, torch_loss
@@ -39,7 +40,6 @@ from jaxtrain.data import ArrayDataset
 from jaxtrain.models.adapters import Model, from_linen
 from jaxtrain.state import TrainState
 from jaxtrain.step import make_train_step
-from jaxtrain.tasks import classification_loss, regression_loss
 
 # Parity targets (float32, CPU, matmul precision "highest"): relative loss difference per
 # step over the first 10 steps and over the whole run; final parameters (max abs diff).
@@ -280,7 +280,7 @@ def compare(
         loss: ``"cross_entropy"`` or ``"mse"``.
         label_smoothing: cross-entropy label smoothing (both sides).
         jax_model: the JAX model to train (default: the converted ``nn.Sequential``). Its
-            parameters must have the converted tree (e.g. ``from_linen(jaxtrain.CNN(...))``
+            parameters must have the converted tree (e.g. ``from_linen(jaxtrain.models.CNN(...))``
             for a `torch_twin`).
         param_diff_every: measure the parameter difference every this many steps (and
             after the last); it copies every PyTorch weight to the host.
@@ -339,7 +339,8 @@ def _jax_model_and_params(converted: Any, jax_model: Model | None, x: Any) -> tu
     if jax_model is not None:
         sample = jnp.zeros((1, *np.asarray(x).shape[1:]), jnp.float32)
         expected = jax.tree.structure(model.init(jax.random.key(0), sample)[0])
-        if expected != jax.tree.structure(params):
+        # ignore: jax's stubs name PyTreeDef from a module mypy cannot resolve; it has __eq__.
+        if expected != jax.tree.structure(params):  # type: ignore[operator]
             raise ValueError(
                 "jax_model's parameters do not have the tree of the converted PyTorch model: "
                 f"{expected} vs {jax.tree.structure(params)}. Fix: pass jax_model=None, or a "
@@ -426,11 +427,11 @@ def digits_models(kind: str, seed: int = 0) -> tuple[Any, Model | None]:
     Args:
         kind: ``"mlp-tanh"``: ``nn.Sequential`` of Flatten -> Linear(64->64) -> Tanh ->
             Linear(64->64) -> Tanh -> Linear(64->10), compared with its `from_torch`
-            conversion. ``"mlp"``: jaxtrain's `jaxtrain.MLP` (hidden (64, 64), ReLU) and
+            conversion. ``"mlp"``: jaxtrain's `jaxtrain.models.MLP` (hidden (64, 64), ReLU) and
             its `torch_twin`. ``"cnn-tanh"``: a smooth CNN, ``nn.Sequential`` of Conv2d(1->8,
             3x3) -> Tanh -> Conv2d(8->16, 3x3, stride 2) -> Tanh -> Conv2d(16->16, 3x3,
             stride 2) -> Tanh -> Flatten -> Linear(64->32) -> Tanh -> Linear(32->10),
-            compared with its `from_torch` conversion. ``"cnn"``: jaxtrain's `jaxtrain.CNN`
+            compared with its `from_torch` conversion. ``"cnn"``: jaxtrain's `jaxtrain.models.CNN`
             (channels (8, 16), dense 32, ReLU and max-pooling, no dropout) and its twin.
         seed: ``torch.manual_seed`` for PyTorch's default initialisation, which is the
             start of both runs.
@@ -452,8 +453,8 @@ def digits_models(kind: str, seed: int = 0) -> tuple[Any, Model | None]:
         module = MLP(hidden=(64, 64), num_outputs=10)
         return torch_twin(module, (1, 8, 8)), from_linen(module)
     if kind == "cnn":
-        module = CNN(channels=(8, 16), dense=32, num_classes=10, dropout=0.0)
-        return torch_twin(module, (1, 8, 8)), from_linen(module)
+        cnn = CNN(channels=(8, 16), dense=32, num_classes=10, dropout=0.0)
+        return torch_twin(cnn, (1, 8, 8)), from_linen(cnn)
     if kind == "mlp-tanh":
         net = tnn.Sequential(
             tnn.Flatten(),

@@ -1,4 +1,8 @@
-"""Models: adapters to one pure apply, and the built-in models."""
+"""Models: adapters to one pure apply, and the built-in models.
+
+What must not live here: losses and tasks (`jaxtrain.losses`, `jaxtrain.apps.tasks`) and
+PyTorch twins (`jaxtrain.contrast`). The models never import the loop, the applications or torch.
+"""
 
 from jaxtrain.models.adapters import Model, from_function, from_linen, from_nnx
 from jaxtrain.models.builtin import CNN, MLP, TransformerLM

@@ -7,6 +7,10 @@ A `Model` is a pair of pure functions (like an optax transformation):
 
 Adapters turn a Flax linen module, a Flax NNX module or a plain function
 ``(params, x) -> y`` into this pair, so losses, steps and the loop never care which.
+
+What must not live here: models themselves (`jaxtrain.models.builtin`) and losses
+(`jaxtrain.apps.tasks`). It never imports the loop, the applications (`jaxtrain.apps`,
+`jaxtrain.contrast`) or torch.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Any
 
 import jax
 
-PyTree = Any
+from jaxtrain.types import PyTree
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +72,7 @@ class _InputSpec:
             self.shape, self.kind = tuple(x.shape[1:]), x.dtype.kind
 
     def check(self, x: Any) -> None:
-        if self.shape is None or not hasattr(x, "shape"):
+        if self.shape is None or self.kind is None or not hasattr(x, "shape"):
             return
         # Token ids ([B, T] ints) may be shorter than at init; other inputs must match.
         if len(x.shape) - 1 != len(self.shape) or (
@@ -184,7 +188,9 @@ def from_nnx(module: Any) -> Model:
 
     if not isinstance(module, nnx.Module):
         raise TypeError(f"from_nnx expects a flax.nnx.Module; got {type(module).__name__}.")
-    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+    # Two filters give exactly three parts (the starred form types a variadic tuple).
+    graphdef, params, *others = nnx.split(module, nnx.Param, ...)
+    (rest,) = others
     # RNG stream variables carry their stream name as ``tag`` (paths need not say it).
     streams = sorted(
         {
@@ -271,7 +277,7 @@ def from_function(
     if not callable(fn):
         raise TypeError(f"from_function expects a callable (params, x) -> y; got {fn!r}.")
 
-    spec = _InputSpec(name or getattr(fn, "__name__", "model"))
+    spec = _InputSpec(name or str(getattr(fn, "__name__", "model")))
 
     def init(rng, x):
         spec.record(x)
@@ -287,4 +293,4 @@ def from_function(
         spec.check(x)
         return fn(params, x), model_state
 
-    return Model(init, apply, name=name or getattr(fn, "__name__", "function"))
+    return Model(init, apply, name=name or str(getattr(fn, "__name__", "function")))

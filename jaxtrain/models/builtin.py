@@ -1,4 +1,9 @@
-"""Built-in Flax linen models: MLP, a small CNN, and a small decoder-only transformer LM."""
+"""Built-in Flax linen models: MLP, a small CNN, and a small decoder-only transformer LM.
+
+What must not live here: adapters (`jaxtrain.models.adapters`), losses, and the models'
+PyTorch twins (`jaxtrain.contrast`). It never imports the loop, the applications
+(`jaxtrain.apps`, `jaxtrain.contrast`) or torch.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,9 @@
-"""``jaxtrain`` command line: ``jaxtrain train`` runs the main job (see `jaxtrain.job`)."""
+"""``jaxtrain`` command line: ``jaxtrain train`` runs the main job (see `jaxtrain.apps.digits`).
+
+What must not live here: the training itself (`jaxtrain.apps.digits`) and the options'
+definitions (`TrainConfig`'s fields, `jaxtrain.apps.fields`), from which the parser is
+generated. Part of `jaxtrain.apps`: the core never imports it.
+"""
 
 from __future__ import annotations
 
@@ -11,20 +16,20 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-from jaxtrain import fields
+from jaxtrain.apps import fields
+from jaxtrain.apps.digits import TARGET_ACCURACY, TrainConfig
+from jaxtrain.apps.doctor import COMMAND as DOCTOR
+from jaxtrain.apps.doctor import add_doctor_parser, run_doctor
+from jaxtrain.apps.plots import COMMAND as PLOT
+from jaxtrain.apps.plots import add_plot_parser, run_plot
 from jaxtrain.contrast.cli import COMMAND as COMPARE
 from jaxtrain.contrast.cli import add_compare_parser, run_compare
-from jaxtrain.doctor import COMMAND as DOCTOR
-from jaxtrain.doctor import add_doctor_parser, run_doctor
-from jaxtrain.job import TARGET_ACCURACY, TrainConfig
-from jaxtrain.plots import COMMAND as PLOT
-from jaxtrain.plots import add_plot_parser, run_plot
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse, with one-line errors that say where the full list of options is."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str):
         # One line, as every user error of the CLI (the usage is what --help is for).
         self.exit(2, f"{self.prog}: error: {message}. See '{self.prog} --help' for every option.\n")
 
@@ -47,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=fields.HelpFormatter,
         allow_abbrev=False,
     )
-    # Every TrainConfig field, from its one declaration (jaxtrain.fields.option).
+    # Every TrainConfig field, from its one declaration (jaxtrain.apps.fields.option).
     fields.add_arguments(t, TrainConfig)
     t.add_argument(
         "--resume",
@@ -103,8 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="join a multi-process run even without the options above (cluster auto-detection)",
     )
     add_compare_parser(sub)  # jaxtrain compare: jaxtrain.contrast (imports torch only when run)
-    add_doctor_parser(sub)  # jaxtrain doctor: backend, devices, versions (jaxtrain.doctor)
-    add_plot_parser(sub)  # jaxtrain plot: curves of run folders (jaxtrain.plots)
+    add_doctor_parser(sub)  # jaxtrain doctor: backend, devices, versions (jaxtrain.apps.doctor)
+    add_plot_parser(sub)  # jaxtrain plot: curves of run folders (jaxtrain.apps.plots)
     return parser
 
 
@@ -129,7 +134,7 @@ _UNSET = object()
 def _given(argv: Sequence[str]) -> set[str]:
     """The ``train`` options given on the command line (not left at their defaults)."""
     parser = build_parser()
-    train = parser._subparsers._group_actions[0].choices["train"]
+    train = parser._subparsers._group_actions[0].choices["train"]  # type: ignore[union-attr,index]  # argparse keeps subparsers privately
     for action in train._actions:
         action.default = _UNSET
     return {k for k, v in vars(parser.parse_args(argv)).items() if v is not _UNSET}
@@ -173,7 +178,7 @@ def _warnings_as_lines():
 
 def _train(args: argparse.Namespace) -> int:
     """``jaxtrain train``: 0 done; 1 the run failed (diverged); 2 a user error; 143 SIGTERM."""
-    from jaxtrain import job
+    from jaxtrain.apps import digits
     from jaxtrain.loop import Preempted
 
     if not _start_distributed(args):  # first: before anything starts a JAX backend
@@ -182,7 +187,7 @@ def _train(args: argparse.Namespace) -> int:
     try:
         with _warnings_as_lines():
             cfg, resume = _train_config(args)
-            summary = job.run(
+            summary = digits.run(
                 cfg,
                 resume=resume,
                 overwrite=args.overwrite,
@@ -211,7 +216,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _train_config(args: argparse.Namespace) -> tuple[TrainConfig, bool | str]:
     """The run's configuration and resume mode from the options (ValueError if they clash)."""
-    from jaxtrain import job, run_folder
+    from jaxtrain.apps import digits, run_folder
 
     given = args.given
     if args.resume is not None and args.auto_resume:
@@ -233,11 +238,13 @@ def _train_config(args: argparse.Namespace) -> tuple[TrainConfig, bool | str]:
         out = args.resume
     resume: bool | str = "auto" if args.auto_resume else args.resume is not None
     # Resuming: the saved configuration, with the options given on this command line
-    # on top (job.run refuses those that change the results, unless --allow-change);
+    # on top (digits.run refuses those that change the results, unless --allow-change);
     # the progress bar follows this command.
-    if resume is True or (resume == "auto" and os.path.exists(os.path.join(out, job.CONFIG_FILE))):
+    if resume is True or (
+        resume == "auto" and os.path.exists(os.path.join(out, digits.CONFIG_FILE))
+    ):
         run_folder.check_out_folder(out)  # a file or broken link named first, not "no config"
-        saved = job.load_config(out)
+        saved = digits.load_config(out)
         overrides = _config_values(args, only=given | {"progress"})
         return dataclasses.replace(saved, **{**overrides, "out": out}), resume
     return TrainConfig(**{**_config_values(args), "out": out}), resume

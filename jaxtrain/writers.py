@@ -11,6 +11,11 @@ Example:
     ...         TensorBoardWriter("run/tb") as tb:  # doctest: +SKIP
     ...     state, history = jaxtrain.fit(state, train_step, data, epochs=3,
     ...                                   writers=[jl, cw, tb])
+
+What must not live here: when to log (`jaxtrain.train_log`, `fit`) and plots
+(`jaxtrain.apps.plots`). It never imports the loop, the applications (`jaxtrain.apps`,
+`jaxtrain.contrast`) or torch. (It was `jaxtrain.logging`, a name that shadowed the standard
+library's.)
 """
 
 from __future__ import annotations

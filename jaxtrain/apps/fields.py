@@ -1,6 +1,6 @@
 """Configuration fields defined once: the dataclass field, its check and its CLI option.
 
-An application's configuration (e.g. ``jaxtrain.job.TrainConfig``) declares each field
+An application's configuration (e.g. ``jaxtrain.apps.digits.TrainConfig``) declares each field
 with `option`: its default, help text and allowed values. From that one declaration
 
 * `validate` checks a whole configuration (from Python, or a ``config.json`` holding
@@ -130,7 +130,7 @@ def check(field: dataclasses.Field, value: Any) -> None:
     kind, optional = _kind(field)
     if value is None and optional:
         return
-    types = {"int": int, "float": (int, float), "str": str, "bool": bool}[kind]
+    types: Any = {"int": int, "float": (int, float), "str": str, "bool": bool}[kind]
     if not isinstance(value, types) or (kind != "bool" and isinstance(value, bool)):
         raise ValueError(
             f"{field.name} must be {_TYPE_NAMES[kind]}{' or unset' if optional else ''}; "

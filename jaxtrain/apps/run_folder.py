@@ -1,13 +1,16 @@
 """A run folder (``OUT``) has one run and one writer: run-file checks, the lock, strict JSON.
 
-`jaxtrain.job.run` (and so ``jaxtrain train``) uses these to make sure that
+`jaxtrain.apps.digits.run` (and so ``jaxtrain train``) uses these to make sure that
 
 * a new run never starts on top of an earlier one (`check_no_run`), unless the user
   asked to replace it (`remove_run`, which says what it removed);
 * only one process writes a run folder at a time (`RunLock`, a lock file holding the
   host, process id and start time of its owner; a lock left by a killed process on this
   host is taken over with a warning);
-* the lock file is strict JSON (`jaxtrain.logging.dumps_strict`).
+* the lock file is strict JSON (`jaxtrain.writers.dumps_strict`).
+
+What must not live here: what a run writes into the folder (`jaxtrain.apps.digits`) and
+checkpoints (`jaxtrain.checkpoint`). Part of `jaxtrain.apps`: the core never imports it.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import uuid
 import warnings
 from typing import Any
 
-from jaxtrain.logging import dumps_strict
+from jaxtrain.writers import dumps_strict
 
 LOCK_FILE = ".jaxtrain.lock"
 # Everything `jaxtrain train` writes into OUT: what marks a folder as holding a run, and

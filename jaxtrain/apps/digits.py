@@ -5,10 +5,13 @@
 and ``OUT/curves.png`` (and, when asked, ``OUT/metrics.csv`` and TensorBoard event
 files in ``OUT/tensorboard``).
 
-A run folder holds one run, written by one process at a time (`jaxtrain.run_folder`):
+A run folder holds one run, written by one process at a time (`jaxtrain.apps.run_folder`):
 a new run into a folder that holds one is refused (unless ``overwrite=True``), and a
 resumed run must have the configuration it was started with, except for the fields
 listed in ``allow_change``, whose changes are recorded in the run.
+
+What must not live here: the training loop (`jaxtrain.fit`) and command-line parsing
+(`jaxtrain.apps.cli`). Part of `jaxtrain.apps`: the core never imports it.
 """
 
 from __future__ import annotations
@@ -28,11 +31,12 @@ import numpy as np
 import optax
 
 from jaxtrain import data as data_lib
-from jaxtrain import fields, run_folder
 from jaxtrain import precision as precision_lib
+from jaxtrain.apps import fields, run_folder
+from jaxtrain.apps.fields import option
+from jaxtrain.apps.plots import plot_curves
+from jaxtrain.apps.tasks import classification_eval, classification_loss, init_model
 from jaxtrain.checkpoint import Checkpointer, state_digest
-from jaxtrain.fields import option
-from jaxtrain.logging import CsvWriter, JsonlWriter, TensorBoardWriter, dumps_strict, read_jsonl
 from jaxtrain.loop import EarlyStopping, fit
 from jaxtrain.models import CNN, MLP, from_linen
 from jaxtrain.parallel import (
@@ -44,11 +48,10 @@ from jaxtrain.parallel import (
     shard_state,
 )
 from jaxtrain.perf import perf_summary, step_flops, steps_per_second
-from jaxtrain.plots import plot_curves
 from jaxtrain.state import TrainState
 from jaxtrain.step import make_eval_step, make_train_step, make_train_steps
-from jaxtrain.tasks import classification_eval, classification_loss, init_model
 from jaxtrain.versions import versions
+from jaxtrain.writers import CsvWriter, JsonlWriter, TensorBoardWriter, dumps_strict, read_jsonl
 
 MODELS = ("cnn", "mlp")
 OPTIMIZERS = ("adamw", "adam", "sgd", "momentum")
@@ -64,7 +67,7 @@ class TrainConfig:
     The defaults are the documented digits run: the small CNN, AdamW (peak lr 2e-3,
     one warmup epoch then cosine decay), label smoothing 0.1, 40 epochs of batch 64 on
     the fixed 80/20 stratified split (seed 0). Each field is declared once, with its
-    allowed values and help (`jaxtrain.fields.option`): `validate` and the options of
+    allowed values and help (`jaxtrain.apps.fields.option`): `validate` and the options of
     ``jaxtrain train`` are generated from these declarations.
     """
 
@@ -222,6 +225,8 @@ def _prepare_out(out: str) -> None:
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 TENSORBOARD_DIR = "tensorboard"
+METRICS_FILE = "metrics.jsonl"
+CSV_FILE = "metrics.csv"
 
 
 def load_config(out: str) -> TrainConfig:
@@ -402,7 +407,7 @@ def run(
     """Trains, evaluates and writes the run folder.
 
     ``cfg.out`` is locked for the run (``OUT/.jaxtrain.lock``, see
-    `jaxtrain.run_folder.RunLock`): a second process on the same folder is refused.
+    `jaxtrain.apps.run_folder.RunLock`): a second process on the same folder is refused.
 
     Args:
         cfg: the configuration (validated here).
@@ -414,7 +419,7 @@ def run(
             none (or only a run of the same configuration that saved no checkpoint yet).
             False: start a new run; a folder that already holds one is refused.
         overwrite: with ``resume=False``, delete the run files in ``cfg.out`` first
-            (`jaxtrain.run_folder.RUN_FILES`; other files stay) and say so.
+            (`jaxtrain.apps.run_folder.RUN_FILES`; other files stay) and say so.
         allow_change: result fields that ``cfg`` deliberately changes on resume; each
             must differ from the saved run. The changes are recorded (field, old and
             new value, step) in ``OUT/config.json``, the checkpoints and the summary.
@@ -451,7 +456,7 @@ def run(
             f"fsdp: --fsdp {cfg.fsdp} must divide the {len(devices)} device(s) the run uses. "
             f"Fix: pick a divisor of {len(devices)} (1 turns parameter sharding off)."
         )
-    # A ("data", "fsdp") mesh: with fsdp > 1 the state is split by jaxtrain.state_shardings.
+    # A ("data", "fsdp") mesh: with fsdp > 1 the state is split by jaxtrain.parallel.state_shardings.
     mesh = make_mesh(fsdp=cfg.fsdp, devices=devices) if cfg.fsdp > 1 else data_mesh(devices)
     check_batch_size(cfg.batch_size, mesh)
     check_batch_size(cfg.eval_batch_size, mesh)
@@ -477,14 +482,23 @@ def run(
             lock.release()
 
 
-def _run(
-    cfg: TrainConfig,
-    resume: bool,
-    allow_change: Sequence[str],
-    mesh: Any,
-    primary: bool,
-) -> dict[str, Any]:
-    """`run` once the run folder is locked and the mode decided."""
+@dataclasses.dataclass
+class _Parts:
+    """What a run trains: data, model, state and compiled steps (built by `_build`)."""
+
+    train_ds: data_lib.ArrayDataset
+    test_ds: data_lib.ArrayDataset
+    model: Any
+    optimizer: Any
+    state: TrainState
+    loss_fn: Any
+    step_kwargs: dict[str, Any]
+    train_step: Any
+    eval_step: Any
+
+
+def _build(cfg: TrainConfig, mesh: Any) -> _Parts:
+    """The data, model, initial state, train step and eval step of ``cfg``."""
     train, test = data_lib.load_digits(seed=cfg.split_seed)
     train_ds = data_lib.ArrayDataset(train, cfg.batch_size, seed=cfg.seed, num_classes=10)
     test_ds = data_lib.ArrayDataset(test, cfg.eval_batch_size, shuffle=False)
@@ -513,14 +527,31 @@ def _run(
     else:
         train_step = make_train_step(loss_fn, optimizer, **step_kwargs)
     eval_step = make_eval_step(classification_eval(model), mesh=mesh)
+    return _Parts(
+        train_ds, test_ds, model, optimizer, state, loss_fn, step_kwargs, train_step, eval_step
+    )
 
-    ckpt_dir = os.path.join(cfg.out, CHECKPOINT_DIR)
+
+def _open_checkpoints(
+    cfg: TrainConfig,
+    resume: bool,
+    allow_change: Sequence[str],
+    state: TrainState,
+    mesh: Any,
+    primary: bool,
+) -> tuple[Checkpointer | None, int | None, dict[int, str], list[dict]]:
+    """The run's checkpointer (None without checkpoints) and, on resume, what it resumes.
+
+    Returns ``(checkpointer, resumed_from, skipped, changes)`` as `_verify_resume` gives
+    them (``None, {}, []`` for a new run). The checkpointer is closed if the checks fail.
+    """
     checkpointer = None
     changes: list[dict] = []
-    resumed_from, skipped = None, {}
+    resumed_from, skipped = None, dict[int, str]()
     if cfg.checkpoint or resume:
+        ckpt_dir = os.path.join(cfg.out, CHECKPOINT_DIR)
         checkpointer = Checkpointer(ckpt_dir, keep_last=cfg.keep, best_metric="accuracy")
-    if resume:
+    if resume and checkpointer is not None:  # resume made the checkpointer
         try:
             resumed_from, skipped, changes = _verify_resume(
                 cfg, allow_change, checkpointer, state, mesh, primary
@@ -528,53 +559,156 @@ def _run(
         except BaseException:
             checkpointer.close()
             raise
+    return checkpointer, resumed_from, skipped, changes
+
+
+def _write_config(cfg: TrainConfig, changes: list[dict], primary: bool) -> dict[str, Any]:
+    """``OUT/config.json`` (strict JSON, process 0 only): the config and its changes."""
     config = {**dataclasses.asdict(cfg), "changes": changes}
     if primary:
         with open(os.path.join(cfg.out, CONFIG_FILE), "w", encoding="utf-8") as f:
             f.write(dumps_strict(config, indent=2))
+    return config
 
-    # FLOPs of one step from the compiled step's cost analysis, for the progress bar's
-    # TFLOP/s and MFU and for summary.json. Lowered for the placement fit uses, so fit's
-    # first call reuses this compilation. A fused step's cost analysis covers a scan of k
-    # steps; measure one step with a single-step twin instead (one extra compilation, not
-    # counted as the train step's).
-    one_step = train_step
+
+def _flops_per_step(cfg: TrainConfig, parts: _Parts, mesh: Any) -> float | None:
+    """FLOPs of one train step from the compiled step's cost analysis.
+
+    For the progress bar's TFLOP/s and MFU and for summary.json. Lowered for the placement
+    fit uses, so fit's first call reuses this compilation. A fused step's cost analysis
+    covers a scan of k steps; measure one step with a single-step twin instead (one extra
+    compilation, not counted as the train step's).
+    """
+    one_step = parts.train_step
     if cfg.steps_per_call > 1:
-        one_step = make_train_step(loss_fn, optimizer, **step_kwargs)
-    flops = step_flops(
-        one_step,
-        shard_state(state, mesh),
-        shard_batch(next(iter(train_ds.batches(0, rows=process_rows(mesh, cfg.batch_size)))), mesh),
+        one_step = make_train_step(parts.loss_fn, parts.optimizer, **parts.step_kwargs)
+    batch = next(iter(parts.train_ds.batches(0, rows=process_rows(mesh, cfg.batch_size))))
+    return step_flops(one_step, shard_state(parts.state, mesh), shard_batch(batch, mesh))
+
+
+def _open_writers(
+    stack: contextlib.ExitStack,
+    cfg: TrainConfig,
+    resume: bool,
+    resumed_from: int | None,
+    primary: bool,
+) -> list[Any]:
+    """The metric writers of the run (process 0 only), entered into ``stack``."""
+    if not primary:
+        return []
+    mode = "a" if resume else "w"
+    writers: list[Any] = [
+        stack.enter_context(JsonlWriter(os.path.join(cfg.out, METRICS_FILE), mode=mode))
+    ]
+    if cfg.csv:
+        writers.append(stack.enter_context(CsvWriter(os.path.join(cfg.out, CSV_FILE), mode=mode)))
+    if cfg.tensorboard:
+        # A resumed run appends a new event file that purges the steps after its
+        # checkpoint, which the killed run may have logged already: no step twice.
+        purge = None if resumed_from is None else resumed_from + 1
+        tb_dir = os.path.join(cfg.out, TENSORBOARD_DIR)
+        writers.append(stack.enter_context(TensorBoardWriter(tb_dir, purge_step=purge)))
+    return writers
+
+
+def _rewrite_logs(cfg: TrainConfig, history: Any, model_name: str) -> None:
+    """Rewrites the metric files from the whole history, then plots ``OUT/curves.png``.
+
+    The whole history (the restored part included), in the order it was logged.
+    """
+    records = sorted(history.train + history.eval, key=lambda r: (r["step"], r["split"] != "train"))
+    metrics_path = os.path.join(cfg.out, METRICS_FILE)
+    with JsonlWriter(metrics_path) as writer:
+        for r in records:
+            writer.write(r)
+    if cfg.csv:
+        with CsvWriter(os.path.join(cfg.out, CSV_FILE)) as writer:
+            for r in records:
+                writer.write(r)
+    smoothing = cfg.label_smoothing
+    plot_curves(
+        read_jsonl(metrics_path),
+        os.path.join(cfg.out, "curves.png"),
+        title=f"{model_name} on digits"
+        + (f" (train loss includes label smoothing {smoothing})" if smoothing else ""),
     )
 
-    metrics_path = os.path.join(cfg.out, "metrics.jsonl")
+
+def _summary(
+    cfg: TrainConfig,
+    parts: _Parts,
+    mesh: Any,
+    state: TrainState,
+    history: Any,
+    run_info: dict[str, Any],
+) -> dict[str, Any]:
+    """The run's ``summary.json`` record.
+
+    ``run_info`` holds ``flops``, ``wall``, ``resumed_from``, ``skipped``, ``changes`` and
+    ``config``.
+    """
+    n_params = sum(x.size for x in jax.tree.leaves(state.params))
+    # MFU against the chip's peak, from the FLOPs measured before training.
+    perf = perf_summary(run_info["flops"], steps_per_second(history), list(mesh.devices.flat))
+    final_test = {k: v for k, v in history.eval[-1].items() if k not in ("split",)}
+    return {
+        "task": "digits",
+        "model": cfg.model,
+        "num_params": int(n_params),
+        "train": {k: v for k, v in history.train[-1].items() if k != "split"},
+        "test": final_test,
+        "test_accuracy": final_test["accuracy"],
+        "target_accuracy": TARGET_ACCURACY,
+        "target_reached": final_test["accuracy"] >= TARGET_ACCURACY,
+        "steps": int(jax.device_get(state.step)),
+        "resumed_from_step": run_info["resumed_from"],
+        "skipped_checkpoints": {str(k): v for k, v in run_info["skipped"].items()},
+        "changes": run_info["changes"],
+        "skipped_steps": int(jax.device_get(state.skipped_steps)),
+        "params_sha256": state_digest(jax.device_get(state.params)),
+        "epochs_completed": history.position.epoch,
+        "stopped_early": history.stopped_early,
+        "wall_seconds": run_info["wall"],
+        "first_step_seconds": history.first_step_seconds,
+        # tracing + XLA compile (or cache load)
+        "compile_seconds": parts.train_step.compile_seconds,
+        "examples_per_second": history.examples_per_second,
+        **perf,  # flops_per_step, model_flops_per_second, peak_flops_per_second, mfu, peak_source
+        "train_step_compilations": parts.train_step.trace_count,
+        "eval_step_compilations": parts.eval_step.trace_count,
+        "backend": jax.default_backend(),
+        "device_count": mesh.size,
+        "devices": [str(d) for d in mesh.devices.flat],
+        "versions": versions(),
+        "config": run_info["config"],
+    }
+
+
+def _run(
+    cfg: TrainConfig,
+    resume: bool,
+    allow_change: Sequence[str],
+    mesh: Any,
+    primary: bool,
+) -> dict[str, Any]:
+    """`run` once the run folder is locked and the mode decided."""
+    parts = _build(cfg, mesh)
+    checkpointer, resumed_from, skipped, changes = _open_checkpoints(
+        cfg, resume, allow_change, parts.state, mesh, primary
+    )
+    config = _write_config(cfg, changes, primary)
+    flops = _flops_per_step(cfg, parts, mesh)
     t0 = time.perf_counter()
-    csv_path = os.path.join(cfg.out, "metrics.csv")
     with contextlib.ExitStack() as stack:
-        writers = []
-        if primary:
-            writers.append(
-                stack.enter_context(JsonlWriter(metrics_path, mode="a" if resume else "w"))
-            )
-        if cfg.csv and primary:
-            writers.append(stack.enter_context(CsvWriter(csv_path, mode="a" if resume else "w")))
-        if cfg.tensorboard and primary:
-            # A resumed run appends a new event file that purges the steps after its
-            # checkpoint, which the killed run may have logged already: no step twice.
-            purge = None if resumed_from is None else resumed_from + 1
-            writers.append(
-                stack.enter_context(
-                    TensorBoardWriter(os.path.join(cfg.out, TENSORBOARD_DIR), purge_step=purge)
-                )
-            )
+        writers = _open_writers(stack, cfg, resume, resumed_from, primary)
         state, history = fit(
-            state,
-            train_step,
-            train_ds,
+            parts.state,
+            parts.train_step,
+            parts.train_ds,
             epochs=cfg.epochs,
             num_steps=cfg.max_steps,
-            eval_step=eval_step,
-            eval_data=test_ds,
+            eval_step=parts.eval_step,
+            eval_data=parts.test_ds,
             eval_every=cfg.eval_every,
             log_every=cfg.log_every,
             mesh=mesh,
@@ -591,61 +725,17 @@ def _run(
     if checkpointer is not None:
         checkpointer.close()
     wall = time.perf_counter() - t0
-    # The whole history (restored part included), in the order it was logged.
-    records = sorted(history.train + history.eval, key=lambda r: (r["step"], r["split"] != "train"))
     if primary:
-        with JsonlWriter(metrics_path) as writer:
-            for r in records:
-                writer.write(r)
-    if cfg.csv and primary:
-        with CsvWriter(csv_path) as writer:
-            for r in records:
-                writer.write(r)
-    if primary:
-        plot_curves(
-            read_jsonl(metrics_path),
-            os.path.join(cfg.out, "curves.png"),
-            title=f"{model.name} on digits"
-            + (
-                f" (train loss includes label smoothing {cfg.label_smoothing})"
-                if cfg.label_smoothing
-                else ""
-            ),
-        )
-    n_params = sum(x.size for x in jax.tree.leaves(state.params))
-    # MFU against the chip's peak, from the FLOPs measured before training.
-    perf = perf_summary(flops, steps_per_second(history), list(mesh.devices.flat))
-    final_test = {k: v for k, v in history.eval[-1].items() if k not in ("split",)}
-    summary = {
-        "task": "digits",
-        "model": cfg.model,
-        "num_params": int(n_params),
-        "train": {k: v for k, v in history.train[-1].items() if k != "split"},
-        "test": final_test,
-        "test_accuracy": final_test["accuracy"],
-        "target_accuracy": TARGET_ACCURACY,
-        "target_reached": final_test["accuracy"] >= TARGET_ACCURACY,
-        "steps": int(jax.device_get(state.step)),
-        "resumed_from_step": resumed_from,
-        "skipped_checkpoints": {str(k): v for k, v in skipped.items()},
-        "changes": changes,
-        "skipped_steps": int(jax.device_get(state.skipped_steps)),
-        "params_sha256": state_digest(jax.device_get(state.params)),
-        "epochs_completed": history.position.epoch,
-        "stopped_early": history.stopped_early,
-        "wall_seconds": wall,
-        "first_step_seconds": history.first_step_seconds,
-        "compile_seconds": train_step.compile_seconds,  # tracing + XLA compile (or cache load)
-        "examples_per_second": history.examples_per_second,
-        **perf,  # flops_per_step, model_flops_per_second, peak_flops_per_second, mfu, peak_source
-        "train_step_compilations": train_step.trace_count,
-        "eval_step_compilations": eval_step.trace_count,
-        "backend": jax.default_backend(),
-        "device_count": mesh.size,
-        "devices": [str(d) for d in mesh.devices.flat],
-        "versions": versions(),
-        "config": config,
-    }
+        _rewrite_logs(cfg, history, parts.model.name)
+    run_info = dict(
+        flops=flops,
+        wall=wall,
+        resumed_from=resumed_from,
+        skipped=skipped,
+        changes=changes,
+        config=config,
+    )
+    summary = _summary(cfg, parts, mesh, state, history, run_info)
     if primary:  # strict JSON: a diverged run's NaN losses are written as null
         with open(os.path.join(cfg.out, "summary.json"), "w", encoding="utf-8") as f:
             f.write(dumps_strict(summary, indent=2))

@@ -7,7 +7,7 @@ The pieces of a character-level LM run, each a small pure utility:
 * `CharVocab` — characters <-> integer ids, saved as plain JSON data.
 * `lm_windows` — a token stream cut into ``{"x": [N, T], "y": [N, T]}`` next-token
   pairs for `jaxtrain.ArrayDataset`.
-* `generate` — autoregressive sampling from a `jaxtrain.TransformerLM` with a
+* `generate` — autoregressive sampling from a `jaxtrain.models.TransformerLM` with a
   fixed-shape jitted step that compiles once.
 
 Example:
@@ -17,6 +17,9 @@ Example:
     >>> w = lm_windows(vocab.encode("hello world"), seq_len=4)
     >>> w["x"].shape, w["x"][0].tolist()[1:] == w["y"][0].tolist()[:-1]
     ((2, 4), True)
+
+What must not live here: the model (`jaxtrain.models.TransformerLM`) and the training loop.
+Part of `jaxtrain.apps`: the core never imports it.
 """
 
 from __future__ import annotations
@@ -378,7 +381,7 @@ def generate(
     transfer in total).
 
     Args:
-        model: a `Model` wrapping `jaxtrain.TransformerLM` (``from_linen``); any causal
+        model: a `Model` wrapping `jaxtrain.models.TransformerLM` (``from_linen``); any causal
             model ``[B, M] int -> [B, M, V]`` works with ``context_len`` given.
         params: the model parameters (e.g. ``state.params``).
         model_state: the model state (e.g. ``state.model_state``; ``{}`` for
@@ -415,7 +418,7 @@ def generate(
         raise ValueError(f"temperature must be >= 0; got {temperature!r}.")
     size = _context_len(params) if context_len is None else int(context_len)
     prompt = prompt[-size:]
-    window = np.zeros(size, np.int32)
+    window: Any = np.zeros(size, np.int32)  # filled here, then a device array
     window[: prompt.size] = prompt
     window, n = jnp.asarray(window), jnp.asarray(prompt.size, jnp.int32)
     key = jax.random.wrap_key_data(as_key_data(rng))

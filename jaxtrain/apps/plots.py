@@ -2,6 +2,9 @@
 
 `plot_curves` draws one run's records; `plot_runs` (``jaxtrain plot RUN_DIR ...``)
 overlays the loss, accuracy, learning-rate and gradient-norm curves of several run folders.
+
+What must not live here: writing the metric files (`jaxtrain.writers`). Part of
+`jaxtrain.apps`: the core never imports it.
 """
 
 from __future__ import annotations
@@ -108,7 +111,7 @@ def load_run(run_dir: str | os.PathLike) -> list[dict]:
         ValueError: the folder does not exist, has no ``metrics.jsonl``, or that file
             has no records; the message names the folder and the fix.
     """
-    from jaxtrain.logging import read_jsonl
+    from jaxtrain.writers import read_jsonl
 
     run_dir = os.fspath(run_dir)
     path = os.path.join(run_dir, "metrics.jsonl")
@@ -167,7 +170,7 @@ def plot_runs(
 
     Example:
         >>> import os, tempfile
-        >>> from jaxtrain.logging import JsonlWriter
+        >>> from jaxtrain.writers import JsonlWriter
         >>> tmp = tempfile.TemporaryDirectory()
         >>> runs = [os.path.join(tmp.name, name) for name in ("adamw", "sgd")]
         >>> for run, scale in zip(runs, (1.0, 2.0)):  # what `jaxtrain train --out` writes
@@ -231,7 +234,7 @@ def _checked_plot_args(
         raise ValueError(
             f"labels must name each of the {len(run_dirs)} runs; got {len(labels)} labels."
         )
-    return run_dirs, path
+    return [os.fspath(d) for d in run_dirs], os.fspath(path)
 
 
 def _draw_runs(

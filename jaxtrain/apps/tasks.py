@@ -2,6 +2,10 @@
 
 They are ordinary pure functions of the shapes `make_train_step` / `make_eval_step`
 expect; write your own the same way when your task differs.
+
+What must not live here: the masked losses and metrics themselves (`jaxtrain.losses`,
+`jaxtrain.metrics`), which these helpers bind to a model. Part of `jaxtrain.apps`: the core
+never imports it.
 """
 
 from __future__ import annotations
@@ -206,7 +210,7 @@ def init_model(model: Model, rng: jax.Array | int, sample_x) -> tuple:
 
     Example:
         >>> import numpy as np, jaxtrain as jt
-        >>> model = jt.from_linen(jt.MLP(hidden=(8,), num_outputs=2))
+        >>> model = jt.from_linen(jt.models.MLP(hidden=(8,), num_outputs=2))
         >>> params, model_state = init_model(model, 0, np.zeros((1, 3), np.float32))
         >>> params["Dense_1"]["kernel"].shape, model_state
         ((8, 2), {})

@@ -10,9 +10,12 @@ environment (``COLAB_TPU_ADDR``, ``TPU_NAME``, ``NVIDIA_VISIBLE_DEVICES``,
 
 Example:
     >>> import jaxtrain
-    >>> report = jaxtrain.preflight(verbose=False)
+    >>> report = jaxtrain.apps.doctor.preflight(verbose=False)
     >>> report["backend"] in ("cpu", "gpu", "tpu")
     True
+
+What must not live here: anything a training run needs (this only reports). Part of
+`jaxtrain.apps`: the core never imports it.
 """
 
 from __future__ import annotations
@@ -221,9 +224,9 @@ def _report(expected: str | None, reason: str | None, env: Mapping[str, str]) ->
 
     backend = jax.default_backend()
     devices = [_device_info(d) for d in jax.devices()]
-    precision = jax.config.jax_default_matmul_precision
+    precision = jax.config.jax_default_matmul_precision  # type: ignore[attr-defined]  # a flag jax's Config stub lacks
     report_warnings = []
-    if expected is not None and expected != backend:
+    if expected is not None and reason is not None and expected != backend:
         report_warnings.append(_fallback_message(expected, backend, reason, env))
     return {
         "backend": backend,
@@ -315,7 +318,7 @@ def run_doctor(args: argparse.Namespace) -> int:
     """Runs ``jaxtrain doctor``: 0 when JAX runs where expected, 1 when it does not."""
     report = preflight(args.expect, verbose=not args.json)
     if args.json:
-        from jaxtrain.logging import dumps_strict
+        from jaxtrain.writers import dumps_strict
 
         print(dumps_strict(report, indent=2))
     return 0 if report["ok"] else 1
