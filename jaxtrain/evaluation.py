@@ -9,6 +9,7 @@ the job or torch.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -167,14 +168,12 @@ def eval_metric_names(
         return None
     step = eval_step if isinstance(eval_step, CompiledStep) else None
     fn = eval_step if step is None else step.fn
-    traces = 0 if step is None else step.trace_count
-    try:
-        out = jax.eval_shape(fn, state, dict(batch))
-    except Exception:  # the first evaluation reports it (or the same error) instead
-        return None
-    finally:
-        if step is not None:
-            step._traces = traces  # an abstract evaluation is not a compilation
+    # An abstract evaluation is not a compilation: the step's trace_count stays.
+    with contextlib.nullcontext() if step is None else step.uncounted():
+        try:
+            out = jax.eval_shape(fn, state, dict(batch))
+        except Exception:  # the first evaluation reports it (or the same error) instead
+            return None
     if not isinstance(out, Mapping):
         return None
     return {k for k in out if k not in INVALID_COUNT_KEYS}

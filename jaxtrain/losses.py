@@ -39,7 +39,7 @@ def _bad_mask(mask) -> jax.Array:
 def _bad_labels(num_classes: int, labels, mask) -> jax.Array:
     bad = (labels < 0) | (labels >= num_classes)
     if mask is not None:
-        bad = bad & (_broadcast_mask(mask, labels.shape) > 0)
+        bad = bad & (broadcast_mask(mask, labels.shape) > 0)
     return bad
 
 
@@ -86,7 +86,7 @@ def _check_labels(fn: str, num_classes: int, labels, mask) -> jax.Array | None:
     y = np.asarray(labels)
     bad = (y < 0) | (y >= num_classes)
     if mask is not None:
-        bad &= np.asarray(_broadcast_mask(mask, y.shape)) > 0
+        bad &= np.asarray(broadcast_mask(mask, y.shape)) > 0
     if bad.any():
         _raise_first(
             f"{fn}: labels",
@@ -113,8 +113,26 @@ def _poison(value: jax.Array, *counts: jax.Array | None) -> jax.Array:
     return jnp.where(sum(present) > 0, jnp.nan, value).astype(value.dtype)
 
 
-def _broadcast_mask(mask: jax.Array | None, shape: tuple[int, ...]) -> jax.Array:
-    """Returns a float32 weight of ``shape`` from a mask of a prefix of ``shape``."""
+def broadcast_mask(mask: jax.Array | None, shape: tuple[int, ...]) -> jax.Array:
+    """A float32 weight of ``shape`` from a mask over a prefix of ``shape``.
+
+    The losses and metrics weight every value by it: a ``[B]`` mask weights each
+    example's ``[B, T]`` tokens alike; None weights everything 1.
+
+    Args:
+        mask: ``[B]``, ``[B, T]``, ... (a prefix of ``shape``), or None.
+        shape: the shape of the values to weight.
+
+    Returns:
+        The mask broadcast to ``shape``, float32.
+
+    Raises:
+        ValueError: the mask's shape is not a prefix of ``shape``.
+
+    Example:
+        >>> broadcast_mask(jnp.array([1.0, 0.0]), (2, 3)).tolist()
+        [[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]]
+    """
     if mask is None:
         return jnp.ones(shape, jnp.float32)
     mask = jnp.asarray(mask, jnp.float32)
@@ -142,7 +160,7 @@ def weighted_mean(values: jax.Array, mask: jax.Array | None = None) -> jax.Array
         >>> float(weighted_mean(jnp.array([1.0, 3.0, 100.0]), jnp.array([1.0, 1.0, 0.0])))
         2.0
     """
-    w = _broadcast_mask(mask, values.shape)
+    w = broadcast_mask(mask, values.shape)
     # where, not just *: padded rows may hold NaN/inf (NaN * 0 is NaN).
     # max(.., 1) keeps an all-padding batch at 0 instead of NaN.
     return jnp.sum(jnp.where(w > 0, values * w, 0.0)) / jnp.maximum(jnp.sum(w), 1.0)
@@ -207,7 +225,7 @@ def softmax_cross_entropy(
     n_labels = _check_labels("softmax_cross_entropy", logits.shape[-1], labels, mask)
     if mask is not None:
         # An out-of-range label in a padded row would give NaN values and gradients.
-        labels = jnp.where(_broadcast_mask(mask, labels.shape) > 0, labels, 0)
+        labels = jnp.where(broadcast_mask(mask, labels.shape) > 0, labels, 0)
     loss = weighted_mean(cross_entropy_per_example(logits, labels, label_smoothing), mask)
     return _poison(loss, n_labels, n_mask)
 

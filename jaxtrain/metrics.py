@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtrain.losses import INVALID_COUNT_KEYS, INVALID_LABELS, _broadcast_mask
+from jaxtrain.losses import INVALID_COUNT_KEYS, INVALID_LABELS, broadcast_mask
 
 # A metric accumulator: {name: (total, weight)} with float32 scalar leaves.
 Sums = dict[str, tuple[jax.Array, jax.Array]]
@@ -52,7 +52,7 @@ def sums_from_values(values: Mapping[str, jax.Array], mask: jax.Array | None) ->
             w = jnp.sum(jnp.asarray(mask, jnp.float32)) if mask is not None else jnp.float32(1)
             out[name] = (v * w, w)
         else:
-            w = _broadcast_mask(mask, v.shape)
+            w = broadcast_mask(mask, v.shape)
             # where: a NaN in a padded row must not leak into the sum (NaN * 0 is NaN).
             out[name] = (jnp.sum(jnp.where(w > 0, v * w, 0.0)), jnp.sum(w))
     return out

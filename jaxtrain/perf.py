@@ -21,6 +21,7 @@ the loop, the applications (`jaxtrain.apps`, `jaxtrain.contrast`) or torch.
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 import os
 import sys
@@ -220,19 +221,17 @@ def jaxpr_flops(fn: Any, *args: Any) -> float:
         >>> jaxpr_flops(lambda x, w: jnp.tanh(x @ w), x, w)  # 2 * 8 * 16 * 4; tanh is free
         1024.0
     """
-    target, call_args = fn, args
-    if hasattr(fn, "jitted") and hasattr(fn, "trace_count"):  # a jaxtrain.CompiledStep
-        complete = getattr(fn, "_complete", None)  # a fused step's implicit `active`
-        call_args = complete(args) if complete is not None else args
+    target, call_args, uncounted = fn, args, contextlib.nullcontext()
+    if hasattr(fn, "jitted") and hasattr(fn, "uncounted"):  # a jaxtrain.CompiledStep
+        call_args = fn.complete_args(args)  # a fused step's implicit `active`
         target = fn.jitted
-    traces = getattr(fn, "_traces", None)
-    try:
+        # A jitted step's trace here is the one its compilation reuses, so it counts. A
+        # step built with jit=False traces its counting body directly; there trace_count
+        # counts calls, and an abstract trace is not one.
+        if not hasattr(target, "lower"):
+            uncounted = fn.uncounted()
+    with uncounted:
         closed = jax.make_jaxpr(target)(*call_args)
-    finally:
-        # A step built with jit=False traces its counting body directly; there
-        # trace_count counts calls, and an abstract trace is not one.
-        if traces is not None and not hasattr(target, "lower"):
-            fn._traces = traces
     return float(_count(closed))
 
 
@@ -317,8 +316,8 @@ def step_flops(step: Any, *args: Any) -> float | None:
             lowered = step.lower(*args)
             compiled = lowered.compile()
     finally:
-        if hasattr(step, "_compile_seconds"):
-            step._compile_seconds += COMPILE_CLOCK.seconds_since(seen)
+        if hasattr(step, "add_compile_seconds"):
+            step.add_compile_seconds(COMPILE_CLOCK.seconds_since(seen))
     try:
         flops: float | None = jaxpr_flops(step, *args)
     except Exception as e:  # e.g. a step that lowers but cannot be traced again

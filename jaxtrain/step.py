@@ -14,9 +14,10 @@ precision, fused steps) in `jaxtrain.transforms`, the device-resident epoch in
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -169,6 +170,27 @@ class CompiledStep:
 
     def _count_trace(self) -> None:
         self._traces += 1
+
+    @contextlib.contextmanager
+    def uncounted(self) -> Iterator[None]:
+        """Traces inside this block (abstract evaluations, FLOP counts) are not counted.
+
+        ``jax.eval_shape`` or ``jax.make_jaxpr`` of the step's body runs it in Python but
+        compiles nothing, so `trace_count` (compilations) must not move.
+        """
+        traces = self._traces
+        try:
+            yield
+        finally:
+            self._traces = traces
+
+    def add_compile_seconds(self, seconds: float) -> None:
+        """Adds a compilation that happened outside a call (``lower(...).compile()``)."""
+        self._compile_seconds += seconds
+
+    def complete_args(self, args: tuple) -> tuple:
+        """The arguments a call actually passes (a fused step's implicit ``active``)."""
+        return self._complete(args)
 
     def _declare_unroll(self, unroll: int | bool) -> None:
         """Records the unrolling a fused step or epoch chose when traced."""

@@ -27,7 +27,7 @@ import math
 import numbers
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 
 def json_safe(value: Any) -> Any:
@@ -85,7 +85,26 @@ def dumps_strict(value: Any, **kwargs: Any) -> str:
     return json.dumps(json_safe(value), allow_nan=False, **kwargs)
 
 
-class JsonlWriter:
+_W = TypeVar("_W", bound="_FileWriter")
+
+
+class _FileWriter:
+    """What the file writers share: ``self._f`` closed by `close` and by ``with``."""
+
+    _f: Any
+
+    def close(self) -> None:
+        """Closes the file (every record written so far is already flushed)."""
+        self._f.close()
+
+    def __enter__(self: _W) -> _W:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class JsonlWriter(_FileWriter):
     """Appends each record to ``path`` as one JSON line, flushed at once.
 
     The file is strict JSON Lines: a NaN or infinite value (a diverged loss) is written
@@ -115,15 +134,6 @@ class JsonlWriter:
         # every line stays readable by any JSON parser.
         self._f.write(dumps_strict(record) + "\n")
         self._f.flush()
-
-    def close(self) -> None:
-        self._f.close()
-
-    def __enter__(self) -> JsonlWriter:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
@@ -157,7 +167,7 @@ def _csv_value(v: Any) -> Any:
     return v
 
 
-class CsvWriter:
+class CsvWriter(_FileWriter):
     """Writes records as rows of a CSV file with a header, flushed at once.
 
     Records need not have the same keys (eval records have no ``grad_norm``, a custom
@@ -247,15 +257,6 @@ class CsvWriter:
                 self._widen(new)
         self._writer().writerow({k: _csv_value(v) for k, v in record.items()})
         self._f.flush()
-
-    def close(self) -> None:
-        self._f.close()
-
-    def __enter__(self) -> CsvWriter:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def read_csv(path: str | os.PathLike) -> list[dict]:
