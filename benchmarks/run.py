@@ -151,14 +151,14 @@ def linen_module(name: str):
     import jaxtrain as jt
 
     if name == "mlp64":
-        return jt.MLP(hidden=(64, 64), num_outputs=10)  # 64 -> 64 -> 64 -> 10
+        return jt.models.MLP(hidden=(64, 64), num_outputs=10)  # 64 -> 64 -> 64 -> 10
     if name == "mlp512":
-        return jt.MLP(hidden=(512, 512), num_outputs=10)
+        return jt.models.MLP(hidden=(512, 512), num_outputs=10)
     if name == "cnn":
         # The built-in CNN (channels 32, 64; dense 128) without dropout: dropout would make
         # every contender draw random numbers with its own generator (threefry vs
         # Philox), which is not the work being compared.
-        return jt.CNN(dropout=0.0)
+        return jt.models.CNN(dropout=0.0)
     raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODEL_NAMES)}.")
 
 

@@ -12,7 +12,7 @@ import jaxtrain as jt, jax, optax
 from jaxtrain.apps.tasks import classification_loss
 from jaxtrain.compile_cache import enable_compilation_cache
 enable_compilation_cache(sys.argv[1])
-model = jt.from_linen(jt.MLP(hidden=(16,)))
+model = jt.from_linen(jt.models.MLP(hidden=(16,)))
 p, _ = model.init(jax.random.key(0), jax.numpy.zeros((1, 8, 8, 1)))
 opt = optax.adam(1e-3)
 step = jt.make_train_step(classification_loss(model), opt)
