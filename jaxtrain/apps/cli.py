@@ -54,6 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     # Every TrainConfig field, from its one declaration (jaxtrain.apps.fields.option).
     fields.add_arguments(t, TrainConfig)
+    _add_run_options(t)  # what to do with OUT: resume, overwrite, ...
+    _add_distributed_options(t)
+    add_compare_parser(sub)  # jaxtrain compare: jaxtrain.contrast (imports torch only when run)
+    add_doctor_parser(sub)  # jaxtrain doctor: backend, devices, versions (jaxtrain.apps.doctor)
+    add_plot_parser(sub)  # jaxtrain plot: curves of run folders (jaxtrain.apps.plots)
+    return parser
+
+
+def _add_run_options(t: argparse.ArgumentParser) -> None:
+    """The train options that are not configuration: what to do with the run folder."""
     t.add_argument(
         "--resume",
         metavar="OUT",
@@ -85,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
         "(comma-separated, e.g. lr,epochs; exactly those that differ); recorded in "
         "config.json, the checkpoints and summary.json",
     )
+
+
+def _add_distributed_options(t: argparse.ArgumentParser) -> None:
+    """The multi-process options (jaxtrain.distributed), a group of their own."""
     dist = t.add_argument_group(
         "multi-process (several machines, or a TPU pod slice)",
         "Run the same command on every machine; each process trains on its own rows of every "
@@ -107,10 +121,6 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="join a multi-process run even without the options above (cluster auto-detection)",
     )
-    add_compare_parser(sub)  # jaxtrain compare: jaxtrain.contrast (imports torch only when run)
-    add_doctor_parser(sub)  # jaxtrain doctor: backend, devices, versions (jaxtrain.apps.doctor)
-    add_plot_parser(sub)  # jaxtrain plot: curves of run folders (jaxtrain.apps.plots)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
