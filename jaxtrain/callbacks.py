@@ -165,15 +165,102 @@ class CallbackList:
 
 
 @dataclasses.dataclass(frozen=True)
-class PeriodicHook:
-    """Calls ``fn(state, history)`` every ``every_steps`` training steps.
-
-    The hook runs on the host between dispatches; reading arrays from ``state`` inside
-    it is a host sync, so keep ``every_steps`` large for hooks that do.
+class Every:
+    """A cadence: every ``steps`` training steps, or every ``epochs`` epochs.
 
     Attributes:
-        every_steps: call ``fn`` whenever the global step crosses a multiple of this.
+        steps: the period in steps (a call of K fused steps that crosses a multiple
+            counts once).
+        epochs: the period in epochs (at the end of epochs 1·n, 2·n, ..., counted from 1).
+
+    Example:
+        >>> Every(steps=100), Every(epochs=2)
+        (Every(steps=100, epochs=None), Every(steps=None, epochs=2))
+        >>> Every(steps=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: Every needs one period >= 1, steps or epochs; got steps=0, epochs=None. Fix: Every(steps=100) or Every(epochs=1).
+    """
+
+    steps: int | None = None
+    epochs: int | None = None
+
+    def __post_init__(self):
+        given = [v for v in (self.steps, self.epochs) if v is not None]
+        if len(given) != 1 or any(
+            isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1 for v in given
+        ):
+            raise ValueError(
+                f"Every needs one period >= 1, steps or epochs; got steps={self.steps!r}, "
+                f"epochs={self.epochs!r}. Fix: Every(steps=100) or Every(epochs=1)."
+            )
+
+    def after_call(self, loop: LoopState) -> bool:
+        """Whether a step period ended in the call that just ran."""
+        return self.steps is not None and loop.crossed(self.steps)
+
+    def at_epoch_end(self, loop: LoopState) -> bool:
+        """Whether an epoch period ends with the epoch that just ended."""
+        return self.epochs is not None and (loop.epoch + 1) % self.epochs == 0
+
+
+class PeriodicCallback(Callback):
+    """A callback whose `on_period` runs at a cadence: ``every=Every(steps=...)`` or epochs.
+
+    Subclass it and implement `on_period`; the other events stay available. A step
+    period is checked after each call; an epoch period at each epoch end (after the
+    epoch's evaluation and checkpoint).
+
+    Args:
+        every: an `Every`, or an int for a period in steps.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, numpy as np, optax, jaxtrain as jt
+        >>> class Seen(PeriodicCallback):
+        ...     def __init__(self, every):
+        ...         super().__init__(every)
+        ...         self.steps = []
+        ...     def on_period(self, loop):
+        ...         self.steps.append(loop.step)
+        >>> opt = optax.sgd(0.1)
+        >>> step = jt.make_train_step(lambda p, b: jnp.mean((b["x"] @ p["w"]) ** 2), opt)
+        >>> state = jt.TrainState.create({"w": jnp.ones(2)}, opt, jax.random.key(0))
+        >>> data = jt.ArrayDataset({"x": np.ones((8, 2), np.float32)}, 2)  # 4 steps an epoch
+        >>> by_steps, by_epochs = Seen(3), Seen(Every(epochs=2))
+        >>> _ = jt.fit(state, step, data, epochs=4, callbacks=[by_steps, by_epochs],
+        ...            progress=False)
+        >>> by_steps.steps, by_epochs.steps
+        ([3, 6, 9, 12, 15], [8, 16])
+    """
+
+    def __init__(self, every: Every | int):
+        self.every = every if isinstance(every, Every) else Every(steps=every)
+
+    def on_period(self, loop: LoopState) -> None:
+        """Runs once per period (override it)."""
+
+    def on_call_end(self, loop: LoopState) -> None:
+        if self.every.after_call(loop):
+            self.on_period(loop)
+
+    def on_epoch_end(self, loop: LoopState) -> None:
+        if self.every.at_epoch_end(loop):
+            self.on_period(loop)
+
+
+@dataclasses.dataclass(frozen=True)
+class PeriodicHook:
+    """Calls ``fn(state, history)`` every ``every_steps`` steps or ``every_epochs`` epochs.
+
+    The hook runs on the host between dispatches; reading arrays from ``state`` inside
+    it is a host sync, so keep the period large for hooks that do.
+
+    Attributes:
+        every_steps: call ``fn`` whenever the global step crosses a multiple of this
+            (None with ``every_epochs``).
         fn: ``fn(state, history)``, given the current `TrainState` and `History`.
+        every_epochs: instead, call ``fn`` at the end of every epoch whose number
+            (counted from 1) is a multiple of this, after its evaluation and checkpoint.
 
     Example:
         >>> import jax, jax.numpy as jnp, numpy as np, optax, jaxtrain as jt
@@ -188,19 +275,27 @@ class PeriodicHook:
         [2, 4, 6]
     """
 
-    every_steps: int
+    every_steps: int | None
     fn: Callable[[TrainState, History], None]
+    every_epochs: int | None = None
 
     def __post_init__(self):
-        if (
-            isinstance(self.every_steps, bool)
-            or not isinstance(self.every_steps, (int, np.integer))
-            or self.every_steps < 1
-        ):
+        if (self.every_steps is None) == (self.every_epochs is None):
             raise ValueError(
-                f"PeriodicHook every_steps must be an integer >= 1 (training steps); got "
-                f"{self.every_steps!r}. Fix: PeriodicHook(100, fn) calls fn every 100 steps."
+                f"PeriodicHook needs one cadence, every_steps or every_epochs; got "
+                f"every_steps={self.every_steps!r}, every_epochs={self.every_epochs!r}. Fix: "
+                "PeriodicHook(100, fn) (steps) or PeriodicHook(None, fn, every_epochs=2)."
             )
+        for name in ("every_steps", "every_epochs"):
+            v = getattr(self, name)
+            if v is not None and (
+                isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1
+            ):
+                unit = "training steps" if name == "every_steps" else "epochs"
+                raise ValueError(
+                    f"PeriodicHook {name} must be an integer >= 1 ({unit}); got {v!r}. "
+                    "Fix: PeriodicHook(100, fn) calls fn every 100 steps."
+                )
         if not callable(self.fn):
             raise TypeError(
                 f"PeriodicHook fn must be callable as fn(state, history); got "
@@ -291,20 +386,27 @@ class HookCallback(Callback):
         self._run_due(loop)  # the previous step was not an epoch's last: its work is done
 
     def on_call_end(self, loop: LoopState) -> None:
-        if isinstance(self.hook, PeriodicHook) and loop.crossed(self.hook.every_steps):
-            self.due = True
+        hook = self.hook
+        if isinstance(hook, PeriodicHook) and hook.every_steps is not None:
+            self.due = self.due or Every(steps=hook.every_steps).after_call(loop)
+
+    def _epoch_due(self, loop: LoopState) -> bool:
+        hook = self.hook
+        if isinstance(hook, PeriodicHook) and hook.every_epochs is not None:
+            return Every(epochs=hook.every_epochs).at_epoch_end(loop)
+        return self._is("epoch_end")
 
     def on_eval_end(self, loop: LoopState, record: dict) -> None:
         self.due = self.due or self._is("eval_end")
 
     def on_epoch_end(self, loop: LoopState) -> None:
-        self.due = self.due or self._is("epoch_end")
+        self.due = self.due or self._epoch_due(loop)
         self._run_due(loop)
 
     def on_train_end(self, loop: LoopState) -> None:
         per_epoch = loop.steps_per_epoch
         if per_epoch is not None and loop.index >= per_epoch:  # the budget ended an epoch
-            self.due = self.due or self._is("epoch_end")
+            self.due = self.due or self._epoch_due(loop)
         self._run_due(loop)
 
 

@@ -6,6 +6,7 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 
@@ -173,3 +174,56 @@ def test_no_fault_injection_hook_in_the_package():
         if "DEBUG_PAUSE" in p.read_text() or "_debug_pause" in p.read_text()
     ]
     assert offenders == []
+
+
+def test_cadence_in_steps_or_epochs_for_callbacks_and_hooks():
+    """Every(steps=...) / Every(epochs=...) drive PeriodicCallback and PeriodicHook alike;
+    an epoch period runs after that epoch's evaluation."""
+    from jaxtrain.callbacks import Every, PeriodicCallback
+
+    opt = optax.sgd(0.1)
+    step = jt.make_train_step(lambda p, b: jnp.mean((b["x"] @ p["w"]) ** 2), opt)
+    eval_step = jt.make_eval_step(lambda p, b: {"err": jnp.abs(b["x"] @ p["w"])})
+    state = jt.TrainState.create({"w": jnp.ones(2)}, opt, jax.random.key(0))
+    data = jt.ArrayDataset({"x": np.ones((8, 2), np.float32)}, 2)  # 4 steps per epoch
+
+    class Seen(PeriodicCallback):
+        def __init__(self, every):
+            super().__init__(every)
+            self.seen = []
+
+        def on_period(self, loop):
+            self.seen.append(
+                (loop.step, loop.history.eval[-1]["step"] if loop.history.eval else None)
+            )
+
+    steps3, epochs2 = Seen(3), Seen(Every(epochs=2))
+    hook_epochs = []
+    hook = jt.PeriodicHook(None, lambda s, h: hook_epochs.append(int(s.step)), every_epochs=3)
+    jt.fit(
+        state,
+        step,
+        data,
+        epochs=6,
+        eval_step=eval_step,
+        eval_data=data,
+        callbacks=[steps3, epochs2],
+        hooks=[hook],
+        progress=False,
+    )
+    assert [s for s, _ in steps3.seen] == [3, 6, 9, 12, 15, 18, 21, 24]
+    assert epochs2.seen == [(8, 8), (16, 16), (24, 24)]  # after each such epoch's evaluation
+    assert hook_epochs == [12, 24]
+    for bad, message in [
+        (lambda: Every(), "Every needs one period >= 1"),
+        (lambda: Every(steps=2, epochs=1), "Every needs one period >= 1"),
+        (lambda: Every(epochs=0), "got steps=None, epochs=0"),
+        (lambda: jt.PeriodicHook(None, print), "PeriodicHook needs one cadence"),
+        (lambda: jt.PeriodicHook(5, print, every_epochs=1), "PeriodicHook needs one cadence"),
+        (
+            lambda: jt.PeriodicHook(None, print, every_epochs=0),
+            "every_epochs must be an integer >= 1",
+        ),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            bad()

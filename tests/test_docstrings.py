@@ -21,6 +21,7 @@ import jaxtrain
 # defines itself (or its ``__all__`` when it has one); a tuple: just those names.
 SUBMODULES: dict[str, tuple[str, ...] | None] = {
     "jaxtrain.checkpoint": ("Checkpointer",),
+    "jaxtrain.callbacks": ("Every", "PeriodicCallback"),
     "jaxtrain.losses": None,
     "jaxtrain.metrics": None,
     "jaxtrain.models": None,

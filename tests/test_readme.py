@@ -82,6 +82,17 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch):
         ns,
     )
     assert ns["train_steps"].steps_per_call == 8 and ns["history"].steps == 23
+    # The callbacks block: same code, two epochs (every epoch instead of every 10 / 5).
+    cb_block = next(b for b in blocks if "PeriodicCallback" in b)
+    cb_code = cb_block.replace("epochs=40,", "epochs=2, progress=False,")
+    cb_code = cb_code.replace("Every(epochs=10)", "Every(epochs=1)").replace(
+        "every_epochs=5", "every_epochs=1"
+    )
+    ns["state"] = ns["jt"].TrainState.create(
+        ns["params"], ns["optimizer"], ns["jax"].random.key(0), ns["model_state"]
+    )
+    exec(compile(cb_code, "README.md", "exec"), ns)
+    assert ns["history"].steps == 2 * 23 and len(ns["history"].eval) == 2
     # The checkpoint block: same code, two epochs, in a temporary folder.
     ckpt_block = next(b for b in blocks if "Checkpointer(" in b)
     assert "epochs=40" in ckpt_block
