@@ -18,7 +18,7 @@ from typing import Any
 import jax
 from jax.sharding import Mesh
 
-from jaxtrain.callbacks import Callback
+from jaxtrain.callbacks import Callback, Every
 from jaxtrain.data import ArrayDataset, DataPosition
 from jaxtrain.evaluation import EarlyStop
 from jaxtrain.grain_data import GrainData
@@ -78,7 +78,7 @@ class Checkpointing(Callback):
         self,
         checkpointer: Any,
         *,
-        every: int | None,
+        every: int | Every | None,
         at_epoch_end: bool,
         resume: bool | str,
         train_data: Any,
@@ -88,7 +88,8 @@ class Checkpointing(Callback):
         config: Mapping[str, Any] | None,
         start_fresh: Callable[[LoopState], None],
     ):
-        self.checkpointer, self.every, self.at_epoch_end = checkpointer, every, at_epoch_end
+        self.checkpointer, self.at_epoch_end = checkpointer, at_epoch_end
+        self.every = Every(steps=every) if isinstance(every, int) else every
         self.resume, self.train_data, self.mesh = resume, train_data, mesh
         self.log, self.early_stop, self.config = log, early_stop, config
         self.start_fresh = start_fresh
@@ -169,11 +170,11 @@ class Checkpointing(Callback):
         loop.saved_step = loop.step
 
     def on_call_end(self, loop: LoopState) -> None:
-        if loop.crossed(self.every):
+        if self.every is not None and self.every.after_call(loop):
             self.save(loop)
 
     def on_epoch_end(self, loop: LoopState) -> None:
-        if self.at_epoch_end:
+        if self.at_epoch_end or (self.every is not None and self.every.at_epoch_end(loop)):
             self.save(loop)
 
     def on_loop_end(self, loop: LoopState) -> None:

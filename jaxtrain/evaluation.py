@@ -20,7 +20,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxtrain import metrics as metrics_lib
-from jaxtrain.callbacks import Callback
+from jaxtrain.callbacks import Callback, Every
 from jaxtrain.data import ArrayDataset
 from jaxtrain.feed import epoch_batches, host_checked, prefetch
 from jaxtrain.grain_data import GrainData
@@ -180,7 +180,9 @@ def eval_metric_names(
 
 
 class Evaluator(Callback):
-    """Evaluates every ``every`` steps (None: at each epoch end) and once at the end.
+    """Evaluates at a cadence (None: at each epoch end) and once at the end.
+
+    ``every``: an int (steps) or an `Every` (steps or epochs).
 
     Closes the train log's open interval first (its record comes before the eval
     record, and evaluation time is not training time), appends the record to
@@ -188,9 +190,10 @@ class Evaluator(Callback):
     """
 
     def __init__(
-        self, eval_step: Any, eval_data: Any, every: int | None, mesh: Mesh, log: TrainLog
+        self, eval_step: Any, eval_data: Any, every: int | Every | None, mesh: Mesh, log: TrainLog
     ):
-        self.eval_step, self.eval_data, self.every = eval_step, eval_data, every
+        self.eval_step, self.eval_data = eval_step, eval_data
+        self.every = Every(steps=every) if isinstance(every, int) else every
         self.mesh, self.log = mesh, log
 
     def run(self, loop: LoopState, epoch: int) -> None:
@@ -203,11 +206,11 @@ class Evaluator(Callback):
         loop.callbacks.on_eval_end(loop, record)
 
     def on_call_end(self, loop: LoopState) -> None:
-        if loop.crossed(self.every):
+        if self.every is not None and self.every.after_call(loop):
             self.run(loop, loop.epoch)
 
     def on_epoch_end(self, loop: LoopState) -> None:
-        if self.every is None:
+        if self.every is None or self.every.at_epoch_end(loop):
             self.run(loop, loop.epoch)
 
     def on_train_end(self, loop: LoopState) -> None:

@@ -29,6 +29,7 @@ from jaxtrain.callbacks import (
     Callback,
     CallbackList,
     EventHook,
+    Every,
     HookCallback,
     PeriodicHook,
     ProgressBar,
@@ -75,8 +76,12 @@ def _check_counts(epochs, num_steps, log_every, eval_every, save_every, flops_pe
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise ValueError(f"{name} must be a positive integer; got {v!r}.")
     for name, v in (("eval_every", eval_every), ("save_every", save_every)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-            raise ValueError(f"{name} must be a positive integer or None; got {v!r}.")
+        if v is not None and not isinstance(v, Every):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(
+                    f"{name} must be a positive integer (steps), an Every(steps=...|epochs=...) "
+                    f"or None; got {v!r}."
+                )
     if flops_per_step is not None and (
         isinstance(flops_per_step, bool)
         or not isinstance(flops_per_step, (int, float, np.integer, np.floating))
@@ -232,7 +237,7 @@ def fit(
     num_steps: int | None = None,
     eval_step: CompiledStep | Callable | None = None,
     eval_data: ArrayDataset | Iterable | None = None,
-    eval_every: int | None = None,
+    eval_every: int | Every | None = None,
     log_every: int = 50,
     mesh: Mesh | None = None,
     hooks: Sequence[PeriodicHook | EventHook] = (),
@@ -241,7 +246,7 @@ def fit(
     progress: bool = True,
     start: DataPosition | None = None,
     checkpointer: Checkpointer | None = None,
-    save_every: int | None = None,
+    save_every: int | Every | None = None,
     save_at_epoch_end: bool = True,
     resume: bool | str = False,
     config: Mapping[str, Any] | None = None,
@@ -269,7 +274,9 @@ def fit(
         eval_step: from `make_eval_step`; needs ``eval_data``.
         eval_data: evaluated at the end of each epoch (or every ``eval_every`` steps
             if given) and at the end.
-        eval_every: evaluate every this many global steps (default: at epoch ends).
+        eval_every: evaluate every this many global steps, or at an
+            ``jaxtrain.callbacks.Every(steps=...)`` / ``Every(epochs=n)`` cadence (default:
+            at every epoch end).
         log_every: read training metrics back every this many global steps (the only
             periodic host sync); also at epoch ends and before each checkpoint.
         mesh: the data mesh; default all devices (`jaxtrain.data_mesh`). A mesh from
@@ -295,7 +302,9 @@ def fit(
             finishes the current step, saves and commits a checkpoint, and raises
             `Preempted` (single-process runs, main thread; the previous handler is
             restored on return).
-        save_every: save every this many global steps (None: only epoch ends and end).
+        save_every: save every this many global steps, or at an ``Every`` cadence
+            (``Every(epochs=n)`` with ``save_at_epoch_end=False``: every n epochs); None:
+            only epoch ends and the end.
         save_at_epoch_end: save after each epoch's evaluation.
         resume: True continues from the newest committed checkpoint (restoring state,
             data position, metrics history and early-stopping counters; error if

@@ -227,3 +227,36 @@ def test_cadence_in_steps_or_epochs_for_callbacks_and_hooks():
     ]:
         with pytest.raises(ValueError, match=message):
             bad()
+
+
+def test_fit_evaluates_and_saves_at_an_epoch_cadence(tmp_path):
+    """eval_every / save_every take an Every(epochs=n) as well as a number of steps."""
+    from jaxtrain.callbacks import Every
+    from jaxtrain.checkpoint import Checkpointer
+
+    opt = optax.sgd(0.1)
+    step = jt.make_train_step(lambda p, b: jnp.mean((b["x"] @ p["w"]) ** 2), opt)
+    eval_step = jt.make_eval_step(lambda p, b: {"err": jnp.abs(b["x"] @ p["w"])})
+    state = jt.TrainState.create({"w": jnp.ones(2)}, opt, jax.random.key(0))
+    data = jt.ArrayDataset({"x": np.ones((8, 2), np.float32)}, 2)  # 4 steps per epoch
+    with Checkpointer(tmp_path / "ckpt", keep_last=10) as ckpt:
+        _, history = jt.fit(
+            state,
+            step,
+            data,
+            epochs=6,
+            eval_step=eval_step,
+            eval_data=data,
+            eval_every=Every(epochs=2),
+            checkpointer=ckpt,
+            save_every=Every(epochs=3),
+            save_at_epoch_end=False,
+            progress=False,
+        )
+        saved = ckpt.all_steps()
+    assert [r["step"] for r in history.eval] == [8, 16, 24]
+    assert saved == [12, 24]
+    with pytest.raises(
+        ValueError, match=r"eval_every must be a positive integer \(steps\), an Every"
+    ):
+        jt.fit(state, step, data, epochs=1, eval_step=eval_step, eval_data=data, eval_every=0)

@@ -205,7 +205,10 @@ def test_history_to_dict_is_json_ready(setup):
         ({"epochs": 0}, "epochs must be a positive integer; got 0"),
         ({"num_steps": -1}, "num_steps must be a positive integer; got -1"),
         ({"epochs": 1, "log_every": 0}, "log_every must be a positive integer; got 0"),
-        ({"epochs": 1, "eval_every": 0}, "eval_every must be a positive integer or None; got 0"),
+        (
+            {"epochs": 1, "eval_every": 0},
+            r"eval_every must be a positive integer \(steps\), an Every\(steps=...\|epochs=...\) or None; got 0",
+        ),
         ({"epochs": 1, "eval_data": [1]}, "eval_step and eval_data go together"),
         (
             {"epochs": 1, "early_stopping": jt.EarlyStopping()},
