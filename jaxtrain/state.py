@@ -29,6 +29,12 @@ def as_key_data(rng: jax.Array | int) -> jax.Array:
     """
     if isinstance(rng, (int, np.integer)) and not isinstance(rng, bool):
         return jax.random.key_data(jax.random.key(check_key_seed(rng)))
+    if isinstance(rng, (bool, str, bytes, float)) or rng is None:
+        raise TypeError(
+            f"rng must be an int seed, a typed PRNG key (jax.random.key) or raw uint32 key data "
+            f"of shape (2,); got {rng!r} ({type(rng).__name__}). Fix: pass an int seed, e.g. "
+            "0, or jax.random.key(0)."
+        )
     rng = jnp.asarray(rng) if not isinstance(rng, jax.Array) else rng
     if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
         return jax.random.key_data(rng)

@@ -177,3 +177,39 @@ def test_every_config_field_is_an_option_declared_once():
     with pytest.raises(ValueError, match=r"label_smoothing must be a finite number in \[0, 1\)"):
         TrainConfig(label_smoothing=1.0).validate()
     assert cli.build_parser().parse_args(["train", "--no-progress"]).progress is False
+
+
+def test_sigterm_during_start_up_is_one_line_and_exit_143(tmp_path, monkeypatch, capsys):
+    """A SIGTERM before fit's loop (start-up, first compilation) used to kill the process
+    silently; now it is one line naming how to continue, exit 143, lock released, and the
+    previous SIGTERM handler restored."""
+    import os
+    import signal
+
+    from jaxtrain.apps import digits
+
+    original = digits._build
+
+    def build_then_terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # delivered at the next bytecode
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(digits, "_build", build_then_terminated)
+
+    def unhandled(signum, frame):  # what the default handler would do: end the process
+        raise RuntimeError("SIGTERM reached the default handler: the process would die")
+
+    outer = signal.signal(signal.SIGTERM, unhandled)
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "run"
+    argv = ["train", "--model", "mlp", "--max-steps", "2", "--no-progress", "--out", str(out)]
+    try:
+        rc = cli.main(argv)
+        assert signal.getsignal(signal.SIGTERM) is before  # cli restored the outer handler
+    finally:
+        signal.signal(signal.SIGTERM, outer)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert rc == 143
+    assert len(err) == 1 and "stopped by SIGTERM while no training step was running" in err[0]
+    assert f"jaxtrain train --auto-resume --out {out}" in err[0]
+    assert not (out / ".jaxtrain.lock").exists()  # the folder is free for the next attempt

@@ -217,3 +217,12 @@ def test_create_refuses_seeds_outside_the_key_range(seed):
 def test_create_accepts_the_whole_key_range():
     for seed in (0, 2**32 - 1, np.uint32(7)):
         jt.TrainState.create({"w": jnp.zeros(2)}, optax.sgd(0.1), seed)
+
+
+@pytest.mark.parametrize("rng", ["0", 1.5, True, None])
+def test_create_names_an_rng_of_the_wrong_type(rng):
+    with pytest.raises(
+        TypeError,
+        match=r"rng must be an int seed, a typed PRNG key .*; got .*Fix: pass an int seed",
+    ):
+        jt.TrainState.create({"w": jnp.zeros(2)}, optax.sgd(0.1), rng)

@@ -12,7 +12,9 @@ import contextlib
 import dataclasses
 import math
 import os
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Sequence
 
@@ -186,6 +188,33 @@ def _warnings_as_lines():
         yield
 
 
+class _TerminatedOutsideSteps(Exception):
+    """SIGTERM arrived while no training step ran (start-up, compilation, final writes)."""
+
+
+@contextlib.contextmanager
+def _sigterm_outside_steps():
+    """SIGTERM before or after `fit`'s loop ends the command with one line and exit 143.
+
+    Inside the loop `fit` installs its own handler (finish the step, save, exit 143) and
+    restores this one afterwards. Without this, a SIGTERM during start-up or the first
+    compilation killed the process silently. Only in the main thread (where Python
+    delivers signals); the previous handler comes back on exit.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum: int, frame: object) -> None:
+        raise _TerminatedOutsideSteps
+
+    previous = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _train(args: argparse.Namespace) -> int:
     """``jaxtrain train``: 0 done; 1 the run failed (diverged); 2 a user error; 143 SIGTERM."""
     from jaxtrain.apps import digits
@@ -195,7 +224,7 @@ def _train(args: argparse.Namespace) -> int:
         return 2
     cfg = None
     try:
-        with _warnings_as_lines():
+        with _warnings_as_lines(), _sigterm_outside_steps():
             cfg, resume = _train_config(args)
             summary = digits.run(
                 cfg,
@@ -210,6 +239,15 @@ def _train(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 143  # 128 + SIGTERM, what the shell reports for a process it ended
+    except _TerminatedOutsideSteps:
+        out = cfg.out if cfg is not None else args.out
+        print(
+            "jaxtrain train: stopped by SIGTERM while no training step was running (start-up, "
+            "compilation or final writes); committed checkpoints are kept. Continue with: "
+            f"jaxtrain train --auto-resume --out {out}",
+            file=sys.stderr,
+        )
+        return 143
     except FloatingPointError as e:  # the non-finite guard: the run diverged
         print(f"jaxtrain train: error: the run diverged: {_one_line(e)}", file=sys.stderr)
         return 1
