@@ -118,6 +118,16 @@ def _num_devices(compiled: Any) -> int:
 # Primitives whose work is opaque to a jaxpr walk: a Pallas kernel's jaxpr is one block of
 # a grid whose extent the walk cannot read reliably; counting it once would be a guess.
 _OPAQUE = frozenset({"pallas_call"})
+# cuDNN's fused attention (`jax.nn.dot_product_attention(implementation="cudnn")`, what
+# `jaxtrain.models.TransformerLM` uses on NVIDIA GPUs) is one primitive for the forward
+# pass and one for the backward, not dot_generals: counted as XLA's attention counts,
+# q k^T and p v forward (2 products), four products backward. Value: products per call.
+_FUSED_ATTENTION = {
+    "dot_product_attention_fwd": 2,
+    "dot_product_attention_fwd_wrapper": 2,
+    "dot_product_attention_bwd": 4,
+    "dot_product_attention_bwd_wrapper": 4,
+}
 
 
 def _sub_jaxprs(params: Mapping[str, Any]) -> list[Any]:
@@ -151,6 +161,17 @@ def _conv_flops(eqn: Any) -> int:
     return 2 * math.prod(eqn.outvars[0].aval.shape) * per_output
 
 
+def _attention_product_flops(eqn: Any) -> int:
+    """2 x B x N x T x S x H: one [T, H] x [H, S] product per batch and head.
+
+    Operands are query ``[B, T, N, H]`` and key/value ``[B, S, K, H]`` (``layout`` 0), or
+    ``[B, N, T, H]`` / ``[B, K, S, H]`` (``layout`` 1, cuDNN's BNTH).
+    """
+    query, _, value = (v.aval.shape for v in eqn.invars[:3])
+    seq_axis = 2 if eqn.params.get("layout") == 1 else 1
+    return 2 * math.prod(query) * value[seq_axis]
+
+
 def _shard_map_devices(params: Mapping[str, Any]) -> int:
     """How many copies of a shard_map body run: the sizes of its manual mesh axes."""
     mesh = params.get("mesh")
@@ -170,6 +191,8 @@ def _count(jaxpr: Any) -> int:
             total += _dot_flops(eqn)
         elif name == "conv_general_dilated":
             total += _conv_flops(eqn)
+        elif name in _FUSED_ATTENTION:
+            total += _FUSED_ATTENTION[name] * _attention_product_flops(eqn)
         elif name == "scan":
             total += int(params["length"]) * _count(params["jaxpr"])
         elif name == "cond":  # one branch runs; which is unknown when tracing

@@ -280,6 +280,9 @@ def test_run_py_rejects_steps_that_do_not_fit_whole_epochs():
 
 
 def test_gpu_py_tiny_on_cpu(tmp_path):
+    """The GPT-2-small benchmark's every code path at a tiny size on CPU: jaxtrain's scanned
+    LM in bf16, PyTorch compiled (torch.compile, the GPU contender; forced here, since on a
+    CPU it is off by default) and eager, the FLOP counts, the goals and the JSON."""
     out = tmp_path / "gpu.json"
     res = subprocess.run(
         [
@@ -289,32 +292,75 @@ def test_gpu_py_tiny_on_cpu(tmp_path):
             "tiny",
             "--torch-threads",
             "1",
+            "--torch-compile",
+            "on",
             "--out",
             str(out),
         ],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
     )
     assert res.returncode == 0, res.stderr[-3000:]
     r = json.loads(out.read_text())
-    assert r["model"]["params"] == r["model"]["torch_params"]  # the twin has the same size
-    for name in ("jaxtrain", "torch_eager"):
+    m = r["model"]
+    assert m["params"] == m["torch_params"]  # PyTorch's model has the same size
+    assert m["params_matmul"] == m["params"] - r["config"]["seq"] * r["config"]["d_model"]
+    assert m["attention_implementation"] == "xla" and m["attention_requested"] == "auto"
+    assert m["scan_layers"] is True and m["remat"] is None
+    assert m["tokens_per_step"] == r["config"]["batch"] * r["config"]["seq"]
+    tc = r["contenders"]["torch_compile"]
+    if tc["status"] != "ok":  # allowed only where torch.compile cannot build (no compiler)
+        assert tc["status"].startswith("unavailable: ") and tc["status"] in r["markdown"]
+    names = ["jaxtrain", "torch_eager"] + (["torch_compile"] if tc["status"] == "ok" else [])
+    for name in names:
         c = r["contenders"][name]
         assert c["status"] == "ok", c
+        assert len(c["per_step_s"]) == r["config"]["repeats"]
         assert all(_positive_finite(t) for t in c["per_step_s"])
-        assert _positive_finite(c["tokens_per_s"]) and _positive_finite(c["flops_per_step_6n"])
-        assert math.isfinite(c["final_loss"])
-        assert c["mfu_6n"] is None  # no peak on CPU
+        assert c["min_s"] <= c["median_s"] <= c["max_s"]
+        assert _positive_finite(c["tokens_per_s"]) and _positive_finite(c["warmup_s"])
+        assert math.isfinite(c["final_loss"]) and c["final_loss"] > 0
+        # 6N + 12 L T d per token, times the tokens of a step.
+        assert c["flops_per_step_analytic"] == pytest.approx(
+            (
+                6 * m["params_matmul"]
+                + 12 * r["config"]["layers"] * r["config"]["seq"] * r["config"]["d_model"]
+            )
+            * m["tokens_per_step"]
+        )
+        assert c["mfu_6n"] is None and c["mfu_analytic"] is None  # no peak on CPU
     jx = r["contenders"]["jaxtrain"]
-    assert _positive_finite(jx["flops_per_step_jaxpr"]) and jx["compilations"] == 1
-    # The jaxpr count is 6N plus attention's T x T products: exactly the 6N + 12 L T d
-    # formula for this model (both count multiply-adds of matrix products only).
-    assert jx["flops_per_step_jaxpr"] > jx["flops_per_step_6n"]
-    assert jx["flops_per_step_jaxpr"] == pytest.approx(jx["flops_per_step_6n_attention"], rel=0.05)
-    for col in ("step time", "tokens/s", "FLOPs/step (jaxpr)", "MFU (jaxpr)", "MFU (6N)"):
+    assert jx["compilations"] == 1 and _positive_finite(jx["compile_s"])
+    assert _positive_finite(jx["flops_per_step_xla"]) and _positive_finite(
+        jx["flops_per_step_jaxpr"]
+    )
+    # The jaxpr count is the exact model FLOPs: the analytic count less the 6 x (biases
+    # and LayerNorm parameters) that are in N but in no matrix product (3% at this size).
+    assert jx["flops_per_step_jaxpr"] == pytest.approx(jx["flops_per_step_analytic"], rel=0.05)
+    assert jx["flops_per_step_jaxpr"] < jx["flops_per_step_analytic"]
+    # XLA's cost analysis counts the scanned layers' loop body once: fewer FLOPs.
+    assert jx["flops_per_step_xla"] < jx["flops_per_step_jaxpr"]
+    goals = {g["goal"]: g for g in r["goals"]}
+    mfu_goal = goals["jaxtrain MFU (6N + attention) >= 45%"]
+    assert mfu_goal["measured"] is None and mfu_goal["result"].startswith("not measured")
+    speed = goals["jaxtrain faster than PyTorch torch.compile (x)"]
+    if tc["status"] == "ok":
+        assert _positive_finite(speed["measured"]) and speed["result"] in ("MET", "MISSED")
+        assert speed["measured"] == pytest.approx(tc["median_s"] / jx["median_s"])
+    for col in ("step time", "tokens/s", "MFU (6N + attn)", "MFU (XLA cost)", "MFU (jaxpr)"):
         assert col in r["markdown"]
     assert r["markdown"] in res.stdout
+
+
+def test_gpu_py_bad_model_options_fail_before_compiling():
+    gpu = _load("gpu.py")
+    with pytest.raises(
+        SystemExit, match=r"^benchmarks/gpu.py: remat must be None or one of .* got 'dots'\. Fix:"
+    ):
+        gpu.main(["--size", "tiny", "--remat", "dots", "--out", ""])
+    with pytest.raises(SystemExit, match=r"attention must be one of .* got 'flash'\. Fix:"):
+        gpu.main(["--size", "tiny", "--attention", "flash", "--out", ""])
 
 
 def test_gpu_py_full_size_without_a_gpu_is_a_clear_error():

@@ -1,4 +1,7 @@
-"""Built-in Flax linen models: MLP, a small CNN, and a small decoder-only transformer LM.
+"""Built-in Flax linen models: MLP, a small CNN, and the decoder-only transformer LM.
+
+`TransformerLM` lives in `jaxtrain.models.lm` (fused attention, remat, scan over layers)
+and is re-exported here, where it always was.
 
 What must not live here: adapters (`jaxtrain.models.adapters`), losses, and the models'
 PyTorch twins (`jaxtrain.contrast`). It never imports the loop, the applications
@@ -12,6 +15,8 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+
+from jaxtrain.models.lm import TransformerLM  # noqa: F401  (its home before models.lm)
 
 INITS = ("flax", "torch")
 
@@ -135,66 +140,3 @@ class CNN(nn.Module):
         x = nn.relu(nn.Dense(self.dense, **_layer_init(self.param_init, x.shape[-1]))(x))
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
         return nn.Dense(self.num_classes, **_layer_init(self.param_init, x.shape[-1]))(x)
-
-
-class _Block(nn.Module):
-    """Pre-LayerNorm transformer block: causal self-attention then an MLP."""
-
-    num_heads: int
-    dropout: float
-
-    @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array, train: bool) -> jax.Array:
-        d = x.shape[-1]
-        h = nn.LayerNorm()(x)
-        h = nn.MultiHeadDotProductAttention(
-            num_heads=self.num_heads, dropout_rate=self.dropout, deterministic=not train
-        )(h, h, mask=mask)
-        x = x + nn.Dropout(self.dropout, deterministic=not train)(h)
-        h = nn.LayerNorm()(x)
-        h = nn.Dense(4 * d)(h)
-        h = nn.Dense(d)(nn.gelu(h))
-        return x + nn.Dropout(self.dropout, deterministic=not train)(h)
-
-
-class TransformerLM(nn.Module):
-    """A small decoder-only (GPT-style) language model.
-
-    Attributes:
-        vocab_size: number of tokens.
-        max_len: longest sequence (learned positional embeddings).
-        d_model: embedding width.
-        num_heads: attention heads (``d_model`` must be divisible by it).
-        num_layers: transformer blocks.
-        dropout: dropout rate (training only).
-
-    Example:
-        >>> import jax, jax.numpy as jnp
-        >>> lm = TransformerLM(vocab_size=11, max_len=8, d_model=16, num_heads=2, num_layers=1)
-        >>> tokens = jnp.zeros((2, 5), jnp.int32)  # [B, T], T <= max_len
-        >>> variables = jax.eval_shape(lm.init, jax.random.key(0), tokens)  # shapes only
-        >>> jax.eval_shape(lm.apply, variables, tokens).shape  # logits [B, T, vocab_size]
-        (2, 5, 11)
-    """
-
-    vocab_size: int
-    max_len: int = 128
-    d_model: int = 128
-    num_heads: int = 4
-    num_layers: int = 2
-    dropout: float = 0.0
-
-    @nn.compact
-    def __call__(self, tokens: jax.Array, train: bool = False) -> jax.Array:
-        """``tokens``: int ``[B, T]`` with ``T <= max_len`` -> logits ``[B, T, vocab_size]``."""
-        _, t = tokens.shape
-        if t > self.max_len:
-            raise ValueError(f"sequence length {t} exceeds max_len={self.max_len}.")
-        x = nn.Embed(self.vocab_size, self.d_model)(tokens)  # [B, T, D]
-        x = x + nn.Embed(self.max_len, self.d_model)(jnp.arange(t))[None]
-        x = nn.Dropout(self.dropout, deterministic=not train)(x)
-        causal = nn.make_causal_mask(tokens)  # [B, 1, T, T]
-        for _ in range(self.num_layers):
-            x = _Block(self.num_heads, self.dropout)(x, causal, train)
-        x = nn.LayerNorm()(x)
-        return nn.Dense(self.vocab_size)(x)  # [B, T, V]
