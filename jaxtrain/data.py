@@ -12,6 +12,8 @@ imports the loop, the applications (`jaxtrain.apps`, `jaxtrain.contrast`) or tor
 from __future__ import annotations
 
 import dataclasses
+import math
+import pathlib
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -347,22 +349,188 @@ def check_labels(labels: Any, num_classes: int, name: str = "y") -> None:
         )
 
 
+def _stratified_counts(class_counts: np.ndarray, n_draws: int, rng: np.random.RandomState):
+    """How many of ``n_draws`` each class gets: its share, floored, the rest by remainder.
+
+    The rows left after flooring go to the classes with the largest remainders; a tie is
+    broken by ``rng``. Step for step scikit-learn's ``_approximate_mode`` (as of 1.9.1),
+    so the same ``rng`` gives the same counts and leaves ``rng`` in the same state.
+    """
+    continuous = class_counts / class_counts.sum() * n_draws
+    floored = np.floor(continuous)
+    need = int(n_draws - floored.sum())
+    if need > 0:
+        remainder = continuous - floored
+        for value in np.sort(np.unique(remainder))[::-1]:
+            (tied,) = np.where(remainder == value)
+            add_now = min(len(tied), need)
+            floored[rng.choice(tied, size=add_now, replace=False)] += 1
+            need -= add_now
+            if need == 0:
+                break
+    return floored.astype(int)
+
+
+def _check_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[int, int]:
+    """``(n_train, n_test)`` after checking the arguments, or a ValueError saying the fix."""
+    if isinstance(test_fraction, bool) or not isinstance(test_fraction, float | int):
+        raise TypeError(
+            f"test_fraction must be a number in (0, 1); got {test_fraction!r} "
+            f"({type(test_fraction).__name__}). Fix: e.g. test_fraction=0.2."
+        )
+    if not 0 < test_fraction < 1:
+        raise ValueError(
+            f"test_fraction must be in (0, 1) (the share of examples held out); got "
+            f"{test_fraction!r}. Fix: e.g. test_fraction=0.2."
+        )
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= seed < 2**32:
+        raise ValueError(
+            f"seed must be an integer in [0, 4294967295] (numpy's RandomState seeds the "
+            f"split); got {seed!r}. Fix: e.g. seed=0."
+        )
+    n = len(y)
+    n_test = math.ceil(test_fraction * n)
+    n_train = n - n_test
+    classes, counts = np.unique(y, return_counts=True)
+    if counts.min() < 2:
+        raise ValueError(
+            f"a stratified split needs at least 2 examples of every class; class "
+            f"{classes[counts.argmin()].item()!r} has {counts.min()}. Fix: drop or merge that class."
+        )
+    if min(n_train, n_test) < len(classes):
+        raise ValueError(
+            f"a stratified split of {n} examples with test_fraction={test_fraction} gives "
+            f"{n_train} train and {n_test} test examples, fewer than the {len(classes)} "
+            "classes (each side needs one of each). Fix: choose a test_fraction nearer 0.5."
+        )
+    return n_train, n_test
+
+
+def stratified_split_indices(
+    y: np.ndarray, test_fraction: float = 0.2, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Train and test row indices of a stratified random split: each class in proportion.
+
+    The same ``(y, test_fraction, seed)`` always gives the same split, and it is exactly
+    the split scikit-learn's ``train_test_split(..., test_size=test_fraction,
+    random_state=seed, stratify=y)`` makes (the same algorithm on the same
+    ``numpy.random.RandomState`` stream; tests/test_data.py checks this bitwise against
+    digests recorded with scikit-learn 1.9.1), without depending on scikit-learn.
+    ``ceil(test_fraction * N)`` rows are held out; per class, the counts are the
+    proportional share, and the rows are a random permutation of that class's rows.
+
+    Args:
+        y: ``[N]`` class labels (any sortable values; every class needs >= 2 rows).
+        test_fraction: the share of rows held out, in (0, 1).
+        seed: the split's random state, an integer in ``[0, 2**32)``.
+
+    Returns:
+        ``(train, test)``: int64 index arrays ``[N - n_test]`` and ``[n_test]``, disjoint,
+        each in a random order.
+
+    Raises:
+        ValueError: ``test_fraction`` outside (0, 1), a class with fewer than 2 rows, or
+            a side with fewer rows than classes (the message says which and the fix).
+
+    Example:
+        >>> y = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 1])
+        >>> train, test = stratified_split_indices(y, test_fraction=0.5, seed=0)
+        >>> len(train), len(test), sorted(y[test].tolist())
+        (5, 5, [0, 0, 1, 1, 1])
+    """
+    y = np.asarray(y)
+    if y.ndim != 1:
+        raise ValueError(
+            f"y must be one class label per row, shape [N]; got shape {y.shape}. "
+            "Fix: pass the class indices (e.g. y.argmax(-1) for one-hot labels)."
+        )
+    n_train, n_test = _check_split(y, test_fraction, seed)
+    _, y_classes, class_counts = np.unique(y, return_inverse=True, return_counts=True)
+    # Each class's rows in their original order (a stable sort keeps it).
+    class_rows = np.split(np.argsort(y_classes, kind="stable"), np.cumsum(class_counts)[:-1])
+    rng = np.random.RandomState(seed)  # the legacy stream: scikit-learn's, bit for bit
+    n_i = _stratified_counts(class_counts, n_train, rng)
+    t_i = _stratified_counts(class_counts - n_i, n_test, rng)
+    train: list[int] = []
+    test: list[int] = []
+    for rows, n_tr, n_te in zip(class_rows, n_i, t_i, strict=True):
+        rows = rows[rng.permutation(len(rows))]
+        train.extend(rows[:n_tr])
+        test.extend(rows[n_tr : n_tr + n_te])
+    return rng.permutation(train), rng.permutation(test)
+
+
 def train_test_split_stratified(
     x: np.ndarray, y: np.ndarray, test_fraction: float = 0.2, seed: int = 0
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """A fixed stratified split (scikit-learn's ``train_test_split``)."""
-    from sklearn.model_selection import train_test_split
+    """A fixed stratified split of ``(x, y)`` (`stratified_split_indices`).
 
-    x_tr, x_te, y_tr, y_te = train_test_split(
-        x, y, test_size=test_fraction, random_state=seed, stratify=y
-    )
-    return {"x": x_tr, "y": y_tr}, {"x": x_te, "y": y_te}
+    Args:
+        x: ``[N, ...]`` inputs.
+        y: ``[N]`` class labels.
+        test_fraction: the share of rows held out, in (0, 1).
+        seed: the split's random state.
+
+    Returns:
+        ``({"x", "y"} train, {"x", "y"} test)``, rows taken from ``x`` and ``y``.
+
+    Example:
+        >>> x, y = np.arange(20).reshape(10, 2), np.array([0] * 4 + [1] * 6)
+        >>> train, test = train_test_split_stratified(x, y, test_fraction=0.5)
+        >>> train["x"].shape, test["y"].shape
+        ((5, 2), (5,))
+    """
+    x, y = np.asarray(x), np.asarray(y)
+    if len(x) != len(y):
+        raise ValueError(
+            f"x and y must have the same number of rows; got {len(x)} and {len(y)}. "
+            "Fix: pass one label per example."
+        )
+    train, test = stratified_split_indices(y, test_fraction, seed)
+    return {"x": x[train], "y": y[train]}, {"x": x[test], "y": y[test]}
+
+
+# The 1,797 8x8 digits of the UCI "Optical Recognition of Handwritten Digits" test set
+# (Alpaydin & Kaynak, 1998; CC BY 4.0), shipped with the package: see
+# jaxtrain/datasets/DIGITS.md for the source, licence and how the file was made.
+DIGITS_FILE = pathlib.Path(__file__).parent / "datasets" / "digits.npz"
+
+
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The bundled digits, unsplit: ``(images uint8 [1797, 8, 8] in 0..16, labels uint8 [1797])``.
+
+    Read from the ``.npz`` that ships inside the package (no download, no pickle), in the
+    data set's own row order, which is scikit-learn's ``load_digits()`` order.
+
+    Returns:
+        ``(images, labels)``: pixel counts 0..16 (each pixel counts the set bits of a
+        4x4 block of a 32x32 bitmap) and the digit 0..9 of each image.
+
+    Raises:
+        FileNotFoundError: the data file is missing from the installation (the message
+            says how to reinstall).
+
+    Example:
+        >>> images, labels = digits_arrays()
+        >>> images.shape, images.dtype, int(images.max()), np.bincount(labels)[:3].tolist()
+        ((1797, 8, 8), dtype('uint8'), 16, [178, 182, 177])
+    """
+    if not DIGITS_FILE.is_file():
+        raise FileNotFoundError(
+            f"the bundled digits data {DIGITS_FILE} is missing from this jaxtrain "
+            "installation. Fix: reinstall jaxtrain (pip install --force-reinstall jaxtrain); "
+            "a build from source must include package data (jaxtrain/datasets/*.npz)."
+        )
+    with np.load(DIGITS_FILE, allow_pickle=False) as z:
+        return z["images"], z["labels"]
 
 
 def load_digits(test_fraction: float = 0.2, seed: int = 0) -> tuple[dict, dict]:
-    """scikit-learn's bundled 8x8 digits (1797 images, 10 classes), split 80/20.
+    """The bundled 8x8 digits (1797 images, 10 classes), split 80/20 stratified by class.
 
-    The data ship inside scikit-learn, so this works offline on every machine.
+    The data ship inside jaxtrain (`digits_arrays`), so this works offline on every
+    machine. The arrays and the split are bitwise those of the earlier scikit-learn-based
+    version (``sklearn.datasets.load_digits`` + ``train_test_split(stratify=y)``).
 
     Args:
         test_fraction: the share of examples held out for testing (stratified by class).
@@ -377,9 +545,7 @@ def load_digits(test_fraction: float = 0.2, seed: int = 0) -> tuple[dict, dict]:
         >>> train["x"].shape, train["y"].shape, test["x"].shape
         ((1437, 8, 8, 1), (1437,), (360, 8, 8, 1))
     """
-    from sklearn.datasets import load_digits as _load
-
-    d = _load()
-    x = (d.images.astype(np.float32) / 16.0)[..., None]
-    y = d.target.astype(np.int32)
+    images, labels = digits_arrays()
+    x = (images.astype(np.float32) / 16.0)[..., None]
+    y = labels.astype(np.int32)
     return train_test_split_stratified(x, y, test_fraction, seed)

@@ -1,5 +1,6 @@
-"""ArrayDataset batching, shuffling and positions; load_digits."""
+"""ArrayDataset batching, shuffling and positions; load_digits and its stratified split."""
 
+import hashlib
 import itertools
 import json
 
@@ -7,7 +8,8 @@ import numpy as np
 import pytest
 
 from jaxtrain import ArrayDataset, DataPosition
-from jaxtrain.data import load_digits
+from jaxtrain import data as data_lib
+from jaxtrain.data import load_digits, stratified_split_indices
 
 N, B = 10, 4
 
@@ -301,3 +303,141 @@ def test_load_digits_is_deterministic(digits):
     assert not any(row.tobytes() in train_set for row in test["x"])
     # Another seed gives another split.
     assert not np.array_equal(load_digits(seed=1)[0]["y"], train["y"])
+
+
+# --- The bundled digits and the split without scikit-learn ---------------------------------
+# SHA-256 digests of load_digits(test_fraction, seed) as it was before the data were bundled
+# (git c44dd58: sklearn.datasets.load_digits() scaled by 1/16, then
+# sklearn.model_selection.train_test_split(x, y, test_size=test_fraction,
+# random_state=seed, stratify=y)), computed with scikit-learn 1.9.1 and numpy 2.4.6 by
+# hashing, for train then test, "x"/"y": dtype, shape and bytes (`_split_digest`). The new
+# loader (bundled .npz + jaxtrain's own split) must reproduce them bit for bit. (0.013, 5)
+# holds out 24 rows, which leaves remainders to share out: the tie-breaking draws.
+SKLEARN_SPLIT_DIGESTS = {
+    (0.2, 0): "fac3fa1f050312e9c4690d1e58b02a142f97f67229ff6e8f2607b2263fe7ea99",
+    (0.2, 1): "56753e2df9c3f3024a0f41e62803f13d063c083ad183cece0dc7aa2cc659c4ff",
+    (0.25, 7): "3447f0aced9eda8823fd0c0294a56cf5de270c4e98b8b7ce0f3b022e60a515bf",
+    (0.1, 123): "527f3f6da1c4aa18559f553cac3485f43a4aeb1a63d2a1aa27d1990e9b7262aa",
+    (0.5, 4294967295): "14a8a6eded5cbb104b94b246eb6ac20fcb321a214770c5215dd847ac3ce727a5",
+    (0.013, 5): "f44bfd3cb5f9fa02945a53ec6e898a0d4e602df40e0b97593306d14a0afd2945",
+}
+
+
+def _split_digest(train, test):
+    h = hashlib.sha256()
+    for part in (train, test):
+        for key in ("x", "y"):
+            a = np.ascontiguousarray(part[key])
+            h.update(f"{key}:{a.dtype.str}:{a.shape};".encode())
+            h.update(a.tobytes())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("fraction_seed", sorted(SKLEARN_SPLIT_DIGESTS), ids=str)
+def test_load_digits_is_bitwise_the_scikit_learn_arrays_and_split(fraction_seed):
+    assert _split_digest(*load_digits(*fraction_seed)) == SKLEARN_SPLIT_DIGESTS[fraction_seed]
+
+
+def _index_digest(train, test):
+    h = hashlib.sha256()
+    for a in (train, test):
+        a = np.ascontiguousarray(a, dtype=np.int64)
+        h.update(f"{a.shape};".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+# Other labels than the digits: imbalanced classes (2 to 34 rows) and string labels. The
+# digests are of train_test_split(np.arange(N), test_size=..., random_state=...,
+# stratify=y)'s index arrays (int64 shape and bytes), scikit-learn 1.9.1.
+@pytest.mark.parametrize(
+    "y, fraction, seed, sizes, digest",
+    [
+        (
+            np.repeat(np.arange(7), [2, 3, 5, 8, 13, 21, 34]),
+            0.3,
+            11,
+            (60, 26),
+            "8e223c00fd3bd03bceea3d786ea479bb76214b8ccb72768349310800ecbf950e",
+        ),
+        (
+            np.array(list("abcab" * 9 + "cc")),
+            0.37,
+            2024,
+            (29, 18),
+            "cb8cae01de8a2179e3ba920a2366ec6cd8dc8b99c0590d80e00984dcbf690e2c",
+        ),
+    ],
+    ids=["imbalanced", "strings"],
+)
+def test_stratified_split_indices_match_scikit_learn(y, fraction, seed, sizes, digest):
+    train, test = stratified_split_indices(y, fraction, seed)
+    assert (len(train), len(test)) == sizes
+    assert not set(train.tolist()) & set(test.tolist())
+    assert _index_digest(train, test) == digest
+
+
+def test_digits_ship_inside_the_package():
+    # Read from the package's own file: no scikit-learn, no download, no pickle.
+    assert data_lib.DIGITS_FILE.parent.name == "datasets"
+    with np.load(data_lib.DIGITS_FILE, allow_pickle=False) as z:
+        assert sorted(z.files) == ["images", "labels"]
+    images, labels = data_lib.digits_arrays()
+    assert images.shape == (1797, 8, 8) and labels.shape == (1797,)
+    assert images.dtype == labels.dtype == np.uint8
+    assert np.bincount(labels).tolist() == [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
+    note = (data_lib.DIGITS_FILE.parent / "DIGITS.md").read_text()
+    assert "Alpaydin" in note and "Kaynak" in note and "CC BY 4.0" in note
+
+
+def test_scikit_learn_is_not_imported_by_the_data_module():
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(data_lib))
+    imported = [
+        n.module if isinstance(n, ast.ImportFrom) else a.name
+        for n in ast.walk(tree)
+        if isinstance(n, (ast.Import, ast.ImportFrom))
+        for a in getattr(n, "names", [])
+    ]
+    assert not [m for m in imported if m and m.split(".")[0] == "sklearn"], imported
+
+
+def test_a_missing_digits_file_says_how_to_reinstall(monkeypatch, tmp_path):
+    monkeypatch.setattr(data_lib, "DIGITS_FILE", tmp_path / "digits.npz")
+    with pytest.raises(
+        FileNotFoundError, match=r"missing from this jaxtrain installation.*reinstall"
+    ):
+        load_digits()
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"test_fraction": 0.0}, ValueError, r"test_fraction must be in \(0, 1\).*got 0.0"),
+        ({"test_fraction": 1.5}, ValueError, r"test_fraction must be in \(0, 1\).*got 1.5"),
+        ({"test_fraction": "0.2"}, TypeError, r"test_fraction must be a number.*'0.2' \(str\)"),
+        ({"seed": -1}, ValueError, r"seed must be an integer in \[0, 4294967295\].*got -1"),
+        ({"seed": 2**32}, ValueError, r"seed must be an integer .*got 4294967296"),
+        (
+            {"test_fraction": 0.001},
+            ValueError,
+            r"gives 1795 train and 2 test examples, fewer than the 10 classes",
+        ),
+    ],
+)
+def test_bad_split_arguments_are_refused_with_the_fix(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        load_digits(**kwargs)
+
+
+def test_a_class_with_one_example_cannot_be_stratified():
+    with pytest.raises(ValueError, match=r"at least 2 examples of every class; class 2 has 1"):
+        stratified_split_indices(np.array([0, 0, 1, 1, 2, 0, 1]), 0.5)
+    with pytest.raises(ValueError, match=r"same number of rows; got 3 and 2"):
+        data_lib.train_test_split_stratified(np.zeros((3, 2)), np.array([0, 1]))
+    with pytest.raises(
+        ValueError, match=r"one class label per row, shape \[N\]; got shape \(4, 2\)"
+    ):
+        stratified_split_indices(np.eye(2)[[0, 1, 0, 1]])
