@@ -4,7 +4,7 @@ Targets (issue 3): per-step loss relative difference <= 1e-5 over the first 10 s
 <= 1e-4 over 200 steps; final parameters within 1e-4 (max absolute difference). Held over
 200 steps by the smooth models (tanh MLP and tanh CNN). jaxtrain's own MLP and CNN use
 ReLU (and the CNN max-pooling), whose kinks let float32 rounding pick different branches
-in the two frameworks after some tens of steps (see README_contrast.md); they are held to
+in the two frameworks after some tens of steps (see docs/pytorch.md); they are held to
 the 10-step target here.
 """
 

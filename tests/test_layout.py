@@ -156,7 +156,7 @@ def test_moved_names_live_at_their_new_spelling_only(old, new):
     module, _, name = new.rpartition(".")
     assert hasattr(importlib.import_module(module), name), new
     assert old not in jaxtrain.__all__ and not hasattr(jaxtrain, old), (
-        f"jaxtrain.{old} is exported flat again; the README's changelog spells it {new}"
+        f"jaxtrain.{old} is exported flat again; the changelog (docs/changelog.md) spells it {new}"
     )
 
 

@@ -426,13 +426,17 @@ def test_cli_precision_flag(tmp_path):
         TrainConfig(precision="half").validate()
 
 
-def test_readme_mixed_precision_block_runs(digits):
-    """The README's snippet, with the tour's model and optimizer, trains one step."""
+def test_docs_mixed_precision_block_runs(digits):
+    """docs/precision.md's policy snippet, with a small model and optimizer, trains one step.
+
+    (tests/test_docs.py runs the whole page too, in the e2e tier; this keeps the snippet
+    in the fast tier.)
+    """
     import pathlib
 
-    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme.split("### Mixed precision")[1]
-    block = re.findall(r"```python\n(.*?)```", section, re.S)[0]
+    page = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "precision.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", page, re.S)
+    block = next(b for b in blocks if "Policy.from_name" in b)
     train, _ = digits
     model = jt.from_linen(jt.models.MLP(hidden=(32,)))
     params, model_state = model.init(jax.random.key(0), train["x"][:1])
@@ -441,7 +445,7 @@ def test_readme_mixed_precision_block_runs(digits):
     ns = {"jt": jt, "model": model, "params": params, "model_state": model_state}
     ns["classification_loss"] = classification_loss
     ns["optimizer"] = optax.adam(1e-3)
-    exec(compile(block, "README.md", "exec"), ns)
+    exec(compile(block, "docs/precision.md", "exec"), ns)
     state, metrics = ns["train_step"](ns["state"], _batch(train))
     assert float(metrics["loss_scale"]) in (2.0**15, 2.0**14) and np.isfinite(metrics["loss"])
     assert _float_dtypes(state.params) == {"float32"}

@@ -53,11 +53,16 @@ def test_ci_exits_with_the_test_line_status_no_tests_included(code):
     assert ("collected no tests" in res.stderr) == (code == 5), res.stderr
 
 
-def test_readme_python_blocks_run(tmp_path, monkeypatch):
-    """Runs the API tour with fewer epochs (same code otherwise)."""
+def test_readme_python_blocks_run():
+    """Runs the API tour and the fit block with fewer epochs (same code otherwise).
+
+    The README is the front page: these two are its only python blocks. The guides' blocks
+    (custom loss, callbacks, fused steps, checkpoints, ...) live in docs/ and run in
+    tests/test_docs.py.
+    """
     blocks = re.findall(r"```python\n(.*?)```", README, re.S)
-    assert len(blocks) >= 3
-    tour, fit_block = blocks[0], blocks[1]
+    assert len(blocks) == 2, f"the README's python blocks are the tour and fit; got {len(blocks)}"
+    tour, fit_block = blocks
     assert "range(40)" in tour and "epochs=40" in fit_block
     code = tour.replace("range(40)", "range(2)") + fit_block.replace(
         "epochs=40,", "epochs=2, progress=False,"
@@ -67,48 +72,27 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch):
     assert int(ns["state"].step) == 4 * 23  # 2 + 2 epochs of 23 steps
     assert ns["train_step"].trace_count == 1  # the tour's loop compiles its step once
     assert ns["history"].eval[-1]["accuracy"] > 0.8
-    # The custom-loss block defines a loss usable by make_train_step.
-    loss_ns = dict(ns)
-    exec(compile(blocks[2], "README.md", "exec"), loss_ns)
-    step = ns["jt"].make_train_step(loss_ns["loss_fn"], ns["optimizer"])
-    batch = next(ns["jt"].ArrayDataset(ns["train"], 64).batches(0))
-    new_state, metrics = step(ns["state"], batch)
-    assert {"loss", "accuracy", "grad_norm"} <= set(metrics)
-    # The fused-steps block: same code, one epoch.
-    ns["state"] = new_state  # the tour's state was consumed (donated) by the step above
-    fused_block = next(b for b in blocks if "make_train_steps(" in b)
-    exec(
-        compile(fused_block.replace("epochs=40", "epochs=1, progress=False"), "README.md", "exec"),
-        ns,
-    )
-    assert ns["train_steps"].steps_per_call == 8 and ns["history"].steps == 23
-    # The callbacks block: same code, two epochs (every epoch instead of every 10 / 5).
-    cb_block = next(b for b in blocks if "PeriodicCallback" in b)
-    cb_code = cb_block.replace("epochs=40,", "epochs=2, progress=False,")
-    cb_code = cb_code.replace("Every(epochs=10)", "Every(epochs=1)").replace(
-        "every_epochs=5", "every_epochs=1"
-    )
-    ns["state"] = ns["jt"].TrainState.create(
-        ns["params"], ns["optimizer"], ns["jax"].random.key(0), ns["model_state"]
-    )
-    exec(compile(cb_code, "README.md", "exec"), ns)
-    assert ns["history"].steps == 2 * 23 and len(ns["history"].eval) == 2
-    # The checkpoint block: same code, two epochs, in a temporary folder.
-    ckpt_block = next(b for b in blocks if "Checkpointer(" in b)
-    assert "epochs=40" in ckpt_block
-    monkeypatch.chdir(tmp_path)
-    ns["train_ds"] = ns["jt"].ArrayDataset(ns["train"], 64, seed=0)
-    ns["test_ds"] = ns["jt"].ArrayDataset(ns["test"], 120, shuffle=False)
-    ns["state"] = new_state.replace(step=new_state.step * 0)  # a live state at step 0
-    for _ in range(2):  # the second run resumes from the first one's checkpoints
-        exec(
-            compile(
-                ckpt_block.replace("epochs=40", "epochs=2, progress=False"), "README.md", "exec"
-            ),
-            ns,
-        )
-    assert int(ns["state"].step) == 2 * 23
-    assert sorted(p.name for p in (tmp_path / "ckpts").iterdir() if p.name.isdigit()) == [
-        "23",
-        "46",
-    ]
+
+
+@pytest.mark.unit
+def test_readme_links_are_relative_and_exist():
+    """Every Markdown link to a file of this repository resolves (GitHub renders them)."""
+    links = re.findall(r"\]\(([^)\s]+)\)", README)
+    local = [ln for ln in links if not re.match(r"[a-z]+://", ln)]
+    assert len(local) >= 20, local  # the front page links into the docs
+    for link in local:
+        path = link.split("#")[0]
+        assert not path.startswith("/"), f"README link {link!r} must be relative"
+        assert (ROOT / path).is_file(), f"README links to {link!r}, which does not exist"
+
+
+@pytest.mark.unit
+def test_readme_is_a_front_page():
+    """About 200 lines; the quick start, the five steps, the comparison, links into docs/."""
+    assert len(README.splitlines()) <= 220, len(README.splitlines())
+    for heading in ("## Quick start", "## The API in five steps", "## How jaxtrain compares"):
+        assert heading in README, heading
+    # The sections the docs site includes from the README (pymdownx.snippets markers).
+    for section in ("diagram", "comparison"):
+        assert README.count(f"--8<-- [start:{section}]") == 1, section
+        assert README.count(f"--8<-- [end:{section}]") == 1, section
