@@ -38,6 +38,10 @@ class History:
         stopped_early: whether `EarlyStopping` ended the run.
         best_eval: the eval record with the best early-stopping metric (or None).
         position: where the data iteration stands (resume from here).
+        population: for a population run (`jaxtrain.population`), the report of
+            `jaxtrain.population_fit.PopulationReport`: each member's seed,
+            hyperparameters, state and final metrics, and the ``best`` member; None
+            for a single run.
         steady_examples: examples seen after the first call (for throughput).
         steady_steps: steps run after the first call.
         steady_seconds: device-synchronised seconds of those steps: each logging
@@ -72,6 +76,7 @@ class History:
     steady_steps: int = 0
     steady_seconds: float = 0.0
     compile_seconds: float = 0.0
+    population: dict | None = None
 
     @property
     def examples_per_second(self) -> float:

@@ -178,8 +178,11 @@ class TrainLog(Callback):
         mesh: Mesh,
         nonfinite: Callable[[], tuple[str | None, Sequence[str]]],
         compile_seconds: Callable[[], float],
+        members: bool = False,
     ):
         self.every = every
+        # A population step (jaxtrain.population_step): metrics carry a member axis [N].
+        self.members = members
         self.flops = flops_per_step
         self.peak = _peak_flops(mesh) if flops_per_step is not None else None
         self.nonfinite = nonfinite
@@ -285,10 +288,25 @@ class TrainLog(Callback):
                     jax.block_until_ready(last)  # the read below waits anyway
                 interval.done = loop.clock()
             record = {"step": interval.step, "epoch": interval.epoch, "split": "train"}
-            record.update(_mean_records(interval.pending, interval.first, self.nonfinite))
+            record.update(self._records(interval.pending, interval.first))
             record.update(self._timing(loop, interval))
             loop.history.train.append(record)
             loop.callbacks.on_log(loop, record)
+
+    def _records(self, pending: list, first: int) -> dict[str, Any]:
+        if not self.members:
+            return _mean_records(pending, first, self.nonfinite)
+        from jaxtrain.population_fit import member_records  # it imports this module
+
+        return member_records(pending, first, self.nonfinite()[1])
+
+    def step_metrics(self, pending: Sequence[tuple[Mapping[str, Any], int]]) -> list[dict]:
+        """`per_step_metrics` of ``pending`` (for a population: per step, ``[N]`` values)."""
+        if not self.members:
+            return per_step_metrics(pending)
+        from jaxtrain.population_fit import member_step_metrics
+
+        return member_step_metrics(pending)
 
     def _timing(self, loop: LoopState, interval: _Interval) -> dict[str, Any]:
         started = interval.started if self.last_done is None else self.last_done

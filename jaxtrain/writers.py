@@ -161,6 +161,39 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def member_columns(record: Mapping[str, Any], skip_missing: bool = False) -> dict[str, Any]:
+    """``record`` with each list of N values (a population's metric) as N named values.
+
+    A population run (`jaxtrain.population`) logs ``{"loss": [N values]}``: CSV and
+    TensorBoard get one column / series per member, ``loss/member_0`` ... (the index
+    zero-padded to N's width, so the names sort: ``member_07`` when N > 10). Other
+    values are kept as they are.
+
+    Args:
+        record: a log record.
+        skip_missing: leave out members' None/NaN values (a member frozen for the
+            whole interval has no value: TensorBoard gets no point rather than a NaN).
+
+    Returns:
+        The flat record.
+
+    Example:
+        >>> member_columns({"step": 2, "loss": [0.5, 0.25], "active": [True, False]})
+        {'step': 2, 'loss/member_0': 0.5, 'loss/member_1': 0.25, 'active/member_0': True, 'active/member_1': False}
+    """
+    out: dict[str, Any] = {}
+    for k, v in record.items():
+        if isinstance(v, (list, tuple)):
+            width = len(str(max(len(v) - 1, 0)))
+            for i, x in enumerate(v):
+                if skip_missing and (x is None or (isinstance(x, float) and math.isnan(x))):
+                    continue
+                out[f"{k}/member_{i:0{width}d}"] = x
+        else:
+            out[k] = v
+    return out
+
+
 def _csv_value(v: Any) -> Any:
     if isinstance(v, float):
         return repr(v)  # shortest round-trip text; nan/inf as 'nan'/'inf' (float() reads them)
@@ -251,6 +284,7 @@ class CsvWriter(_FileWriter):
         self._f = open(self.path, "a", newline="", encoding="utf-8")
 
     def write(self, record: Mapping[str, Any]) -> None:
+        record = member_columns(record)  # a population's [N] values: one column each
         if not self.fixed:
             new = [k for k in record if k not in self.columns]
             if new:
@@ -301,7 +335,8 @@ class TensorBoardWriter:
     """Writes each numeric metric as a TensorBoard scalar, tagged ``"{split}/{name}"``.
 
     Uses `tensorboardX <https://github.com/lanpa/tensorboardX>`_ (a small library with no
-    TensorFlow dependency) to write ``events.out.tfevents.*`` files into ``logdir``; view
+    TensorFlow dependency; ``pip install 'jaxtrain[tensorboard]'``) to write
+    ``events.out.tfevents.*`` files into ``logdir``; view
     them with ``tensorboard --logdir LOGDIR`` (``pip install tensorboard``). A record
     ``{"step": 40, "split": "train", "loss": 0.31, "accuracy": 0.9}`` becomes the scalars
     ``train/loss`` and ``train/accuracy`` at step 40; ``step``, ``epoch`` and ``split``
@@ -344,8 +379,7 @@ class TensorBoardWriter:
         except ImportError:
             raise ImportError(
                 "TensorBoardWriter needs the tensorboardX package, which is not installed. "
-                "Fix: pip install 'tensorboardX>=2.6' (a jaxtrain dependency: reinstall "
-                "jaxtrain with pip install -e .)."
+                "Fix: pip install 'jaxtrain[tensorboard]' (or pip install 'tensorboardX>=2.6')."
             ) from None
         self.logdir = os.fspath(logdir)
         os.makedirs(self.logdir, exist_ok=True)
@@ -373,6 +407,7 @@ class TensorBoardWriter:
             )
         step = int(record["step"])
         split = record.get("split", self.default_split)
+        record = member_columns(record, skip_missing=True)  # a population: a series each
         for k, v in record.items():
             if k in self._NOT_SCALARS or isinstance(v, bool) or not isinstance(v, numbers.Real):
                 continue
