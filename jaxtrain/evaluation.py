@@ -22,6 +22,7 @@ from jax.sharding import Mesh
 from jaxtrain import metrics as metrics_lib
 from jaxtrain.callbacks import Callback, Every
 from jaxtrain.data import ArrayDataset
+from jaxtrain.ema import params_for_eval
 from jaxtrain.feed import epoch_batches, host_checked, prefetch
 from jaxtrain.grain_data import GrainData
 from jaxtrain.loop_state import LoopState
@@ -37,6 +38,8 @@ def evaluate(
     state: TrainState,
     data: ArrayDataset | Iterable[Mapping[str, Any]],
     mesh: Mesh | None = None,
+    *,
+    eval_params: str = "params",
 ) -> dict[str, float]:
     """Exact, mask-weighted metrics over a whole data set.
 
@@ -49,6 +52,8 @@ def evaluate(
             processes each reads its own rows) or an iterable of dict batches (with
             several processes: this process's rows of each batch).
         mesh: the data mesh (default: all devices).
+        eval_params: ``"params"`` evaluates ``state.params``; ``"ema"`` their moving
+            average, ``state.ema_params`` (`jaxtrain.ema`).
 
     Returns:
         ``{name: mean over all real examples}``.
@@ -65,6 +70,7 @@ def evaluate(
         >>> {k: round(v, 4) for k, v in sorted(result.items())}  # 5 examples, 3 batches
         {'accuracy': 0.6, 'loss': 0.6931}
     """
+    state = params_for_eval(state, eval_params)
     mesh = data_mesh() if mesh is None else mesh
     batches: Iterable[Mapping[str, Any]]
     if isinstance(data, ArrayDataset):
@@ -79,6 +85,10 @@ def evaluate(
         total = sums if total is None else _merge(total, sums)
     if total is None:
         raise ValueError("evaluate got no batches: the eval data set is empty.")
+    if getattr(getattr(eval_step, "spec", None), "population", False):
+        from jaxtrain.population_step import compute_members  # imports the step module
+
+        return compute_members(total)  # type: ignore[return-value]  # {name: [N floats]}
     return metrics_lib.compute(total)
 
 
@@ -182,7 +192,8 @@ def eval_metric_names(
 class Evaluator(Callback):
     """Evaluates at a cadence (None: at each epoch end) and once at the end.
 
-    ``every``: an int (steps) or an `Every` (steps or epochs).
+    ``every``: an int (steps) or an `Every` (steps or epochs); ``eval_params``: what
+    `evaluate` evaluates (``"params"`` or ``"ema"``).
 
     Closes the train log's open interval first (its record comes before the eval
     record, and evaluation time is not training time), appends the record to
@@ -190,9 +201,15 @@ class Evaluator(Callback):
     """
 
     def __init__(
-        self, eval_step: Any, eval_data: Any, every: int | Every | None, mesh: Mesh, log: TrainLog
+        self,
+        eval_step: Any,
+        eval_data: Any,
+        every: int | Every | None,
+        mesh: Mesh,
+        log: TrainLog,
+        eval_params: str = "params",
     ):
-        self.eval_step, self.eval_data = eval_step, eval_data
+        self.eval_step, self.eval_data, self.eval_params = eval_step, eval_data, eval_params
         self.every = Every(steps=every) if isinstance(every, int) else every
         self.mesh, self.log = mesh, log
 
@@ -200,7 +217,11 @@ class Evaluator(Callback):
         """Evaluates ``loop.state`` now; the record's epoch is ``epoch``."""
         self.log.close(loop)
         record = {"step": loop.step, "epoch": epoch, "split": "eval"}
-        record.update(evaluate(self.eval_step, loop.state, self.eval_data, self.mesh))
+        record.update(
+            evaluate(
+                self.eval_step, loop.state, self.eval_data, self.mesh, eval_params=self.eval_params
+            )
+        )
         self.log.restart_clock()
         loop.history.eval.append(record)
         loop.callbacks.on_eval_end(loop, record)
@@ -244,6 +265,14 @@ class EarlyStop(Callback):
         else:
             self.bad_evals += 1
         loop.stop = loop.stop or self.bad_evals >= self.rule.patience
+
+    def dump(self) -> dict[str, Any]:
+        """The counters a checkpoint saves (restored by `load`)."""
+        return {"best": self.best, "bad_evals": self.bad_evals}
+
+    def load(self, saved: Mapping[str, Any]) -> None:
+        """Restores the counters `dump` gave (from a checkpoint's metadata)."""
+        self.best, self.bad_evals = saved.get("best"), int(saved.get("bad_evals", 0))
 
     def on_loop_end(self, loop: LoopState) -> None:
         # Before the final evaluation, which updates the counters but never stops anything.

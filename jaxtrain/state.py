@@ -128,6 +128,9 @@ class TrainState:
         loss_scale: dynamic loss scaling's state (`jaxtrain.precision.LossScaleState`)
             when the run computes in float16, else an empty dict (no leaves, so states
             and checkpoints without it are unchanged).
+        ema_params: the exponential moving average of ``params`` that a step built
+            with ``ema_decay=`` keeps (`TrainState.create(..., ema=True)` starts it as a
+            copy of ``params``), else an empty dict (no leaves, as ``loss_scale``).
 
     Example:
         >>> import jax, jax.numpy as jnp, optax
@@ -145,6 +148,7 @@ class TrainState:
     model_state: PyTree = struct.field(default_factory=dict)
     skipped_steps: jax.Array = struct.field(default_factory=lambda: jnp.zeros((), jnp.int32))
     loss_scale: PyTree = struct.field(default_factory=dict)
+    ema_params: PyTree = struct.field(default_factory=dict)
 
     if TYPE_CHECKING:
         # flax.struct.dataclass adds this at runtime, where type checkers cannot see it.
@@ -162,6 +166,7 @@ class TrainState:
         *,
         precision: str | Policy | None = None,
         copy: bool = True,
+        ema: bool = False,
     ) -> TrainState:
         """Builds the initial state, on arrays of its own.
 
@@ -182,6 +187,9 @@ class TrainState:
                 over to the state, saving one params-sized copy at creation: the first
                 donating step then deletes them, so use it only for arrays nothing
                 else refers to.
+            ema: also keep an exponential moving average of the parameters
+                (``ema_params``), started as a copy of ``params``; the step must then
+                be built with ``ema_decay=`` (`jaxtrain.make_train_step`, `jaxtrain.ema`).
 
         Returns:
             A `TrainState` with ``step == 0``.
@@ -209,8 +217,13 @@ class TrainState:
             )
         model_state = {} if model_state is None else model_state
         key_data = as_key_data(rng)
+        if not isinstance(ema, bool):
+            raise TypeError(f"ema must be True or False; got {ema!r}.")
         if copy:
             params, model_state, key_data = _private_copy((params, model_state, key_data))
+        # Its own buffers: the step donates the state, and one buffer twice in it would be
+        # deleted twice. Starting at the params (not zeros) needs no bias correction.
+        ema_params = jax.tree.map(jnp.copy, params) if ema else {}
         opt_state = optimizer.init(params)
         # Some optimizers keep the params themselves in their state (lookahead's slow
         # weights): one buffer twice in a donated state would be deleted twice.
@@ -227,6 +240,7 @@ class TrainState:
             model_state=model_state,
             skipped_steps=jnp.zeros((), jnp.int32),
             loss_scale=_initial_loss_scale(precision),
+            ema_params=ema_params,
         )
 
     def step_rng(self) -> jax.Array:
