@@ -2,18 +2,31 @@
 
 A checkpoint step folder holds two orbax items:
 
-* ``state``: the `TrainState` arrays (orbax's array format, no pickle anywhere);
+* ``state``: the `TrainState` arrays, written *as they are sharded*: each process writes
+  its own shards through orbax (tensorstore), with no gather and no full host copy;
 * ``meta``: JSON — data position, run configuration, metrics history, loop counters,
-  library versions, a SHA-256 of every array of the state, and a SHA-256 of the
-  metadata itself (``meta_sha256``, over its canonical JSON without that field).
+  library versions, a digest of every array of the state (``state_digests``, see
+  `jaxtrain.digests`: computed shard by shard on the devices, independent of the
+  sharding), and a SHA-256 of the metadata itself (``meta_sha256``, over its canonical
+  JSON without that field).
+
+The training thread blocks only while orbax copies this process's shards to the host
+(`Checkpointer.save_blocking_seconds` records it per save); the digests are read back
+and the metadata written in orbax's background commit. (orbax's tensorstore format keeps
+a CRC32C only of each shard file's index, not of the array data, so the data needs the
+digests.)
 
 Restoring checks the metadata's digest and that the step recorded inside it is the step
 folder's name, checks the saved array metadata against the expected state (leaf paths,
-shapes, dtypes) *before* reading any data, and checks the arrays' SHA-256 *after*, so a
-checkpoint of another model, a truncated file, flipped bytes in the arrays or the
+shapes, dtypes) *before* reading any data, reads each device's part directly into the
+target shardings (any mesh), and checks every array's digest *after*, on the devices.
+So a checkpoint of another model, a truncated file, flipped bytes in the arrays or the
 metadata, or a renamed step folder is an error naming the checkpoint step and the
 problem, never a silent load of wrong values. The digests protect against accidental
 damage, not deliberate edits: anyone can recompute them.
+
+Directories go through ``etils.epath`` (orbax's path type): a ``gs://bucket/run`` URL
+reaches orbax as it is (only local paths are made absolute).
 
 Saving never fails silently: a step at or below one already saved (or being saved) is
 an error unless ``overwrite=True`` replaces the newer checkpoints explicitly.
@@ -30,6 +43,8 @@ import hashlib
 import json
 import math
 import os
+import re
+import time
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -38,13 +53,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.sharding import Mesh
 
+from jaxtrain.digests import device_digests, to_hex
 from jaxtrain.parallel import state_shardings
 from jaxtrain.versions import versions
 
-FORMAT_VERSION = 2  # 2: the metadata carries meta_sha256
-READABLE_FORMATS = (1, 2)  # 1: written before meta_sha256 (not verified)
+FORMAT_VERSION = 3  # 3: per-array device digests; 2: meta_sha256, state_sha256
+READABLE_FORMATS = (1, 2, 3)  # 1: written before meta_sha256 (not verified)
 
 
 class CheckpointError(ValueError):
@@ -85,18 +102,42 @@ def _is_key(x: Any) -> bool:
     return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
-def _to_host(state: Any) -> Any:
-    """A host (numpy) copy of ``state``; typed PRNG keys become their uint32 key data.
+def _saveable(state: Any) -> Any:
+    """``state`` as orbax writes it: typed PRNG keys become their uint32 key data.
 
-    The copy is what orbax writes in the background, so the training loop is free to
-    donate and overwrite the device buffers right after `Checkpointer.save` returns.
+    The arrays stay where they are (sharded on the devices); orbax copies each
+    process's own shards to the host before `Checkpointer.save` returns, so the training
+    loop is free to donate and overwrite the device buffers right after.
     """
-    state = jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, state)
-    return jax.tree.map(_host_leaf, state)
+    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, state)
+
+
+def _checkpoint_path(directory: str | os.PathLike) -> tuple[str, epath.Path]:
+    """``(text, path)`` of a checkpoint directory: URLs as given, local paths absolute.
+
+    ``os.path.abspath("gs://bucket/run")`` would give a local folder ``./gs:/bucket/run``;
+    a string with a scheme (``gs://``, ``s3://``, ...) is handed to orbax as it is.
+    """
+    text = os.fspath(directory)
+    if "://" in text:
+        try:
+            return text.rstrip("/"), epath.Path(text)
+        except KeyError:  # etils' registry of URL schemes: a bare KeyError('file://')
+            from etils.epath import register
+
+            known = sorted(register._URI_PREFIXES_TO_CLS)  # gs://, s3://, ...
+            raise ValueError(
+                f"checkpoint directory {text!r}: the URL scheme "
+                f"{text.split('://', 1)[0] + '://'!r} is not one etils.epath (orbax's path "
+                f"type) supports ({', '.join(known)}). Fix: use one of those, or a local "
+                "path without a scheme (e.g. /tmp/run rather than file:///tmp/run)."
+            ) from None
+    text = os.path.abspath(text)
+    return text, epath.Path(text)
 
 
 def _host_leaf(x: Any) -> np.ndarray:
-    """The whole value of one leaf on this host.
+    """The whole value of one leaf on this host (only to verify format 1-2 checkpoints).
 
     A replicated array (also one spanning several processes) is read from a local
     copy. An array split across processes (FSDP over machines) is gathered from all of
@@ -193,6 +234,38 @@ def _abstract(target: Any, mesh: Mesh | None) -> Any:
     )
 
 
+class _MetaHandler(ocp.JsonCheckpointHandler):
+    """orbax's JSON handler, whose item may be a function called in the background commit.
+
+    `Checkpointer.save` passes a function that waits for the state's device digests and
+    returns the finished metadata: the training thread never waits for them. Only the
+    primary process writes (and so calls it), as in ``JsonCheckpointHandler``.
+    """
+
+    async def _save_fn(self, x: Any, directory: epath.Path) -> None:
+        from orbax.checkpoint import utils
+
+        if utils.is_primary_host(self._primary_host):
+            item = x() if callable(x) else x
+            (directory / self._filename).write_text(json.dumps(item))
+
+
+@ocp.args.register_with_handler(_MetaHandler, for_save=True)
+@dataclasses.dataclass
+class _MetaSave(ocp.args.CheckpointArgs):
+    """`_MetaHandler`'s save argument: the metadata, or a function returning it."""
+
+    item: Any
+
+
+@ocp.args.register_with_handler(_MetaHandler, for_restore=True)
+@dataclasses.dataclass
+class _MetaRestore(ocp.args.CheckpointArgs):
+    """`_MetaHandler`'s restore argument (nothing to say: the JSON is read as it is)."""
+
+    item: Any = None
+
+
 class Checkpointer:
     """Saves and restores training checkpoints with ``orbax.checkpoint.CheckpointManager``.
 
@@ -202,9 +275,16 @@ class Checkpointer:
         best_metric: also keep the best checkpoint by this eval metric (from the
             ``eval_metrics`` given to `save`), e.g. ``"accuracy"``.
         best_mode: ``"max"`` or ``"min"`` for ``best_metric``.
-        async_save: write in a background thread (the device→host copy happens
-            before `save` returns). `wait`/`close` (and `fit`, also on an exception
-            or Ctrl-C) wait for it.
+        async_save: write in a background thread (the device→host copy of this
+            process's shards happens before `save` returns). `wait`/`close` (and
+            `fit`, also on an exception or Ctrl-C) wait for it.
+
+    Attributes:
+        directory: the directory as text (a local path made absolute, or a URL such as
+            ``gs://bucket/run`` as given).
+        save_blocking_seconds: for each `save` of this object, how long it blocked the
+            caller (checks, the device→host copy of this process's shards, starting
+            the background write).
 
     Example:
         >>> import os, tempfile, jax, jax.numpy as jnp, optax
@@ -233,14 +313,15 @@ class Checkpointer:
             raise ValueError(f"keep_last must be an integer >= 1; got {keep_last!r}.")
         if best_mode not in ("max", "min"):
             raise ValueError(f"best_mode must be 'max' or 'min'; got {best_mode!r}.")
-        self.directory = os.path.abspath(os.fspath(directory))
-        try:
-            os.makedirs(self.directory, exist_ok=True)
-        except OSError as e:
-            raise ValueError(
-                f"checkpoint directory {self.directory!r} cannot be created ({e.strerror}). "
-                "Fix: choose a writable folder."
-            ) from None
+        self.directory, self._path = _checkpoint_path(directory)
+        if "://" not in self.directory:  # remote stores: orbax creates it (create=True)
+            try:
+                os.makedirs(self.directory, exist_ok=True)
+            except OSError as e:
+                raise ValueError(
+                    f"checkpoint directory {self.directory!r} cannot be created "
+                    f"({e.strerror}). Fix: choose a writable folder."
+                ) from None
         from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
         policies = [pp.LatestN(n=keep_last)]
@@ -262,14 +343,12 @@ class Checkpointer:
         self.best_metric = best_metric
         self.best_mode = best_mode
         self._started: set[int] = set()  # steps this object saved (in flight or committed)
+        self.save_blocking_seconds: list[float] = []
         # Handlers named up front, so a fresh process can read metadata before any save.
         self._manager = ocp.CheckpointManager(
-            self.directory,
+            self._path,
             options=options,
-            item_handlers={
-                "state": ocp.StandardCheckpointHandler(),
-                "meta": ocp.JsonCheckpointHandler(),
-            },
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": _MetaHandler()},
         )
 
     # -- saving ---------------------------------------------------------------------
@@ -285,9 +364,11 @@ class Checkpointer:
     ) -> bool:
         """Starts saving ``state`` (and JSON ``meta``) as checkpoint ``step``.
 
-        Returns once the state is copied to the host; the write continues in the
-        background. A checkpoint becomes visible to `restore` only once fully
-        written (orbax writes to a temporary folder and renames it on commit).
+        Returns once this process's shards of the state are copied to the host; the
+        write continues in the background (every process writes its own shards, and
+        the primary process the metadata). A checkpoint becomes visible to `restore`
+        only once fully written (orbax writes to a temporary folder and renames it on
+        commit). In a multi-process run every process calls it, with the same step.
 
         Args:
             step: the training step (the folder name): a non-negative integer above
@@ -324,11 +405,15 @@ class Checkpointer:
                 if s >= step:
                     self._manager.delete(s)
             self._started = {s for s in self._started if s < step}
-        host = _to_host(state)
+        began = time.perf_counter()
+        saveable = _saveable(state)
+        named = jax.tree_util.tree_leaves_with_path(saveable)
+        # Started now on the devices that hold the shards; read back in the background.
+        digests = device_digests([x for _, x in named])
+        names = [leaf_name(p) for p, _ in named]
         full_meta = {
             "format": FORMAT_VERSION,
             "step": step,
-            "state_sha256": state_digest(host),
             **_versions(),
             "eval_metrics": dict(eval_metrics) if eval_metrics else None,
             **(dict(meta) if meta else {}),
@@ -337,14 +422,20 @@ class Checkpointer:
         # lists (e.g. the metrics history) keep growing meanwhile. Also fails here, in the
         # caller, if meta is not JSON-ready.
         full_meta = _encode_nonfinite(json.loads(json.dumps(full_meta)))
-        full_meta["meta_sha256"] = meta_digest(full_meta)
+
+        def finished_meta() -> dict:  # runs in orbax's background commit
+            done = {**full_meta, "state_digests": dict(zip(names, to_hex(digests), strict=True))}
+            done["meta_sha256"] = meta_digest(done)
+            return done
+
         metrics = None
         if self.best_metric is not None and eval_metrics and self.best_metric in eval_metrics:
             metrics = {self.best_metric: float(eval_metrics[self.best_metric])}
         started = self._manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(host), meta=ocp.args.JsonSave(full_meta)
+                state=ocp.args.StandardSave(saveable),
+                meta=_MetaSave(finished_meta),
             ),
             metrics=metrics,
         )
@@ -355,6 +446,7 @@ class Checkpointer:
                 "another directory."
             )
         self._started.add(step)
+        self.save_blocking_seconds.append(time.perf_counter() - began)
         return True
 
     def set_aside(self, step: int) -> str:
@@ -366,17 +458,17 @@ class Checkpointer:
         """
         step = _check_step(step)
         self._manager.wait_until_finished()
-        dest_root = self.directory + "-damaged"
-        os.makedirs(dest_root, exist_ok=True)
-        dest = os.path.join(dest_root, str(step))
+        dest_root = epath.Path(self.directory + "-damaged")
+        dest_root.mkdir(parents=True, exist_ok=True)
+        dest = dest_root / str(step)
         n = 1
-        while os.path.lexists(dest):
-            dest = os.path.join(dest_root, f"{step}.{n}")
+        while dest.exists():
+            dest = dest_root / f"{step}.{n}"
             n += 1
-        os.replace(os.path.join(self.directory, str(step)), dest)
+        (self._path / str(step)).rename(dest)
         self._manager.reload()
         self._started.discard(step)
-        return dest
+        return os.fspath(dest)
 
     def wait(self) -> None:
         """Blocks until every started save is committed; raises its error if one failed."""
@@ -423,19 +515,18 @@ class Checkpointer:
 
     def read_meta(self, step: int) -> dict:
         """The JSON metadata of checkpoint ``step`` (raises `CheckpointError`)."""
-        path = os.path.join(self.directory, str(step), "meta", "metadata")
+        # Through orbax's handler (not its file layout), so that any store orbax reads works.
         try:
-            with open(path, encoding="utf-8") as f:
-                meta = json.load(f)
+            meta = self._manager.restore(step, args=ocp.args.Composite(meta=_MetaRestore()))["meta"]
         except FileNotFoundError:
             raise CheckpointError(
-                f"checkpoint step {step} in {self.directory}: its metadata file {path} is "
-                "missing, so the checkpoint is incomplete or not a jaxtrain checkpoint."
+                f"checkpoint step {step} in {self.directory}: its metadata file (item 'meta') "
+                "is missing, so the checkpoint is incomplete or not a jaxtrain checkpoint."
             ) from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CheckpointError(
-                f"checkpoint step {step} in {self.directory}: its metadata {path} is not "
-                f"valid JSON ({type(e).__name__}: {e}); the checkpoint is corrupt."
+                f"checkpoint step {step} in {self.directory}: its metadata (item 'meta') is "
+                f"not valid JSON ({type(e).__name__}: {_short(e)}); the checkpoint is corrupt."
             ) from None
         if not isinstance(meta, dict) or meta.get("format") not in READABLE_FORMATS:
             raise CheckpointError(
@@ -444,8 +535,9 @@ class Checkpointer:
             )
         if meta["format"] >= 2 and meta.get("meta_sha256") != meta_digest(meta):
             raise CheckpointError(
-                f"checkpoint step {step} in {self.directory}: its metadata {path} does not "
-                "match the SHA-256 saved with it; the file was changed or damaged after saving."
+                f"checkpoint step {step} in {self.directory}: its metadata (item 'meta') does "
+                "not match the SHA-256 saved with it; the file was changed or damaged after "
+                "saving."
             )
         if meta.get("step") != step:
             raise CheckpointError(
@@ -506,21 +598,52 @@ class Checkpointer:
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
             )["state"]
         except Exception as e:
+            leaf, cause = _unreadable_leaf(e)
             raise CheckpointError(
-                f"checkpoint step {step} in {self.directory}: the array data cannot be read "
-                f"({type(e).__name__}: {_short(e)}); a file is missing or truncated."
+                f"checkpoint step {step} in {self.directory}: the array data"
+                f"{f' of leaf {leaf!r}' if leaf else ''} cannot be read "
+                f"({type(cause).__name__}: {_short(cause)}); a file is missing, truncated or "
+                "damaged."
             ) from None
-        digest = state_digest(jax.tree.map(_host_leaf, state))
-        if digest != meta.get("state_sha256"):
-            raise CheckpointError(
-                f"checkpoint step {step} in {self.directory}: the array data does not match "
-                "the SHA-256 saved with it; the files were changed or damaged after saving."
-            )
+        self._verify(step, meta, state)
         # Typed keys in the target come back as typed keys.
         state = jax.tree.map(
             lambda t, x: jax.random.wrap_key_data(x) if _is_key(t) else x, target, state
         )
         return Restored(state=state, meta=meta, step=step)
+
+    def _verify(self, step: int, meta: Mapping[str, Any], state: Any) -> None:
+        """Checks the restored arrays against the digests saved with them.
+
+        Format 3: per-array digests, computed on the devices where the restored shards
+        are (no gather). Formats 1-2 (older jaxtrain): one SHA-256 over host copies.
+        """
+        if meta.get("format", 0) < 3:
+            digest = state_digest(jax.tree.map(_host_leaf, state))
+            if digest != meta.get("state_sha256"):
+                raise CheckpointError(
+                    f"checkpoint step {step} in {self.directory}: the array data does not "
+                    "match the SHA-256 saved with it; the files were changed or damaged "
+                    "after saving."
+                )
+            return
+        named = jax.tree_util.tree_leaves_with_path(state)
+        got = dict(
+            zip(
+                (leaf_name(p) for p, _ in named),
+                to_hex(device_digests([x for _, x in named])),
+                strict=True,
+            )
+        )
+        saved = meta.get("state_digests") or {}
+        bad = sorted(n for n in got if saved.get(n) != got[n])
+        if bad:
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.directory}: the array data of leaf "
+                f"'{bad[0]}'{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''} does not "
+                "match the digest saved with it; the files were changed or damaged after "
+                "saving."
+            )
 
     def restore(
         self,
@@ -591,7 +714,29 @@ def _get(d: Any, key: str) -> Any:
     return d.get(key) if isinstance(d, dict) else None
 
 
-def _short(e: Exception, limit: int = 300) -> str:
+# tensorstore names the key it failed to read: ``Error reading "params.w/0.1" in OCDBT ...``
+# (the leaf, then the chunk's index).
+_TS_KEY = re.compile(r'Error reading "([^"]+)/[0-9.]+" in OCDBT')
+
+
+def _unreadable_leaf(e: BaseException) -> tuple[str | None, BaseException]:
+    """The leaf whose array data failed to read (None if unknown), and the root error.
+
+    orbax wraps tensorstore's error in one that prints the whole TensorStore spec and
+    no leaf name; the message uses the innermost error, which says what went wrong
+    (a truncated stream, a corrupt chunk, a missing file) and for which key.
+    """
+    chain = [e]
+    while len(chain) < 16 and (chain[-1].__cause__ or chain[-1].__context__) is not None:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)  # type: ignore[arg-type]
+    for x in reversed(chain):
+        m = _TS_KEY.search(str(x))
+        if m:
+            return m.group(1), x
+    return None, chain[-1]
+
+
+def _short(e: BaseException, limit: int = 300) -> str:
     s = str(e).replace("\n", " ")
     return s if len(s) <= limit else s[:limit] + "..."
 

@@ -111,6 +111,32 @@ class _Collate:
         return batch
 
 
+class _Rows:
+    """grain ``map`` fn: batch index ``i`` -> rows ``[lo, hi)`` of global batch ``i``, collated.
+
+    A process of a multi-process run reads only these records of the (shuffled) source:
+    rows ``i * B + lo .. i * B + hi`` that exist, zero-padded to ``hi - lo`` rows with a
+    mask, exactly its block of the global batch one process would build. Module-level
+    (not a closure) so grain can pickle it into worker processes.
+    """
+
+    def __init__(self, source: Any, batch_size: int, lo: int, hi: int, num_records: int):
+        self.source, self.batch_size, self.lo, self.hi = source, batch_size, lo, hi
+        self.num_records = num_records
+        self.collate = _Collate(hi - lo)
+
+    def __call__(self, i: int) -> dict[str, np.ndarray]:
+        first = int(i) * self.batch_size
+        stop = min(first + self.hi, self.num_records)
+        records = [self.source[j] for j in range(first + self.lo, stop)]
+        if records:
+            return self.collate(records)
+        # Only padding rows here (the epoch's last, partial global batch): zeros shaped
+        # like a record, all masked.
+        batch = self.collate([self.source[0]])
+        return {k: np.zeros_like(v) for k, v in batch.items()}
+
+
 def _epoch_seed(seed: int, epoch: int) -> int:
     # Mixed through SeedSequence rather than seed + epoch, so that (seed 0, epoch 1) and
     # (seed 1, epoch 0) do not shuffle alike.
@@ -229,7 +255,7 @@ class GrainData:
             self._init_streaming(shuffle)
         # (epoch, batches consumed in the epoch) -> grain iterator state after them.
         self._states: collections.OrderedDict = collections.OrderedDict()
-        self._resumed: tuple[int, int, Any] | None = None
+        self._resumed: tuple[int, int, Any, Any] | None = None
 
     def _set_source(self, source: Any, grain: Any) -> None:
         """Sets ``_map`` (random access) or ``_iter`` (streaming) from ``source``.
@@ -318,11 +344,23 @@ class GrainData:
             "worker_count": self.worker_count,
         }
 
-    def _dataset(self, epoch: int) -> Any:
-        """The grain IterDataset of epoch ``epoch``'s batches."""
+    def _dataset(self, epoch: int, rows: slice | None = None) -> Any:
+        """The grain IterDataset of epoch ``epoch``'s batches (``rows`` of each, if given)."""
         grain = _grain()
         collate = _Collate(self.batch_size)
-        if self._map is not None:
+        if self._map is not None and rows is not None:
+            ds = self._map
+            if self.shuffle:
+                ds = ds.shuffle(seed=_epoch_seed(self.seed, epoch))
+            assert self.num_records is not None and self.steps_per_epoch is not None
+            lo, hi = rows.start or 0, rows.stop
+            ds = grain.MapDataset.range(self.steps_per_epoch).map(
+                _Rows(ds, self.batch_size, lo, hi, self.num_records)
+            )
+            ds = ds.to_iter_dataset(
+                grain.ReadOptions(num_threads=self.read_threads, prefetch_buffer_size=self.prefetch)
+            )
+        elif self._map is not None:
             ds = self._map
             if self.shuffle:
                 ds = ds.shuffle(seed=_epoch_seed(self.seed, epoch))
@@ -351,7 +389,9 @@ class GrainData:
             ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.worker_count))
         return ds
 
-    def batches(self, epoch: int = 0, start: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    def batches(
+        self, epoch: int = 0, start: int = 0, *, rows: slice | None = None
+    ) -> Iterator[dict[str, np.ndarray]]:
         """Yields the batches of ``epoch`` from batch index ``start`` on.
 
         Each batch is ``{name: array [B, ...], "mask": float32 [B]}``. The iterator
@@ -362,12 +402,30 @@ class GrainData:
         Args:
             epoch: the epoch (0-based); it picks the shuffle.
             start: index of the first batch to yield.
+            rows: only these rows of every batch (a process's share of the global
+                batch in multi-process training, `jaxtrain.parallel.process_rows`),
+                ``hi - lo`` rows each: only those records are read. The rows of all
+                processes together are the batches of ``rows=None``. Random-access
+                sources only (a stream is read whole by every process).
+
+        Raises:
+            ValueError: ``rows`` for a streaming (``IterDataset``) source.
         """
+        if rows is not None and self._map is None:
+            raise ValueError(
+                "GrainData.batches(rows=...) needs a random-access source (a stream cannot "
+                "be read by row); got an IterDataset source. Fix: read the whole batches "
+                "(rows=None) and keep this process's rows."
+            )
         if self._resumed is not None and self._resumed[:2] == (epoch, start):
-            it = self._resumed[2]
+            _, _, it, state = self._resumed
             self._resumed = None
+            if rows is not None:  # the same position, read for this process's rows only
+                _close(it)
+                it = iter(self._dataset(epoch, rows))
+                it.set_state(state)
         else:
-            it = iter(self._dataset(epoch))
+            it = iter(self._dataset(epoch, rows))
             state = self._states.get((epoch, start)) if start else None
             if state is not None:
                 it.set_state(state)
@@ -393,9 +451,7 @@ class GrainData:
                     self._states.popitem(last=False)
                 yield batch
         finally:
-            close = getattr(it, "close", None)  # stops grain's threads and workers
-            if close is not None:
-                close()
+            _close(it)
 
     def iterator_state(self, position: DataPosition) -> dict[str, Any] | None:
         """The JSON-ready state to save with a checkpoint taken at ``position``.
@@ -458,10 +514,17 @@ class GrainData:
                 f"({type(e).__name__}: {e}); this pipeline differs from the one that saved "
                 "it. Fix: resume with the same grain source and transformations."
             ) from None
-        self._resumed = (position.epoch, position.index, it)
+        self._resumed = (position.epoch, position.index, it, data_state["grain"])
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self.batches(0)
+
+
+def _close(it: Any) -> None:
+    """Stops a grain iterator's threads and workers."""
+    close = getattr(it, "close", None)
+    if close is not None:
+        close()
 
 
 def _allow_grain_workers() -> None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -393,6 +393,55 @@ def state_shardings(tree: PyTree, mesh: Mesh, *, min_elements: int = FSDP_MIN_EL
     )
 
 
+def init_sharded(
+    create: Callable[[], PyTree], mesh: Mesh, *, min_elements: int = FSDP_MIN_ELEMENTS
+) -> PyTree:
+    """Creates a state directly in its `state_shardings` layout: never whole anywhere.
+
+    ``create`` is traced once for its shapes (``jax.eval_shape``, no computation), then
+    compiled with ``out_shardings`` set to the FSDP rule, so XLA computes each device's
+    shards of the initial parameters and optimizer moments on that device: no device
+    and no host holds an unsharded copy (`shard_state` of an eagerly created state
+    needs the whole state on one device first). In a multi-process run every process
+    calls it and gets its part of the same global state. The values equal (bitwise, on
+    the same backend) those of ``create()`` run eagerly and then placed.
+
+    Args:
+        create: a function of no arguments returning the state, e.g.
+            ``lambda: TrainState.create(model.init(key, x)[0], optimizer, seed)``; it
+            runs under ``jax.jit`` (no side effects, no host reads of its values).
+            Arrays it closes over (e.g. pre-trained weights in numpy) are compiled
+            into the program as whole constants: place those with `shard_state` or
+            restore them (`jaxtrain.checkpoint.Checkpointer.restore` with ``mesh=``).
+        mesh: the mesh (`make_mesh`; on a mesh without an ``fsdp`` axis the state is
+            replicated).
+        min_elements: as in `state_shardings`.
+
+    Returns:
+        The state, each leaf with its `state_shardings` sharding.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> mesh = make_mesh(fsdp=1, devices=jax.devices()[:1])
+        >>> state = init_sharded(lambda: {"w": jnp.ones((64, 8))}, mesh)
+        >>> state["w"].sharding == state_shardings(state, mesh)["w"]
+        True
+    """
+    if not callable(create):
+        raise TypeError(
+            f"init_sharded needs a function of no arguments that creates the state; got "
+            f"{type(create).__name__}. Fix: pass e.g. lambda: TrainState.create(...)."
+        )
+    if not isinstance(mesh, Mesh):
+        raise TypeError(
+            f"init_sharded needs a jax.sharding.Mesh; got {type(mesh).__name__}. Fix: "
+            "pass make_mesh(...) (or the step's mesh)."
+        )
+    abstract = jax.eval_shape(create)
+    shardings = state_shardings(abstract, mesh, min_elements=min_elements)
+    return jax.jit(create, out_shardings=shardings)()
+
+
 def shard_state(
     tree: PyTree, mesh: Mesh, *, copy: bool = True, min_elements: int = FSDP_MIN_ELEMENTS
 ) -> PyTree:
@@ -454,8 +503,26 @@ def _place(tree: Any, shardings: Any, copy: bool) -> Any:
     return jax.device_put(tree, shardings)
 
 
+def _with_trailing(sharding: NamedSharding, key: jax.Array) -> NamedSharding:
+    """``sharding`` for a key's data, which has trailing (unsplit) dimensions."""
+    extra = jax.random.key_data(key).ndim - key.ndim
+    spec = (*sharding.spec, *([None] * (key.ndim - len(sharding.spec) + extra)))
+    return NamedSharding(sharding.mesh, PartitionSpec(*spec))
+
+
 def _put_global(x: Any, sharding: NamedSharding) -> jax.Array:
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        return jax.device_put(x, sharding)  # already global: a resharding inside JAX
-    host = np.asarray(jax.device_get(x))
+    """A global array from this process's full local value of ``x`` (equal in every process).
+
+    Each local device gets only its shard, sliced where ``x`` is: a device array is
+    sliced on its device (no host copy of the whole leaf), a host array on the host.
+    """
+    if isinstance(x, jax.Array):
+        if not x.is_fully_addressable:
+            return jax.device_put(x, sharding)  # already global: a resharding inside JAX
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):  # typed key: via its data
+            impl = jax.random.key_impl(x)
+            data = _put_global(jax.random.key_data(x), _with_trailing(sharding, x))
+            return jax.random.wrap_key_data(data, impl=impl)
+        return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+    host = np.asarray(x)
     return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])

@@ -213,12 +213,12 @@ def _array_files(step_dir):
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
-        ("truncate", "step 30 .*(cannot be read|does not match the SHA-256)"),
+        ("truncate", "step 30 .*(cannot be read|does not match the digest)"),
         ("delete", "step 30 .*(cannot be read|missing)"),
         ("garbage_meta", "step 30 .*metadata .* is not valid JSON"),
         ("missing_meta", "step 30 .*metadata file .* is missing"),
         ("garbage_array_metadata", "step 30 .*array metadata cannot be read"),
-        ("flip_bytes", "step 30 .*(does not match the SHA-256|cannot be read)"),
+        ("flip_bytes", "step 30 .*(does not match the digest|cannot be read)"),
     ],
 )
 def test_corrupt_checkpoint_is_an_error_and_fallback_says_so(three_checkpoints, damage, message):
@@ -432,3 +432,85 @@ def test_metadata_with_non_finite_metrics_is_strict_json_and_round_trips(tmp_pat
     assert math.isnan(back["pending_metrics"][0]["loss"])
     assert back["pending_metrics"][0]["grad_norm"] == math.inf
     assert back["x"] == -math.inf
+
+
+# -- sharded saves and remote paths (issue 13) ----------------------------------------
+
+
+def test_save_hands_orbax_the_device_arrays_and_records_blocking_time(tmp_path, setup, monkeypatch):
+    """No host copy in save: orbax gets the jax.Arrays as they are sharded (it copies each
+    process's own shards), and the metadata gets one digest per array."""
+    import orbax.checkpoint as ocp
+
+    seen = []
+    real = ocp.args.StandardSave
+
+    def spy(item, *a, **k):
+        seen.append(item)
+        return real(item, *a, **k)
+
+    monkeypatch.setattr(ocp.args, "StandardSave", spy)
+    state = _fresh(setup)
+    with Checkpointer(tmp_path) as c:
+        c.save(3, state)
+        c.wait()
+        meta = c.read_meta(3)
+        assert len(c.save_blocking_seconds) == 1 and 0 < c.save_blocking_seconds[0] < 60
+    leaves = jax.tree.leaves(seen[0])
+    assert leaves and all(isinstance(x, jax.Array) for x in leaves)
+    params = jax.tree.leaves(state.params)
+    assert {x.sharding for x in jax.tree.leaves(seen[0].params)} == {x.sharding for x in params}
+    names = [jt.checkpoint.leaf_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(seen[0])]
+    assert sorted(meta["state_digests"]) == sorted(names) and meta["format"] == 3
+
+
+def test_remote_url_reaches_orbax_unchanged(monkeypatch):
+    """gs://bucket/run is not made a local folder (os.path.abspath would give
+    ./gs:/bucket/run), and the metadata is read through orbax, not opened as a file."""
+    import orbax.checkpoint as ocp
+
+    calls = {}
+
+    class FakeManager:
+        def __init__(self, directory, options=None, item_handlers=None):
+            calls["directory"] = directory
+
+        def all_steps(self):
+            return [4]
+
+        def reload(self):
+            pass
+
+        def restore(self, step, args=None):
+            calls["restore"] = (step, sorted(args.keys()))
+            meta = {"format": 3, "step": step}
+            meta["meta_sha256"] = jt.checkpoint.meta_digest(meta)
+            return {"meta": meta}
+
+    monkeypatch.setattr(ocp, "CheckpointManager", FakeManager)
+    c = Checkpointer("gs://bucket/run")
+    assert str(calls["directory"]) == "gs://bucket/run" and c.directory == "gs://bucket/run"
+    assert c.read_meta(4)["step"] == 4 and calls["restore"] == (4, ["meta"])
+    assert not os.path.exists("gs:")
+
+
+def test_restore_verifies_each_array_against_its_saved_digest(three_checkpoints):
+    """The per-array digest is checked after reading (on the devices): a digest that does
+    not match names the step and the leaf; fallback then takes the older checkpoint."""
+    root, state = three_checkpoints
+    meta_path = root / "30" / "meta" / "metadata"
+    meta = json.loads(meta_path.read_text())
+    leaf = "params.Dense_0.kernel"
+    assert set(meta["state_digests"]) >= {leaf, "step", "rng"}
+    meta["state_digests"][leaf] = "0" * 16  # as if the array's bytes had changed
+    meta["meta_sha256"] = jt.checkpoint.meta_digest(meta)
+    meta_path.write_text(json.dumps(meta))
+    with Checkpointer(root, keep_last=5) as c:
+        with pytest.raises(
+            CheckpointError,
+            match=rf"step 30 .*array data of leaf '{leaf}' does not match the digest",
+        ):
+            c.restore(state)
+        with warnings.catch_warnings(record=True):
+            warnings.simplefilter("always")
+            assert c.restore(state, fallback=True).step == 20

@@ -410,3 +410,48 @@ def test_bad_values_are_caught_per_batch_on_the_host():
         list(jt.GrainData(labels, batch_size=4, shuffle=False).batches(0))
     # label_key=None: an integer entry that is not class labels is not checked.
     assert len(list(jt.GrainData(labels, 4, shuffle=False, label_key=None).batches(0))) == 2
+
+
+def test_each_process_reads_only_its_rows_and_the_global_batches_stay_the_same():
+    """Per-host reading (multi-process training): rows [lo, hi) of every global batch
+    read only those records; the rows of all processes, stacked, are today's batches
+    (same seed, shuffled, the padded last batch included), and a mid-epoch resume state
+    saved by the whole-batch pipeline continues the per-process one."""
+
+    class Counted(list):
+        reads: list
+
+        def __getitem__(self, i):
+            self.reads.append(i)
+            return super().__getitem__(i)
+
+    records = Counted({"x": np.full(2, i, np.float32), "y": np.int32(i % 3)} for i in range(20))
+    records.reads = []
+    data = jt.GrainData(records, batch_size=8, seed=5, read_threads=1)
+    whole = list(data.batches(epoch=1))
+    parts, reads = [], []
+    for lo in (0, 4):  # process 0 of 2, then process 1
+        records.reads = []
+        parts.append(list(data.batches(epoch=1, rows=slice(lo, lo + 4))))
+        reads.append(set(records.reads))
+    # Each process reads only its rows: disjoint sets, together every record (process 1
+    # also reads one record for the shapes of its all-padding rows of the last batch).
+    assert len(reads[0]) == 12 and len(reads[1] - reads[0]) == 8
+    assert reads[0] | reads[1] == set(range(20))
+    assert len(whole) == len(parts[0]) == len(parts[1]) == 3
+    for i, batch in enumerate(whole):
+        for k in batch:
+            np.testing.assert_array_equal(
+                np.concatenate([parts[0][i][k], parts[1][i][k]]), batch[k], err_msg=f"{i} {k}"
+            )
+    assert parts[1][2]["mask"].tolist() == [0.0] * 4  # rows 20..23 of 20 records: padding
+    # A position saved mid-epoch restores onto the per-process reader.
+    data.restore(
+        {"epoch": 1, "index": 1, "grain": data.iterator_state(DataPosition(1, 1))["grain"]},
+        DataPosition(1, 1),
+    )
+    rest = list(data.batches(epoch=1, start=1, rows=slice(0, 4)))
+    np.testing.assert_array_equal(rest[0]["x"], parts[0][1]["x"])
+    with pytest.raises(ValueError, match=r"rows=\.\.\.\) needs a random-access source"):
+        stream = jt.GrainData(lambda e: grain.MapDataset.source(list(records)).to_iter_dataset(), 8)
+        next(stream.batches(0, rows=slice(0, 4)))

@@ -79,3 +79,45 @@ def test_processes_must_stay_contiguous():
 def test_make_mesh_still_refuses_a_bad_shape_with_the_fix():
     with pytest.raises(ValueError, match=r"data \* fsdp must equal the number of devices.*Fix"):
         jt.make_mesh(data=2, fsdp=1, devices=jax.devices()[:1])
+
+
+def test_fit_takes_the_mesh_from_the_step_and_refuses_another_one():
+    """The mesh is passed once, to the step builder: fit uses the step's; a different
+    mesh= is an error naming both (before any training)."""
+    import jax.numpy as jnp
+    import optax
+
+    opt = optax.sgd(0.1)
+    own = jt.make_mesh(fsdp=1, devices=jax.devices()[:1])
+    step = jt.make_train_step(lambda p, b: jnp.mean((b["x"] @ p["w"]) ** 2), opt, mesh=own)
+    data = jt.ArrayDataset({"x": np.ones((4, 3), np.float32)}, 2, label_key=None)
+    state = jt.TrainState.create({"w": jnp.ones(3)}, opt, 0)
+    other = jt.data_mesh(jax.devices()[:1])  # another layout (axes) than the step's
+    with pytest.raises(
+        ValueError,
+        match=r"fit\(mesh=\.\.\.\) is \{'data': 1\} .*train step was "
+        r"built for the mesh \{'data': 1, 'fsdp': 1\}.*Fix: drop fit's mesh=",
+    ):
+        jt.fit(state, step, data, num_steps=1, mesh=other, progress=False)
+    final, _ = jt.fit(state, step, data, num_steps=2, progress=False)  # the step's mesh
+    assert final.params["w"].sharding.mesh == own and step.trace_count == 1
+
+
+def test_fit_creates_a_state_from_a_function_in_its_shardings():
+    """fit(create, ...) creates the state with init_sharded on the step's mesh: the FSDP
+    rule's shardings, the values of the eagerly created state."""
+    import jax.numpy as jnp
+    import optax
+
+    opt = optax.sgd(0.1)
+    mesh = jt.make_mesh(fsdp=1, devices=jax.devices()[:1])
+    step = jt.make_train_step(lambda p, b: jnp.mean((b["x"] @ p["w"]) ** 2), opt, mesh=mesh)
+    data = jt.ArrayDataset({"x": np.ones((4, 3), np.float32)}, 2, label_key=None)
+
+    def create():
+        return jt.TrainState.create({"w": jnp.arange(3.0)}, opt, 0)
+
+    made, _ = jt.fit(create, step, data, num_steps=2, progress=False)
+    eager, _ = jt.fit(create(), step, data, num_steps=2, progress=False)
+    np.testing.assert_array_equal(np.asarray(made.params["w"]), np.asarray(eager.params["w"]))
+    assert made.params["w"].sharding.mesh == mesh and int(made.step) == 2
