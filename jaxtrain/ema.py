@@ -57,11 +57,13 @@ def ema_state(state: TrainState) -> TrainState:
     """``state`` with its EMA parameters in place of ``params``, to evaluate them.
 
     Args:
-        state: a state built with ``TrainState.create(..., ema=True)``.
+        state: a state built with ``TrainState.create(..., ema=True)``, or a
+            `jaxtrain.population.PopulationState` of such states (each member's EMA).
 
     Returns:
         A `TrainState` whose ``params`` are ``state.ema_params`` (no copy: do not pass
-        it to a donating train step).
+        it to a donating train step); for a population, the population with its
+        members' ``params`` replaced so.
 
     Raises:
         ValueError: the state keeps no EMA.
@@ -72,6 +74,9 @@ def ema_state(state: TrainState) -> TrainState:
         >>> ema_state(state).params["w"].tolist()
         [1.0, 1.0]
     """
+    members = getattr(state, "members", None)  # a PopulationState: its members' EMA
+    if isinstance(members, TrainState):
+        return state.replace(members=ema_state(members))
     if not jax.tree.leaves(state.ema_params):
         raise ValueError(
             "the state keeps no parameter EMA (state.ema_params is empty), so there is "

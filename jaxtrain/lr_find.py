@@ -50,13 +50,18 @@ __all__ = ["RULES", "LRFindResult", "lr_find", "suggest"]
 #: The suggestion rules of `suggest` (the first is the default).
 RULES = ("min/10", "steepest")
 
+#: The metrics a sweep reads back: the loss, and the running counts of skipped steps.
+_COUNTED = ("loss", "loss_scale_overflows", "skipped_steps")
+
 
 @dataclasses.dataclass(frozen=True)
 class LRFindResult:
     """The sweep's curve and its suggestion.
 
     Attributes:
-        learning_rates: the rate of each step run.
+        learning_rates: the rate of each step run (the schedule at the optimizer's
+            count: a step skipped by float16 loss scaling or the non-finite guard does
+            not advance it, so the next step runs at the same rate).
         losses: each step's training loss (before its update), as computed.
         smoothed: the bias-corrected exponential moving average of ``losses``.
         suggestion: the suggested learning rate (None when fewer than 3 finite
@@ -96,7 +101,8 @@ def suggest(
     """The suggested rate of a smoothed loss curve, and the two points it comes from.
 
     Args:
-        learning_rates: the rates, increasing, shape ``[N]``.
+        learning_rates: the rates, non-decreasing, shape ``[N]`` (of a repeated rate,
+            only the last point counts).
         smoothed: the smoothed loss at each rate, shape ``[N]`` (non-finite points are
             ignored).
         rule: ``"min/10"`` (a tenth of the rate at the lowest loss) or ``"steepest"``
@@ -123,6 +129,10 @@ def suggest(
     loss = np.asarray(smoothed, np.float64)
     ok = np.isfinite(loss)
     lrs, loss = lrs[ok], loss[ok]
+    # Skipped steps repeat a rate (the schedule did not advance): keep the last point at
+    # each rate, so the slope against log(rate) is defined.
+    last = np.diff(lrs, append=np.inf) > 0
+    lrs, loss = lrs[last], loss[last]
     if len(loss) < 3:
         return None, None, None
     lowest = int(np.argmin(loss))
@@ -249,11 +259,20 @@ def lr_find(
     stopped = False
     pending: Any = None
 
-    def record(i: int, loss_value: Any) -> bool:
+    applied, skips_seen = 0, 0
+
+    def record(i: int, step_metrics: Any) -> bool:
         """Adds step ``i``'s loss; True when the sweep must stop (diverged)."""
-        nonlocal avg, best
-        loss = float(jax.device_get(loss_value))
-        rates.append(float(min_lr * ratio ** (i / (num_steps - 1))))
+        nonlocal avg, best, applied, skips_seen
+        got = jax.device_get({k: step_metrics[k] for k in _COUNTED if k in step_metrics})
+        loss = float(got["loss"])
+        # The schedule runs on the optimizer's count, which a skipped step (a float16
+        # overflow, the non-finite guard) does not advance: step i ran at the rate of the
+        # updates applied before it, not at schedule(i).
+        rates.append(float(min_lr * ratio ** (applied / (num_steps - 1))))
+        skips = sum(int(got[k]) for k in _COUNTED[1:] if k in got)  # cumulative counts
+        applied += 1 if skips == skips_seen else 0
+        skips_seen = skips
         losses.append(loss)
         if not math.isfinite(loss):
             smoothed.append(math.nan)
@@ -273,7 +292,7 @@ def lr_find(
         if pending is not None and record(*pending):
             stopped = True
             break
-        pending = (i, metrics["loss"])
+        pending = (i, metrics)
     if not stopped and pending is not None and record(*pending):
         stopped = True
     if stopped:

@@ -86,6 +86,18 @@ def check_resumed_start(start: int, stop: int, first_step: int) -> None:
     Those steps ran in an earlier process: tracing later ones instead would answer
     another question than the one asked.
 
+    Args:
+        start: first step of the profile range.
+        stop: the step after the last one traced (named in the message and its fix).
+        first_step: the step the run starts at (``state.step`` after a restore; 0 for a
+            fresh run).
+
+    Returns:
+        None: the range can still be traced (``start >= first_step``).
+
+    Raises:
+        ValueError: ``start`` before ``first_step``, naming a range that can be traced.
+
     Example:
         >>> check_resumed_start(10, 20, first_step=10)
         >>> check_resumed_start(2, 5, first_step=10)

@@ -14,6 +14,7 @@ checkpoints or torch.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -61,6 +62,20 @@ def _check_nonfinite(nonfinite: Any) -> None:
         )
 
 
+def check_ema_decay(decay: Any) -> None:
+    """Refuses an ``ema_decay`` that is not None or a number strictly between 0 and 1."""
+    if decay is None:
+        return
+    # numbers.Real: numpy scalars (np.float32(0.999)) are numbers too; bool is not a decay.
+    ok = isinstance(decay, numbers.Real) and not isinstance(decay, bool) and 0 < decay < 1
+    if not ok:
+        raise ValueError(
+            f"ema_decay must be a number in (0, 1) or None; got {decay!r}. It is the weight "
+            "of the old average at each step: ema = decay * ema + (1 - decay) * params. "
+            "Fix: e.g. ema_decay=0.999 (an average over about 1 / (1 - decay) = 1000 steps)."
+        )
+
+
 def _check_bool(name: str, value: Any) -> None:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False; got {value!r}.")
@@ -85,6 +100,8 @@ class StepOptions:
         grad_norm: report the ``grad_norm`` metric.
         unroll: ``jax.lax.scan``'s unroll for fused steps and device epochs:
             ``"auto"`` (default), True, or an integer >= 1.
+        ema_decay: keep ``state.ema_params``, an exponential moving average of the
+            parameters, with this decay in (0, 1); None: no average.
 
     Example:
         >>> opts = StepOptions(nonfinite="skip", precision="bfloat16")
@@ -105,6 +122,7 @@ class StepOptions:
     precision: precision_lib.Policy | str | None = None
     grad_norm: bool = True
     unroll: int | bool | str = UNROLL_AUTO
+    ema_decay: float | None = None
 
     def __post_init__(self) -> None:
         if self.learning_rate_fn is not None and not callable(self.learning_rate_fn):
@@ -118,6 +136,7 @@ class StepOptions:
         _check_nonfinite(self.nonfinite)
         check_positive_int("grad_accum_steps", self.grad_accum_steps)
         check_unroll(self.unroll)
+        check_ema_decay(self.ema_decay)
         object.__setattr__(self, "precision", precision_lib.get_policy(self.precision))
 
     @property
@@ -170,6 +189,10 @@ class StepSpec:
         unroll: the scan unrolling of a fused step or epoch: ``"auto"`` until the first
             call decides it (True for a convolutional model on CPU, else 1), then the
             value used; None for a single step or an evaluation step.
+        population: True for a step over a `jaxtrain.population.PopulationState`
+            (`jaxtrain.population_step`): its metrics carry a member axis ``[N]``.
+        member_batches: True for a population step fed one batch per member, ``[N,
+            B, ...]`` (fused ``[K, N, B, ...]``).
 
     Example:
         >>> import jax.numpy as jnp, optax, jaxtrain as jt
@@ -186,6 +209,8 @@ class StepSpec:
     nonfinite: str | None = None
     nonfinite_names: list[str] = dataclasses.field(default_factory=list)
     unroll: int | bool | str | None = None
+    population: bool = False
+    member_batches: bool = False
 
     def __post_init__(self):
         if self.kind not in KINDS:

@@ -42,6 +42,8 @@ class ParamRow:
         dtype: its dtype's name (``float32``).
         count: its number of elements.
         bytes: its size in bytes (``count * itemsize``).
+        trainable: False for a model-state array (``batch_stats`` of a BatchNorm:
+            Keras' "non-trainable params"), whose path starts with its collection.
 
     Example:
         >>> import jax.numpy as jnp
@@ -55,6 +57,7 @@ class ParamRow:
     dtype: str
     count: int
     bytes: int
+    trainable: bool = True
 
     @property
     def module(self) -> str:
@@ -82,10 +85,14 @@ class ModelSummary:
     """A model's parameters and the cost of one train step (`model_summary`).
 
     Attributes:
-        rows: one `ParamRow` per parameter array, in pytree order.
-        total_params: the number of parameters.
+        rows: one `ParamRow` per parameter array, in pytree order, then one per
+            model-state array (``trainable=False``) when ``model_state`` was given.
+        total_params: the number of parameters (trainable: model state not included).
         total_bytes: their size in bytes.
-        flops_per_step: FLOPs of one call of the step (a multiply-add counts 2), or
+        state_values: the number of model-state values (BatchNorm statistics), 0 if none.
+        state_bytes: their size in bytes.
+        flops_per_step: FLOPs of one training step (a multiply-add counts 2): one call
+            of the step, divided by its K for fused steps (``spec.steps_per_call``); or
             None (no step given, or no count available).
         flops_source: how they were counted (`jaxtrain.perf.step_flops_source`).
         name: the model's name for the title, or ``""``.
@@ -108,6 +115,8 @@ class ModelSummary:
     flops_per_step: float | None = None
     flops_source: str | None = None
     name: str = ""
+    state_values: int = 0
+    state_bytes: int = 0
 
     def modules(self) -> list[tuple[str, int, int, list[ParamRow]]]:
         """``(module, params, bytes, rows)`` per module, in first-seen order."""
@@ -165,11 +174,15 @@ class ModelSummary:
 
         lines = [f"model summary{': ' + self.name if self.name else ''}", line(head)]
         lines += [line(row) for row in body]
-        dtypes = sorted({r.dtype for r in self.rows})
+        dtypes = sorted({r.dtype for r in self.rows if r.trainable})
         total = (
             f"total: {self.total_params:,} parameters, {_human_bytes(self.total_bytes)} "
             f"({', '.join(dtypes) or 'no arrays'})"
         )
+        if self.state_values:  # Keras' "non-trainable params"
+            total += (
+                f" + model state {self.state_values:,} values, {_human_bytes(self.state_bytes)}"
+            )
         if self.flops_per_step is not None:
             total += (
                 f"; {_human_flops(self.flops_per_step)} per train step "
@@ -184,6 +197,8 @@ class ModelSummary:
             "name": self.name,
             "total_params": self.total_params,
             "total_bytes": self.total_bytes,
+            "state_values": self.state_values,
+            "state_bytes": self.state_bytes,
             "flops_per_step": self.flops_per_step,
             "flops_source": self.flops_source,
             "params": [dataclasses.asdict(r) | {"shape": list(r.shape)} for r in self.rows],
@@ -195,6 +210,7 @@ def model_summary(
     step: Any = None,
     *step_args: Any,
     name: str = "",
+    model_state: PyTree = None,
 ) -> ModelSummary:
     """Parameters per array and module, total bytes, and FLOPs of one train step.
 
@@ -204,9 +220,13 @@ def model_summary(
         step: optionally a compiled step (`jaxtrain.make_train_step`) or ``jax.jit``
             function; with ``step_args`` its FLOPs per call are counted by
             `jaxtrain.perf.step_flops` (lowered and compiled, never run: a donated
-            state stays valid; fit's first call then reuses the compilation).
+            state stays valid; fit's first call then reuses the compilation), and
+            divided by the K steps a fused step's call runs.
         *step_args: the step's arguments, e.g. ``(state, batch)`` placed as in training.
         name: a title for `ModelSummary.format` (e.g. the model's name).
+        model_state: optionally ``state.model_state`` (e.g. ``{"batch_stats": ...}``):
+            listed after the parameters as non-trainable rows (paths starting with the
+            collection) and totalled apart (``state_values``, ``state_bytes``).
 
     Returns:
         A `ModelSummary`.
@@ -226,19 +246,23 @@ def model_summary(
         total: 2,410 parameters, 9.4 KB (float32)
     """
     rows = []
-    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-        shape = tuple(int(d) for d in np.shape(leaf))
-        dtype = np.dtype(getattr(leaf, "dtype", np.asarray(leaf).dtype))
-        count = int(np.prod(shape, dtype=np.int64))
-        rows.append(
-            ParamRow(
-                "/".join(_key_name(k) for k in path) or "(root)",
-                shape,
-                dtype.name,
-                count,
-                count * dtype.itemsize,
+    for trainable, tree in ((True, params), (False, model_state or {})):
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+            shape = tuple(int(d) for d in np.shape(leaf))
+            dtype = np.dtype(getattr(leaf, "dtype", np.asarray(leaf).dtype))
+            count = int(np.prod(shape, dtype=np.int64))
+            rows.append(
+                ParamRow(
+                    "/".join(_key_name(k) for k in path) or "(root)",
+                    shape,
+                    dtype.name,
+                    count,
+                    count * dtype.itemsize,
+                    trainable,
+                )
             )
-        )
+    params_rows = [r for r in rows if r.trainable]
+    state_rows = [r for r in rows if not r.trainable]
     flops = source = None
     if step is not None:
         from jaxtrain import perf  # perf imports jax.monitoring: only when counting
@@ -250,11 +274,17 @@ def model_summary(
             )
         flops = perf.step_flops(step, *step_args)
         source = perf.step_flops_source(step)
+        # A fused step (or a device epoch) runs K steps per call: the line says "per step".
+        k = getattr(getattr(step, "spec", None), "steps_per_call", 1) or 1
+        if flops is not None and k > 1:
+            flops /= k
     return ModelSummary(
         rows=tuple(rows),
-        total_params=sum(r.count for r in rows),
-        total_bytes=sum(r.bytes for r in rows),
+        total_params=sum(r.count for r in params_rows),
+        total_bytes=sum(r.bytes for r in params_rows),
         flops_per_step=flops,
         flops_source=source,
         name=name,
+        state_values=sum(r.count for r in state_rows),
+        state_bytes=sum(r.bytes for r in state_rows),
     )

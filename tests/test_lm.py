@@ -6,6 +6,8 @@ Tiers: unit by default (abstract traces, one lowering, tiny eager attention); th
 that compile whole models several times are marked e2e (each takes 10-20 s on the shared
 2-core machine, over the fast tier's budget)."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -171,6 +173,19 @@ def test_bad_settings_fail_with_the_fix_in_the_message():
     too_long = jax.ShapeDtypeStruct((1, 33), jnp.int32)
     with pytest.raises(ValueError, match=r"sequence length 33 exceeds max_len=32\. Fix:"):
         jax.eval_shape(TransformerLM(**TINY).init, jax.random.key(0), too_long)
+    for shape in [(33,), (1, 8, 1)]:  # used to fail with "not enough values to unpack"
+        with pytest.raises(
+            ValueError,
+            match=rf"tokens must be a \[batch, length\] array of "
+            rf"token ids; got shape {re.escape(str(shape))}\. Fix: add a batch axis",
+        ):
+            jax.eval_shape(
+                TransformerLM(**TINY).init,
+                jax.random.key(0),
+                jax.ShapeDtypeStruct(shape, jnp.int32),
+            )
+    with pytest.raises(TypeError, match=r"scan_layers must be True or False; got 'no'"):
+        TransformerLM(**TINY, scan_layers="no")  # was accepted: truthy, so scanned
     params = {"Embed_0": {}, "_Block_0": {}, "_Block_2": {}}
     with pytest.raises(ValueError, match=r"not _Block_0 \.\.\. _Block_1\. Fix: pass the params"):
         stack_layers(params)

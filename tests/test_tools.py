@@ -5,6 +5,7 @@ import glob
 import gzip
 import math
 import os
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -114,6 +115,8 @@ def test_ema_mismatches_are_clear_errors():
             jt.make_train_step(_loss, opt, ema_decay=bad)
     with pytest.raises(ValueError, match=r"keeps no parameter EMA.*ema=True"):
         ema_state(_state(opt, ema=False))
+    # A numpy scalar is a number (it used to be refused as "not a number").
+    assert jt.make_train_step(_loss, opt, ema_decay=np.float32(0.9)).spec is not None
 
 
 @pytest.fixture(scope="module")
@@ -168,6 +171,29 @@ def test_ema_is_checkpointed_and_resumed_bitwise(tmp_path, classifier):
     assert not np.array_equal(full.ema_params["w"], full.params["w"])
 
 
+def test_a_population_evaluates_each_members_ema():
+    # eval_params="ema" on a PopulationState used to raise AttributeError (no ema_params).
+    from jaxtrain import population as population_lib
+    from jaxtrain.population_step import make_population_eval_step, make_population_step
+
+    opt = optax.sgd(0.1)
+    members = [
+        jt.TrainState.create({"w": jnp.full(3, 1.0 + i)}, opt, i, ema=True) for i in range(2)
+    ]
+    pop = population_lib.from_states(members, seeds=[0, 1])
+    pop, _ = make_population_step(_loss, opt, ema_decay=0.5)(
+        pop, {k: v[:4] for k, v in _data().items()}
+    )
+    ds = jt.ArrayDataset(_data(8), 4, shuffle=False)
+    eval_fn = lambda p, b: {"mse": (b["x"] @ p["w"] - b["y"]) ** 2}  # noqa: E731
+    got = jt.evaluate(make_population_eval_step(eval_fn), pop, ds, eval_params="ema")["mse"]
+    single = jt.make_eval_step(eval_fn)
+    for i in range(2):
+        one = population_lib.extract_member(pop, i)
+        assert got[i] == pytest.approx(jt.evaluate(single, one, ds, eval_params="ema")["mse"])
+        assert got[i] != pytest.approx(jt.evaluate(single, one, ds)["mse"])  # not the params
+
+
 # --- profiler --------------------------------------------------------------------------
 
 
@@ -216,12 +242,29 @@ def test_profile_of_a_resumed_run_that_starts_after_the_range_is_refused(tmp_pat
     data = jt.ArrayDataset(_data(), 4)
     common = dict(progress=False, save_every=2, log_every=2)
     with Checkpointer(tmp_path / "ck") as ck:
-        jt.fit(jt.TrainState.create({"w": jnp.zeros(3)}, opt, 0), step, data, num_steps=4,
-               checkpointer=ck, **common)  # fmt: skip
-        with pytest.raises(ValueError, match=r"start=1, stop=3: this run starts at step 4 "
-                           r"\(resumed\).* Fix: profile later steps, e.g. 4:6"):  # fmt: skip
-            jt.fit(jt.TrainState.create({"w": jnp.zeros(3)}, opt, 0), step, data, num_steps=8,
-                   checkpointer=ck, resume=True, profile=(1, 3, str(tmp_path / "p")), **common)  # fmt: skip
+        jt.fit(
+            jt.TrainState.create({"w": jnp.zeros(3)}, opt, 0),
+            step,
+            data,
+            num_steps=4,
+            checkpointer=ck,
+            **common,
+        )
+        with pytest.raises(
+            ValueError,
+            match=r"start=1, stop=3: this run starts at step 4 "
+            r"\(resumed\).* Fix: profile later steps, e.g. 4:6",
+        ):
+            jt.fit(
+                jt.TrainState.create({"w": jnp.zeros(3)}, opt, 0),
+                step,
+                data,
+                num_steps=8,
+                checkpointer=ck,
+                resume=True,
+                profile=(1, 3, str(tmp_path / "p")),
+                **common,
+            )
     assert not os.path.exists(tmp_path / "p")
 
 
@@ -245,8 +288,9 @@ def test_profile_with_fused_steps_traces_the_calls_that_run_the_range(tmp_path, 
         for _ in range(2):
             calls.clear()
             state = jt.TrainState.create({"w": jnp.zeros(3)}, opt, 0)
-            jt.fit(state, steps, jt.ArrayDataset(_data(), 2), num_steps=8, progress=False,
-                   profile=spy)  # fmt: skip
+            jt.fit(
+                state, steps, jt.ArrayDataset(_data(), 2), num_steps=8, progress=False, profile=spy
+            )
             assert [c[1] for c in calls if c[0] == "begin" and c[2]] == traced, (start, calls)
             assert calls.count("start") == calls.count("stop") == 1
 
@@ -276,6 +320,27 @@ def test_model_summary_counts_exactly():
     assert "Dense_0     520" in text and "total: 610 parameters, 2.4 KB (float32)" in text
 
 
+def test_model_summary_lists_batchnorm_statistics_as_model_state():
+    # Keras' "non-trainable params": they used to be left out of the summary entirely.
+    from flax import linen as nn
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=False):
+            return nn.BatchNorm(use_running_average=not train)(nn.Dense(8)(x))
+
+    params, model_state = jt.from_linen(Net()).init(jax.random.key(0), np.zeros((1, 5)))
+    s = model_summary(params, model_state=model_state)
+    assert (s.total_params, s.total_bytes) == (48 + 16, 256)  # Dense 5x8 + 8, BN scale/bias
+    assert (s.state_values, s.state_bytes) == (16, 64)  # BN mean and var, 8 each
+    state_rows = [(r.path, r.count) for r in s.rows if not r.trainable]
+    assert state_rows == [("batch_stats/BatchNorm_0/mean", 8), ("batch_stats/BatchNorm_0/var", 8)]
+    assert s.format().endswith(
+        "total: 64 parameters, 256 B (float32) + model state 16 values, 64 B"
+    )
+    assert s.to_dict()["state_values"] == 16
+
+
 def test_model_summary_counts_the_steps_flops():
     opt = optax.sgd(0.1)
     step = jt.make_train_step(_loss, opt)
@@ -288,6 +353,11 @@ def test_model_summary_counts_the_steps_flops():
     assert jax.tree.leaves(state)[0].is_deleted() is False  # lowered, never run
     with pytest.raises(ValueError, match=r"got a step but no arguments"):
         model_summary(state.params, step)
+    # A fused step's call runs K=2 steps: still FLOPs per step (it printed 2x that).
+    fused = jt.make_train_steps(_loss, opt, steps_per_call=2)
+    batches = {k: v[:8].reshape(2, 4, *v.shape[1:]) for k, v in _data().items()}
+    s2 = model_summary(state.params, fused, state, batches)
+    assert s2.flops_per_step == 48.0 and s2.format().endswith("48 FLOP per train step (jaxpr)")
 
 
 # --- learning-rate finder --------------------------------------------------------------
@@ -330,8 +400,15 @@ def test_lr_find_with_a_negative_loss_or_a_nan_at_step_0_says_what_happened():
     data = jt.ArrayDataset(_data(32), 8)
     # A loss below zero: "4x the minimum" is below the minimum, so the sweep used to stop
     # as "diverged" at its first step.
-    r = lr_find(lambda p, b: _loss(p, b) - 100.0, optax.sgd, state, data, min_lr=1e-4,
-                max_lr=0.05, num_steps=12)  # fmt: skip
+    r = lr_find(
+        lambda p, b: _loss(p, b) - 100.0,
+        optax.sgd,
+        state,
+        data,
+        min_lr=1e-4,
+        max_lr=0.05,
+        num_steps=12,
+    )
     assert len(r.losses) == 12 and not r.stopped_early and r.reason == "ran all 12 steps"
     assert r.suggestion is not None
     # NaN before any update: the message blames the model/data, not a rate or a minimum.
@@ -355,3 +432,27 @@ def test_lr_find_command_interrupted_is_one_line_exit_130(tmp_path, monkeypatch,
     assert cli.main(["lr-find", "--out", str(tmp_path / "o")]) == 130
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("jaxtrain lr-find: interrupted (its lr_find")
+
+
+def test_lr_find_rates_follow_the_optimizer_count_when_float16_steps_are_skipped():
+    # float16 loss scaling skips the first steps (their scaled gradients overflow): the
+    # optimizer's count, and so the schedule, stays put. Their rates used to be recorded as
+    # schedule(i), shifting the whole curve (and the suggestion) to higher rates.
+    state = jt.TrainState.create({"w": jnp.zeros(3)}, optax.sgd(0.1), 0)
+    data = jt.ArrayDataset(_data(32), 8)
+    r = lr_find(_loss, optax.sgd, state, data, min_lr=1e-4, max_lr=1e-1, num_steps=10,
+                precision="float16")  # fmt: skip
+    single = jt.make_train_step(_loss, optax.sgd(0.1), precision="float16")
+    probe = jt.TrainState.create({"w": jnp.zeros(3)}, optax.sgd(0.1), 0, precision="float16")
+    _, m = single(probe, next(iter(data.batches(0))))
+    assert int(m["loss_scale_overflows"]) == 1  # the premise: step 0 is skipped
+    assert r.learning_rates[0] == r.learning_rates[1] == pytest.approx(1e-4)
+    assert np.all(np.diff(r.learning_rates) >= 0) and r.learning_rates[-1] < 1e-1
+    # Repeated rates: the last point at each rate counts (np.gradient divided by zero).
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert suggest([1e-3, 1e-3, 1e-2, 1e-1], [9.0, 2.0, 1.0, 3.0]) == (
+            pytest.approx(1e-3),
+            1e-2,
+            1e-3,
+        )

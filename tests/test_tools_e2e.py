@@ -103,16 +103,33 @@ def test_resume_refuses_adding_ema_and_profiling_steps_already_run(tmp_path, cap
     "restore it with the model and optimizer it was trained with"; --profile 1:3 on a run
     resumed at step 4 traced steps 4.. instead (and rewrote config.json first)."""
     out = tmp_path / "run"
-    base = ["train", "--model", "mlp", "--schedule", "constant", "--no-progress",
-            "--no-summary", "--save-every", "4", "--out", str(out)]  # fmt: skip
+    base = [
+        "train",
+        "--model",
+        "mlp",
+        "--schedule",
+        "constant",
+        "--no-progress",
+        "--no-summary",
+        "--save-every",
+        "4",
+        "--out",
+        str(out),
+    ]
     assert _run_cli(capsys, base + ["--max-steps", "4"]).returncode == 0
     config = (out / "config.json").read_text()
     resume = base + ["--max-steps", "8", "--resume", "--allow-change"]
     for args, message in [
-        (["max_steps,ema", "--ema", "0.9"], r"--ema cannot be added when resuming: the "
-         r"checkpoints in .* hold no parameter average"),  # fmt: skip
-        (["max_steps", "--profile", "1:3"], r"profile range start=1, stop=3: this run starts "
-         r"at step 4 \(resumed\).* e.g. 4:6"),  # fmt: skip
+        (
+            ["max_steps,ema", "--ema", "0.9"],
+            r"--ema cannot be added when resuming: the "
+            r"checkpoints in .* hold no parameter average",
+        ),
+        (
+            ["max_steps", "--profile", "1:3"],
+            r"profile range start=1, stop=3: this run starts "
+            r"at step 4 \(resumed\).* e.g. 4:6",
+        ),
     ]:
         res = _run_cli(capsys, resume + args)
         assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr

@@ -330,6 +330,12 @@ class TransformerLM(nn.Module):
         # Bad settings fail when the model is built, not deep inside a trace.
         _check_attention(self.attention)
         remat_policy(self.remat)
+        for name in ("scan_layers", "tie_embeddings"):  # a truthy "no" would switch them on
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(
+                    f"{name} must be True or False; got {getattr(self, name)!r}. Fix: "
+                    f"{name}=True or {name}=False."
+                )
         if self.d_model % self.num_heads:
             raise ValueError(
                 f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}. "
@@ -371,6 +377,12 @@ class TransformerLM(nn.Module):
     @nn.compact
     def __call__(self, tokens: jax.Array, train: bool = False) -> jax.Array:
         """``tokens``: int ``[B, T]`` with ``T <= max_len`` -> logits ``[B, T, vocab_size]``."""
+        if tokens.ndim != 2:
+            raise ValueError(
+                f"tokens must be a [batch, length] array of token ids; got shape "
+                f"{tuple(tokens.shape)}. Fix: add a batch axis for one sequence (tokens[None]), "
+                "or drop a trailing feature axis ([B, T, 1] -> tokens[..., 0])."
+            )
         _, t = tokens.shape
         if t > self.max_len:
             raise ValueError(
