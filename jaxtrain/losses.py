@@ -113,6 +113,28 @@ def _poison(value: jax.Array, *counts: jax.Array | None) -> jax.Array:
     return jnp.where(sum(present) > 0, jnp.nan, value).astype(value.dtype)
 
 
+def compute_dtype(*arrays) -> jnp.dtype:
+    """The dtype a loss computes in: its inputs' float dtype, promoted to at least float32.
+
+    bfloat16/float16 logits are computed in float32 (a softmax in 16 bits loses the
+    small probabilities); float32 stays float32; float64 (JAX's x64 mode) stays float64,
+    so a float64 model gets a float64 loss (``jaxtrain.contrast``'s exact parity mode).
+
+    Args:
+        *arrays: the loss's float inputs (logits, predictions, targets).
+
+    Returns:
+        ``jnp.result_type(float32, *float inputs)``; integer inputs do not count.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> compute_dtype(jnp.zeros(2, jnp.bfloat16)), compute_dtype(jnp.zeros(2, jnp.float32))
+        (dtype('float32'), dtype('float32'))
+    """
+    floats = [a for a in arrays if jnp.issubdtype(jnp.asarray(a).dtype, jnp.inexact)]
+    return jnp.dtype(jnp.result_type(jnp.float32, *(jnp.asarray(a).dtype for a in floats)))
+
+
 def broadcast_mask(mask: jax.Array | None, shape: tuple[int, ...]) -> jax.Array:
     """A float32 weight of ``shape`` from a mask over a prefix of ``shape``.
 
@@ -153,7 +175,8 @@ def weighted_mean(values: jax.Array, mask: jax.Array | None = None) -> jax.Array
             None counts every entry.
 
     Returns:
-        float32 scalar: ``sum(values * mask) / max(sum(mask), 1)`` over the broadcast mask.
+        Scalar in the dtype of ``values * mask`` (at least float32): ``sum(values * mask) /
+        max(sum(mask), 1)`` over the broadcast mask.
 
     Example:
         >>> import jax.numpy as jnp
@@ -178,14 +201,15 @@ def cross_entropy_per_example(
             ``torch.nn.CrossEntropyLoss(label_smoothing=...)``).
 
     Returns:
-        float32 array ``[...]``.
+        ``[...]`` in `compute_dtype` (float32 for 16- and 32-bit logits, float64 for
+        float64 logits).
 
     Example:
         >>> import jax.numpy as jnp
         >>> cross_entropy_per_example(jnp.zeros((2, 3, 4)), jnp.zeros((2, 3), jnp.int32)).shape
         (2, 3)
     """
-    logits = logits.astype(jnp.float32)
+    logits = logits.astype(compute_dtype(logits))
     if not label_smoothing:
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     num_classes = logits.shape[-1]
@@ -208,7 +232,7 @@ def softmax_cross_entropy(
         label_smoothing: see `cross_entropy_per_example`.
 
     Returns:
-        float32 scalar. Labels of masked-out positions are never read (they may be
+        Scalar in `compute_dtype` (float32; float64 for float64 logits). Labels of masked-out positions are never read (they may be
         anything, e.g. PyTorch's ``ignore_index`` -100).
 
     Raises:
@@ -243,7 +267,7 @@ def mean_squared_error(
         mask: ``[B]`` (or any prefix of the shape).
 
     Returns:
-        float32 scalar.
+        Scalar in `compute_dtype` of both inputs (float32; float64 for float64 inputs).
 
     Example:
         >>> import jax.numpy as jnp
@@ -251,7 +275,8 @@ def mean_squared_error(
         5.0
     """
     n_mask = _check_mask("mean_squared_error", mask)
-    err = jnp.square(predictions.astype(jnp.float32) - targets.astype(jnp.float32))
+    dtype = compute_dtype(predictions, targets)
+    err = jnp.square(predictions.astype(dtype) - targets.astype(dtype))
     return _poison(weighted_mean(err, mask), n_mask)
 
 

@@ -135,22 +135,23 @@ def test_torch_twin_fits_the_builtin_model(module):
 
 
 def test_unsupported_layer_is_named():
-    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Sequential(nn.ReLU(), nn.BatchNorm2d(2)))
+    # (issue 15: BatchNorm2d, the layer this test used, converts now; Upsample does not.)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Sequential(nn.ReLU(), nn.Upsample(scale_factor=2)))
     with pytest.raises(
-        ValueError, match=r"layer '1\.1' \(BatchNorm2d.*BatchNorm2d is not supported"
+        ValueError, match=r"layer '1\.1' \(Upsample.*Upsample is not supported"
     ) as e:
         from_torch(model, (1, 5, 5))
-    assert "Supported layers: Linear, Conv2d" in str(e.value)
+    assert "Supported layers: Linear, Conv1d, Conv2d" in str(e.value)
 
 
-def test_dropout_in_training_mode_is_refused():
+def test_dropout_in_training_mode_converts():
+    """(issue 15: no longer refused.) Dropout follows train=: the identity without it."""
     model = nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.2))  # train mode by default
-    with pytest.raises(
-        ValueError, match=r"layer '1'.*Dropout\(p=0\.2\) is in training mode.*model\.eval\(\)"
-    ):
-        from_torch(model, (3,))
-    from_torch(model.eval(), (3,))  # fine in eval mode
-    from_torch(nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.0)), (3,))  # and with p=0
+    conv = from_torch(model, (3,))
+    x = np.ones((4, 3), np.float32)
+    np.testing.assert_allclose(
+        conv.apply(conv.params, x), model.eval()(torch.from_numpy(x)).detach()
+    )
 
 
 def test_linear_on_images_needs_a_flatten():
@@ -160,7 +161,9 @@ def test_linear_on_images_needs_a_flatten():
         from_torch(nn.Sequential(nn.Conv2d(1, 2, 1), nn.Linear(4, 3)), (1, 4, 4))
 
 
-def test_custom_module_is_refused():
+def test_custom_module_converts_through_fx():
+    """(issue 15: no longer refused.) A forward of its own goes through torch.fx."""
+
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
@@ -169,11 +172,12 @@ def test_custom_module_is_refused():
         def forward(self, x):
             return self.fc(x) * 2
 
-    with pytest.raises(
-        ValueError,
-        match=r"cannot convert Net: only torch\.nn\.Sequential.*nn\.Sequential\(\.\.\.\)",
-    ):
-        from_torch(Net(), (2,))
+    net = Net()
+    conv = from_torch(net, (2,))
+    x = np.ones((3, 2), np.float32)
+    np.testing.assert_allclose(
+        conv.apply(conv.params, x), net(torch.from_numpy(x)).detach(), rtol=0, atol=1e-6
+    )
 
 
 def test_unsupported_settings_are_named():

@@ -166,11 +166,12 @@ def test_mse_matches_torch_and_is_twice_optax_l2_loss():
 
 def test_spec_errors_name_the_field_and_value():
     with pytest.raises(
-        ValueError, match=r"OptimizerSpec.name must be one of sgd, adam, adamw; got 'rmsprop'"
+        ValueError,
+        match=r"OptimizerSpec.name must be one of sgd, adam, adamw, rmsprop, adagrad; got 'lbfgs'",
     ):
-        OptimizerSpec("rmsprop")
+        OptimizerSpec("lbfgs")
     with pytest.raises(
-        ValueError, match=r"nesterov must be False unless name='sgd' and momentum > 0; got True"
+        ValueError, match=r"nesterov must be False unless momentum > 0 and dampening == 0"
     ):
         OptimizerSpec("sgd", nesterov=True)
     with pytest.raises(

@@ -1,5 +1,6 @@
 """Mask-weighted losses against numpy references, and exact metric accumulation."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -48,6 +49,25 @@ def test_bfloat16_logits_are_computed_in_float32(data):
     assert got.dtype == jnp.float32
     ref = _np_ce(np.asarray(jnp.asarray(logits, jnp.bfloat16).astype(jnp.float32)), labels)
     np.testing.assert_allclose(got, ref.mean(), rtol=1e-5)
+
+
+def test_float64_inputs_give_a_float64_loss_and_bf16_a_float32_one(data):
+    """The losses compute in the inputs' dtype promoted to >= float32 (jaxtrain.contrast's
+    float64 parity mode needs a float64 loss; float32 would cap agreement at ~1e-7)."""
+    logits, labels = data
+    pred, target = logits[:, :3], logits[:, 2:]
+    with jax.enable_x64(True):
+        ce = losses.softmax_cross_entropy(jnp.asarray(logits, jnp.float64), jnp.asarray(labels))
+        mse = losses.mean_squared_error(jnp.asarray(pred, jnp.float64), jnp.asarray(target))
+        assert ce.dtype == jnp.float64 and mse.dtype == jnp.float64
+        l64 = logits.astype(np.float64)
+        np.testing.assert_allclose(float(ce), _np_ce(l64, labels).mean(), rtol=1e-14)
+        want = np.mean((pred.astype(np.float64) - target.astype(np.float64)) ** 2)
+        np.testing.assert_allclose(float(mse), want, rtol=1e-14)
+        # float32 and 16-bit inputs still compute in float32 under x64
+        assert losses.softmax_cross_entropy(jnp.asarray(logits), labels).dtype == jnp.float32
+    bf16 = losses.mean_squared_error(jnp.asarray(pred, jnp.bfloat16), jnp.asarray(target))
+    assert bf16.dtype == jnp.float32
 
 
 @pytest.mark.parametrize("eps", [0.1, 0.3])

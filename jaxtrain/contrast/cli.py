@@ -67,6 +67,12 @@ def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--every", type=fields.positive_int, default=10, help="print every N-th step in the table"
     )
+    p.add_argument(
+        "--x64",
+        action="store_true",
+        help="both sides in float64 (torch.float64, JAX's x64 mode for this run): exact "
+        "parity, target 1e-12 per step and on the final parameters",
+    )
     p.add_argument("--out", default="runs/compare", help="output directory")
     p.set_defaults(func=run_compare)
     return p
@@ -85,10 +91,25 @@ def run_compare(args: argparse.Namespace) -> int:
     if not 0 <= args.label_smoothing < 1:
         _error(f"--label-smoothing must be in [0, 1); got {args.label_smoothing}.")
         return 2
+    if not 0 <= args.seed < 2**63:  # jax.random.key's and torch.manual_seed's common range
+        _error(f"--seed must be an integer in [0, 2**63); got {args.seed}.")
+        return 2
+    try:  # before the run: an unusable --out must not cost the training
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        _error(f"--out {args.out!r} is not a usable directory: {e}. Fix: name a directory.")
+        return 2
     spec = presets(args.steps)[args.optimizer]
     if args.lr is not None:
         spec = dataclasses.replace(spec, lr=args.lr)
     train, _ = load_digits()
+    if args.batch_size > len(train["x"]):
+        _error(
+            f"--batch-size {args.batch_size} is larger than the digits training set "
+            f"({len(train['x'])} examples): every batch would be dropped. Fix: a smaller "
+            "--batch-size."
+        )
+        return 2
     torch_model, jax_model = digits_models(args.model, args.seed)
     label = f"{args.model}, {args.optimizer} (lr {spec.lr:g}), {args.steps} steps"
     result = compare(
@@ -102,9 +123,10 @@ def run_compare(args: argparse.Namespace) -> int:
         label_smoothing=args.label_smoothing,
         jax_model=jax_model,
         label=label,
+        dtype="float64" if args.x64 else "float32",
     )
     png, js = _write_results(result, args.out)
-    print(f"{label}; torch {torch.__version__}, jax {jax.__version__}, float32, CPU")
+    print(f"{label}; torch {torch.__version__}, jax {jax.__version__}, {result.dtype}, CPU")
     print(result.table(args.every))
     print(_verdict(result.summary()))
     print(f"wrote {png} and {js}")
@@ -140,12 +162,13 @@ def _write_results(result: Any, out: str) -> tuple[str, str]:
 
 def _verdict(s: dict[str, Any]) -> str:
     """The summary line: the headline differences against the parity targets."""
-    from jaxtrain.contrast.runner import TARGET_ALL, TARGET_FIRST, TARGET_PARAMS
+    from jaxtrain.contrast.runner import targets
 
+    t_first, t_all, t_params = targets(s["dtype"])
     verdict = "all met" if s["meets_targets"] else "NOT all met"
     return (
         f"max rel diff: first 10 steps {s['max_rel_diff_first_10']:.2e} (target "
-        f"{TARGET_FIRST:g}), all steps {s['max_rel_diff_all']:.2e} (target {TARGET_ALL:g}); "
+        f"{t_first:g}), all steps {s['max_rel_diff_all']:.2e} (target {t_all:g}); "
         f"final params max abs diff {s['final_param_max_abs_diff']:.2e} (target "
-        f"{TARGET_PARAMS:g}): {verdict}"
+        f"{t_params:g}): {verdict}"
     )

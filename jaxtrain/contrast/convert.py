@@ -12,8 +12,13 @@ PyTorch            Flax (linen)                weights
 ``MaxPool2d``      ``nn.max_pool``             -
 ``ReLU/GELU/Tanh`` ``relu/gelu/tanh``          ``GELU()`` is exact erf (flax: approximate=False)
 ``Flatten``        ``reshape``                 see below
-``Dropout``        (identity)                  only in eval mode or with ``p=0``
+``Dropout``        dropout with ``train=True``  JAX's random mask (not PyTorch's)
 =================  ==========================  ==========================================
+
+More layers (BatchNorm, GroupNorm, Conv1d, Embedding, pooling, activations) are in
+`jaxtrain.contrast.seq_layers`. A module that is not an ``nn.Sequential`` of built-in layers
+(a ``forward`` of its own: residual blocks, ``torch.cat``) converts through ``torch.fx``
+instead (`jaxtrain.contrast.fx`).
 
 Images are NCHW in PyTorch and NHWC in Flax (`nchw_to_nhwc`). Flattening an NCHW
 activation orders features ``(c, h, w)``; flattening NHWC orders them ``(h, w, c)``. The
@@ -43,11 +48,16 @@ import numpy as np
 from flax import linen as nn
 
 from jaxtrain.contrast._torch import require_torch
+from jaxtrain.contrast.fx import FxConverted, check_x64, from_torch_fx
+from jaxtrain.contrast.seq_layers import STATS, WEIGHT_KINDS, convert_dropout
+from jaxtrain.contrast.seq_layers import converters as seq_converters
+from jaxtrain.contrast.state_dict import layout_of, to_tensors
 from jaxtrain.models.adapters import Model, from_linen
 
 SUPPORTED = (
-    "Linear, Conv2d, ReLU, GELU, Tanh, Flatten, MaxPool2d, Dropout (eval mode or p=0), "
-    "LayerNorm, Identity and nested Sequential"
+    "Linear, Conv1d, Conv2d, ReLU, GELU, Tanh, SiLU, Sigmoid, LeakyReLU, ELU, ReLU6, Softplus, "
+    "Softmax, LogSoftmax, Flatten, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, Dropout, LayerNorm, "
+    "BatchNorm1d, BatchNorm2d, GroupNorm, Embedding, Identity and nested Sequential"
 )
 
 
@@ -106,10 +116,14 @@ class Sequential(nn.Module):
     layers: tuple[Any, ...]
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """``x``: ``[B, H, W, C]`` (NHWC) or ``[B, F]`` -> the PyTorch model's output."""
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """``x``: ``[B, H, W, C]`` (NHWC), ``[B, F]``, ``[B, T, F]``/``[B, C, L]`` or token ids
+        ``[B, T]`` -> the PyTorch model's output. ``train``: ``model.train()`` (BatchNorm
+        batch statistics, dropout) or ``model.eval()``."""
         for spec in self.layers:
-            if isinstance(spec, DenseSpec):
+            if hasattr(spec, "build"):  # the layers of jaxtrain.contrast.seq_layers
+                x = spec.build(self, x, train)
+            elif isinstance(spec, DenseSpec):
                 x = nn.Dense(spec.features, use_bias=spec.use_bias)(x)
             elif isinstance(spec, ConvSpec):
                 x = nn.Conv(
@@ -173,6 +187,9 @@ class Converted:
             to the PyTorch weights at conversion time.
         input_shape: the PyTorch input shape of one example (``(C, H, W)`` or ``(F,)``).
         names: Flax layer name -> PyTorch module name (e.g. ``"Conv_0" -> "0"``).
+        model_state: ``{"batch_stats": {"BatchNorm_0": {"mean", "var",
+            "num_batches_tracked"}}}``: PyTorch's BatchNorm buffers at conversion time
+            (``{}`` without BatchNorm).
 
     Example:
         >>> import numpy as np, torch
@@ -188,23 +205,90 @@ class Converted:
     input_shape: tuple[int, ...]
     names: dict[str, str]
     plan: tuple[_Weights, ...] = dataclasses.field(repr=False, default=())
+    model_state: dict = dataclasses.field(default_factory=dict)
+    stats: tuple[tuple[str, str], ...] = dataclasses.field(repr=False, default=())
+    layout: dict = dataclasses.field(repr=False, default_factory=dict)
 
     def model(self) -> Model:
-        """The module as a jaxtrain `Model` (``jaxtrain.from_linen``)."""
+        """The module as a jaxtrain `Model` (``jaxtrain.from_linen``).
+
+        Its ``init`` initialises afresh (Flax's initialisers): start training from the
+        converted weights with ``TrainState.create(converted.params, optimizer, seed,
+        model_state=converted.model_state)``.
+        """
         return from_linen(self.module)
 
-    def apply(self, params: dict, x: Any) -> jax.Array:
-        """Runs the Flax model on a PyTorch-layout input (NCHW converted to NHWC)."""
+    def fn(
+        self, params: dict, model_state: Any, x: Any, *, train: bool = False, rng: Any = None
+    ) -> tuple[jax.Array, Any]:
+        """``(output, new_model_state)`` on a PyTorch-layout input (NCHW made NHWC).
+
+        ``train`` plays ``model.train()``: BatchNorm uses and updates batch statistics,
+        dropout draws its mask from ``rng``.
+        """
+        variables = {"params": params, **model_state}
+        x = jnp.asarray(nchw_to_nhwc(x))
+        rngs = {"dropout": rng} if rng is not None else None
+        if train and model_state:
+            y, new = self.module.apply(
+                variables, x, train=True, rngs=rngs, mutable=list(model_state)
+            )
+            return cast(jax.Array, y), {**model_state, **new}
         # cast: without mutable collections, apply returns the output alone.
-        return cast(jax.Array, self.module.apply({"params": params}, jnp.asarray(nchw_to_nhwc(x))))
+        return cast(jax.Array, self.module.apply(variables, x, train=train, rngs=rngs)), model_state
+
+    def apply(
+        self,
+        params: dict,
+        x: Any,
+        *,
+        model_state: Any = None,
+        train: bool = False,
+        rng: Any = None,
+    ) -> jax.Array:
+        """Runs the Flax model on a PyTorch-layout input (NCHW converted to NHWC).
+
+        ``model_state`` defaults to the converted `model_state`; see `fn` for ``train``.
+        """
+        state = self.model_state if model_state is None else model_state
+        return self.fn(params, state, x, train=train, rng=rng)[0]
 
     def params_from(self, torch_model: Any) -> dict:
         """The current weights of ``torch_model`` (same architecture) as Flax params."""
         modules = dict(torch_model.named_modules())
         return {w.flax_name: _to_flax(w, modules[w.torch_name]) for w in self.plan}
 
-    def load_into(self, torch_model: Any, params: dict) -> None:
-        """Copies Flax ``params`` into ``torch_model``'s weights, in place.
+    def state_from(self, torch_model: Any) -> dict:
+        """The current BatchNorm buffers of ``torch_model`` as ``model_state``."""
+        modules = dict(torch_model.named_modules())
+        stats = {
+            flax: {k: jnp.asarray(_numpy(getattr(modules[name], b))) for k, b in STATS.items()}
+            for flax, name in self.stats
+        }
+        return {"batch_stats": stats} if stats else {}
+
+    def state_dict(self, params: dict, model_state: Any = None) -> dict[str, Any]:
+        """``params`` (+ ``model_state``) as a state dict of the original PyTorch module.
+
+        Kernels are transposed back, the flatten permutation undone, BatchNorm's
+        ``mean``/``var``/``num_batches_tracked`` become its buffers; every key of the
+        original ``state_dict()`` is filled, in its dtype (bitwise copies of the values).
+
+        Raises:
+            ValueError: a key without a value, or a value of the wrong shape.
+        """
+        state = self.model_state if model_state is None else model_state
+        values = {}
+        for w in self.plan:
+            for attr, v in _to_torch(w, params[w.flax_name]).items():
+                values[_key(w.torch_name, attr)] = v
+        for flax, name in self.stats:
+            got = (state.get("batch_stats") or {}).get(flax, {})
+            values.update({_key(name, b): got[k] for k, b in STATS.items() if k in got})
+        return to_tensors(values, self.layout)
+
+    def load_into(self, torch_model: Any, params: dict, model_state: Any = None) -> None:
+        """Copies Flax ``params`` (and ``model_state``, when given) into ``torch_model``.
 
         The inverse of `params_from`: start a PyTorch model from JAX-initialised weights.
         """
@@ -215,6 +299,14 @@ class Converted:
                 for attr, value in _to_torch(w, params[w.flax_name]).items():
                     target = getattr(modules[w.torch_name], attr)
                     target.copy_(torch.from_numpy(np.array(value)))  # a writable copy
+            for flax, name in self.stats if model_state else ():
+                for k, b in STATS.items():
+                    value = model_state["batch_stats"][flax][k]
+                    getattr(modules[name], b).copy_(torch.from_numpy(np.array(value)))
+
+
+def _key(module_name: str, attr: str) -> str:
+    return f"{module_name}.{attr}" if module_name else attr
 
 
 def nchw_to_nhwc(x: Any) -> np.ndarray:
@@ -260,6 +352,9 @@ def _numpy(t: Any) -> np.ndarray:
 
 
 def _to_flax(w: _Weights, layer: Any) -> dict:
+    if w.kind in WEIGHT_KINDS:
+        extra = WEIGHT_KINDS[w.kind][0](layer)
+        return {k: jnp.asarray(np.ascontiguousarray(v)) for k, v in extra.items()}
     if w.kind == "dense":
         kernel = _numpy(layer.weight).T  # [out, in] -> [in, out]
         if w.perm is not None:
@@ -291,6 +386,8 @@ def _unpermute(v: np.ndarray, perm: tuple[int, ...] | None) -> np.ndarray:
 
 def _to_torch(w: _Weights, p: dict) -> dict[str, np.ndarray]:
     p = {k: np.asarray(v) for k, v in p.items()}
+    if w.kind in WEIGHT_KINDS:
+        return WEIGHT_KINDS[w.kind][1](p)
     if w.kind == "dense":
         out = {"weight": _unpermute(p["kernel"], w.perm).T}
     elif w.kind == "conv":
@@ -339,13 +436,18 @@ def _model_leaves(torch_model: Any, torch: Any) -> list[tuple[str, Any]]:
         )
     if isinstance(torch_model, tnn.Sequential):
         return _leaves(torch_model, "", torch)
-    if not list(torch_model.children()):
-        return [("", torch_model)]  # a single layer
-    raise ValueError(
-        f"cannot convert {type(torch_model).__name__}: only torch.nn.Sequential models "
-        "(nested allowed) can be converted, because a custom forward() cannot be read. "
-        f"Supported layers: {SUPPORTED}. Fix: write the model as nn.Sequential(...)."
-    )
+    return [("", torch_model)]  # a single layer (modules with children go through fx)
+
+
+def _goes_through_fx(torch_model: Any, torch: Any) -> bool:
+    """True for a module with a ``forward`` of its own: not a Sequential of built-in layers."""
+    tnn = torch.nn
+    if not isinstance(torch_model, tnn.Module):
+        return False
+    layers = [lay for _, lay in _leaves(torch_model, "", torch)]
+    if not isinstance(torch_model, tnn.Sequential):
+        layers = [torch_model]
+    return any(not type(layer).__module__.startswith("torch.nn.") for layer in layers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -383,6 +485,7 @@ class _Conversion:
     plan: list[_Weights] = dataclasses.field(default_factory=list)
     counts: dict[str, int] = dataclasses.field(default_factory=dict)
     perm: tuple[int, ...] | None = None
+    stats: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # BatchNorm buffers
 
     def plan_weights(
         self, flax_layer: str, leaf: _Leaf, kind: str, perm: tuple[int, ...] | None
@@ -398,12 +501,15 @@ class _Conversion:
 
 
 def _convert_linear(leaf: _Leaf, c: _Conversion) -> None:
-    """``Linear`` -> ``Dense``; its kernel absorbs a pending flatten permutation."""
-    leaf.expect_ndim(
-        2,
-        "Linear receives",
-        "add nn.Flatten() before it (only Linear on [batch, features] converts).",
-    )
+    """``Linear`` on ``[B, F]`` or ``[B, T, F]`` -> ``Dense``; its kernel absorbs a pending
+    flatten permutation."""
+    if len(leaf.shape) != 3:
+        leaf.expect_ndim(
+            2,
+            "Linear receives",
+            "add nn.Flatten() before it (Linear on [batch, features] or "
+            "[batch, tokens, features] converts).",
+        )
     layer = leaf.layer
     c.specs.append(DenseSpec(layer.out_features, layer.bias is not None))
     c.plan_weights("Dense", leaf, "dense", c.perm)
@@ -467,12 +573,12 @@ def _convert_flatten(leaf: _Leaf, c: _Conversion) -> None:
             f"Flatten(start_dim={layer.start_dim}, end_dim={layer.end_dim})",
             "use nn.Flatten() (start_dim=1, end_dim=-1).",
         )
-    if len(shape) == 2:
-        c.specs.append(FlattenSpec(torch_order=False))  # a no-op
+    if len(shape) in (2, 3):  # a no-op, or [B, C, L] kept in PyTorch's layout
+        c.specs.append(FlattenSpec(torch_order=False))
     elif len(shape) != 4:
         raise leaf.unsupported(
             f"Flatten of a {len(shape)}-D input of shape {list(shape)}",
-            "flatten [batch, C, H, W] images or [batch, F] vectors only.",
+            "flatten [batch, C, H, W] images, [batch, C, L] or [batch, F] only.",
         )
     elif any(isinstance(lay, c.tnn.Linear) for lay in c.later_layers(leaf)):
         # A later Linear absorbs the order: permute its kernel rows, flatten NHWC.
@@ -499,28 +605,18 @@ def _convert_maxpool2d(leaf: _Leaf, c: _Conversion) -> None:
 
 
 def _convert_layernorm(leaf: _Leaf, c: _Conversion) -> None:
-    """``LayerNorm`` over the features of a 2-D input -> ``LayerNorm``."""
+    """``LayerNorm`` over the last axis of a ``[B, F]`` or ``[B, T, F]`` input -> ``LayerNorm``."""
     layer, shape = leaf.layer, leaf.shape
-    if len(shape) != 2 or tuple(layer.normalized_shape) != (shape[1],):
+    if len(shape) not in (2, 3) or tuple(layer.normalized_shape) != (shape[-1],):
         raise leaf.unsupported(
             f"LayerNorm(normalized_shape={tuple(layer.normalized_shape)}) on an input "
             f"of shape {list(shape)}",
-            "normalise the features of a [batch, features] activation "
-            "(put nn.Flatten() before it).",
+            "normalise the last axis of a [batch, features] or [batch, tokens, features] "
+            "activation (put nn.Flatten() before it for images).",
         )
     affine = layer.weight is not None
     c.specs.append(LayerNormSpec(float(layer.eps), affine, layer.bias is not None))
     c.plan_weights("LayerNorm", leaf, "layernorm", c.perm)
-
-
-def _convert_dropout(leaf: _Leaf, c: _Conversion) -> None:
-    """``Dropout`` in eval mode or with ``p=0`` -> nothing (the identity)."""
-    layer = leaf.layer
-    if layer.training and layer.p > 0:
-        raise leaf.unsupported(
-            f"Dropout(p={layer.p}) is in training mode, so its output is random",
-            "call model.eval() first, or use p=0.",
-        )
 
 
 def _convert_identity(leaf: _Leaf, c: _Conversion) -> None:
@@ -546,29 +642,45 @@ def _converters(tnn: Any) -> dict[type, Callable[[_Leaf, _Conversion], None]]:
         tnn.Flatten: _convert_flatten,
         tnn.MaxPool2d: _convert_maxpool2d,
         tnn.LayerNorm: _convert_layernorm,
-        tnn.Dropout: _convert_dropout,
+        tnn.Dropout: convert_dropout,
         tnn.Identity: _convert_identity,
+        **seq_converters(tnn),
     }
 
 
-def from_torch(torch_model: Any, input_shape: Sequence[int]) -> Converted:
-    """Converts a PyTorch ``nn.Sequential`` into an equivalent Flax model and parameters.
+def from_torch(
+    torch_model: Any, input_shape: Sequence[int], *, input_dtype: Any = None
+) -> Converted | FxConverted:
+    """Converts a PyTorch model into an equivalent JAX model with identical weights.
+
+    An ``nn.Sequential`` of built-in layers becomes a Flax `Sequential` (a `Converted`,
+    Flax names and layouts: ``Dense_0``, NHWC). Any other module (a ``forward`` of its
+    own) goes through ``torch.fx`` (`jaxtrain.contrast.fx.from_torch_fx`: a pure function
+    with PyTorch's names and layouts, an `FxConverted`). Both offer ``params``,
+    ``model_state``, ``apply``, ``fn``, ``model()``, ``params_from``, ``state_dict`` and
+    ``load_into``.
 
     Args:
-        torch_model: a ``torch.nn.Sequential`` (nested ones allowed) of the supported
-            layers: ``Linear``, ``Conv2d``, ``ReLU``, ``GELU``, ``Tanh``, ``Flatten``,
-            ``MaxPool2d``, ``Dropout`` (in eval mode or with ``p=0``), ``LayerNorm``
-            (over the features of a 2-D activation), ``Identity``.
+        torch_model: an ``nn.Module``. In an ``nn.Sequential`` (nested ones allowed): the
+            layers of `SUPPORTED` — ``Linear`` (on ``[B, F]`` or ``[B, T, F]``),
+            ``Conv1d``, ``Conv2d``, BatchNorm, GroupNorm, LayerNorm (last axis), pooling,
+            ``Embedding``, activations, ``Dropout`` (active with ``train=True``).
         input_shape: the PyTorch shape of one example, without the batch dimension:
-            ``(C, H, W)`` for images, ``(F,)`` for vectors. Needed to trace the shapes
-            (the flatten permutation depends on ``C, H, W``).
+            ``(C, H, W)`` for images, ``(F,)`` for vectors, ``(T,)`` for token ids. Needed
+            to trace the shapes (the flatten permutation depends on ``C, H, W``).
+        input_dtype: the input's dtype for tracing (default: integer ids when the first
+            layer is an ``Embedding``, else the dtype of the model's parameters, so a
+            ``.double()`` model traces in float64).
 
     Returns:
-        A `Converted`: ``converted.module.apply({"params": converted.params},
-        nchw_to_nhwc(x))`` equals ``torch_model(x)``.
+        A `Converted` (``nn.Sequential``) or `FxConverted`: ``converted.apply(
+        converted.params, x)`` equals ``torch_model.eval()(x)``; ``converted.fn(params,
+        model_state, x, train=True, rng=key)`` is ``torch_model.train()(x)`` and its
+        BatchNorm buffer updates.
 
     Raises:
-        ValueError: naming the first unsupported layer (or setting) and the fix.
+        ValueError: naming the first unsupported layer (or setting, or fx node) and the
+            fix; float64 weights while JAX's x64 mode is off.
         TypeError: when ``torch_model`` is not an ``nn.Module``.
 
     Example:
@@ -583,24 +695,55 @@ def from_torch(torch_model: Any, input_shape: Sequence[int]) -> Converted:
         True
     """
     torch = require_torch()
+    if _goes_through_fx(torch_model, torch):
+        return from_torch_fx(torch_model, input_shape, input_dtype=input_dtype)
     leaves = _model_leaves(torch_model, torch)
+    for p in torch_model.parameters():
+        check_x64(str(p.dtype).removeprefix("torch."), f"parameter dtype {p.dtype}")
     input_shape = tuple(int(d) for d in input_shape)
     conversion = _Conversion(torch.nn, leaves)
     converters = _converters(torch.nn)
-    x = torch.zeros((1, *input_shape))
+    x = torch.zeros((1, *input_shape), dtype=_trace_dtype(torch, torch_model, leaves, input_dtype))
     for i, (name, layer) in enumerate(leaves):
         convert = next((f for t, f in converters.items() if isinstance(layer, t)), _reject)
         convert(_Leaf(i, name, layer, tuple(x.shape)), conversion)
-        with torch.no_grad():
-            x = layer(x)  # the next layer's input shape
+        x = _traced(torch, layer, x)  # the next layer's input shape
     converted = Converted(
         module=Sequential(tuple(conversion.specs)),
         params={},
         input_shape=input_shape,
         names={w.flax_name: w.torch_name for w in conversion.plan},
         plan=tuple(conversion.plan),
+        stats=tuple(conversion.stats),
+        layout=layout_of(torch_model),
     )
-    return dataclasses.replace(converted, params=converted.params_from(torch_model))
+    return dataclasses.replace(
+        converted,
+        params=converted.params_from(torch_model),
+        model_state=converted.state_from(torch_model),
+    )
+
+
+def _trace_dtype(torch: Any, torch_model: Any, leaves: list, input_dtype: Any) -> Any:
+    """The dtype of the shape-tracing input: no float32 assumption (``.double()`` models)."""
+    if input_dtype is not None:
+        return getattr(torch, np.dtype(input_dtype).name)
+    if leaves and isinstance(leaves[0][1], torch.nn.Embedding):
+        return torch.long
+    floats = [p.dtype for p in torch_model.parameters() if p.is_floating_point()]
+    return floats[0] if floats else torch.get_default_dtype()
+
+
+def _traced(torch: Any, layer: Any, x: Any) -> Any:
+    """``layer(x)`` in eval mode, without gradients: shapes only, the model left untouched
+    (a BatchNorm in training mode would update its running statistics)."""
+    was_training = layer.training
+    layer.eval()
+    try:
+        with torch.no_grad():
+            return layer(x)
+    finally:
+        layer.train(was_training)
 
 
 def torch_twin(module: nn.Module, input_shape: Sequence[int]) -> Any:

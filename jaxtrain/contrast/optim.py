@@ -18,113 +18,32 @@ The traps, each handled here:
   matches PyTorch exactly.
 * ``LinearLR`` cannot start at 0 (``start_factor`` in (0, 1]); its default is 1/3.
 * ``MSELoss`` is the plain mean of squares; ``optax.l2_loss`` is *half* of it.
+* ``RMSprop``: PyTorch's ``alpha`` is 0.99 (optax's ``decay`` 0.9) and its eps is added
+  *outside* the square root (optax's default ``eps_in_sqrt=True`` adds it inside); its
+  momentum buffer is scaled by the lr afterwards (``optax.rmsprop`` traces after the lr).
+* ``Adagrad``: accumulator starts at 0 and eps 1e-10 outside the root (optax: 0.1 and
+  1e-7 inside); ``Adam(amsgrad=True)``: the max of the raw second moment (optax: of the
+  bias-corrected one); ``SGD(dampening=d)``: not on the first step. The PyTorch rules are
+  in `jaxtrain.contrast.torch_rules`.
+* ``OneCycleLR`` cycles momentum/beta1 by default (``cycle_momentum=True``);
+  ``ReduceLROnPlateau`` is state fed a metric (`jaxtrain.contrast.plateau`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from jaxtrain import losses
+from jaxtrain.contrast import plateau, schedules, torch_rules
 from jaxtrain.contrast._torch import require_torch
-
-OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("constant", "step", "cosine")
-TORCH_DEFAULT_WEIGHT_DECAY = {"sgd": 0.0, "adam": 0.0, "adamw": 1e-2}
-OPTAX_DEFAULT_WEIGHT_DECAY = {"sgd": 0.0, "adam": 0.0, "adamw": 1e-4}
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimizerSpec:
-    """An optimizer, gradient clipping and learning-rate schedule, in PyTorch's terms.
-
-    Attributes:
-        name: ``"sgd"``, ``"adam"`` or ``"adamw"``.
-        lr: the (peak) learning rate.
-        momentum: SGD momentum (0: plain SGD).
-        nesterov: SGD Nesterov momentum (needs ``momentum > 0``).
-        weight_decay: None for PyTorch's default (0, 0, 1e-2 for sgd, adam, adamw).
-            SGD/Adam: L2 term added to the gradient; AdamW: decoupled, times the lr.
-        betas: Adam's ``(beta1, beta2)``.
-        eps: Adam's epsilon (added to ``sqrt(v_hat)``, in both frameworks).
-        clip_norm: ``clip_grad_norm_(max_norm=clip_norm)`` before the step, or None.
-        schedule: ``"constant"``, ``"step"`` (``StepLR``) or ``"cosine"``
-            (``CosineAnnealingLR`` over ``total_steps - warmup_steps``).
-        warmup_steps: linear warmup (``LinearLR``) over this many steps, 0 for none.
-        warmup_start_factor: ``LinearLR``'s ``start_factor``, in (0, 1].
-        total_steps: steps of the whole run (needed by ``"cosine"``).
-        step_size: ``StepLR``'s ``step_size`` (needed by ``"step"``).
-        gamma: ``StepLR``'s ``gamma``.
-        min_lr: ``CosineAnnealingLR``'s ``eta_min``.
-
-    Example:
-        >>> spec = OptimizerSpec("adamw", lr=1e-3, schedule="cosine", warmup_steps=10,
-        ...                      total_steps=100, clip_norm=1.0)
-        >>> optimizer, schedule = make_optax(spec)  # the optax side
-        >>> round(float(schedule(10)), 6)  # warmup done: the peak rate
-        0.001
-    """
-
-    name: str = "sgd"
-    lr: float = 0.1
-    momentum: float = 0.0
-    nesterov: bool = False
-    weight_decay: float | None = None
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    clip_norm: float | None = None
-    schedule: str = "constant"
-    warmup_steps: int = 0
-    warmup_start_factor: float = 1.0 / 3.0
-    total_steps: int | None = None
-    step_size: int | None = None
-    gamma: float = 0.1
-    min_lr: float = 0.0
-
-    def __post_init__(self):
-        def bad(field: str, expected: str) -> ValueError:
-            return ValueError(
-                f"OptimizerSpec.{field} must be {expected}; got {getattr(self, field)!r}."
-            )
-
-        if self.name not in OPTIMIZERS:
-            raise bad("name", f"one of {', '.join(OPTIMIZERS)}")
-        if self.schedule not in SCHEDULES:
-            raise bad("schedule", f"one of {', '.join(SCHEDULES)}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise bad("lr", "a finite number > 0")
-        if self.momentum < 0 or (self.momentum and self.name != "sgd"):
-            raise bad("momentum", ">= 0, and only used with name='sgd'")
-        if self.nesterov and not (self.name == "sgd" and self.momentum > 0):
-            raise bad("nesterov", "False unless name='sgd' and momentum > 0")
-        if self.weight_decay is not None and self.weight_decay < 0:
-            raise bad("weight_decay", "None (PyTorch's default) or >= 0")
-        if self.clip_norm is not None and not self.clip_norm > 0:
-            raise bad("clip_norm", "None or > 0")
-        if self.warmup_steps < 0:
-            raise bad("warmup_steps", ">= 0")
-        if not 0 < self.warmup_start_factor <= 1:
-            raise bad("warmup_start_factor", "in (0, 1] (torch's LinearLR cannot start at 0)")
-        if self.schedule == "cosine" and (
-            self.total_steps is None or self.total_steps <= self.warmup_steps
-        ):
-            raise bad("total_steps", "an int > warmup_steps for schedule='cosine'")
-        if self.schedule == "step" and (self.step_size is None or self.step_size < 1):
-            raise bad("step_size", "an int >= 1 for schedule='step'")
-
-    @property
-    def decay(self) -> float:
-        """The weight decay in effect: the given one or PyTorch's default."""
-        if self.weight_decay is None:
-            return TORCH_DEFAULT_WEIGHT_DECAY[self.name]
-        return float(self.weight_decay)
-
+from jaxtrain.contrast.spec import (
+    OptimizerSpec,
+)
 
 # ---------------------------------------------------------------------------- optax side
 
@@ -174,8 +93,40 @@ def _cosine_steps(spec: OptimizerSpec) -> int:
     return spec.total_steps - spec.warmup_steps
 
 
-def optax_schedule(spec: OptimizerSpec) -> Callable[[jax.Array], jax.Array]:
-    """The optax schedule ``step -> lr`` equal to the spec's PyTorch scheduler."""
+def _onecycle(spec: OptimizerSpec, dtype: Any) -> tuple[Callable, Callable]:
+    """``OneCycleLR``'s learning-rate and momentum schedules."""
+    assert spec.total_steps is not None  # OptimizerSpec refuses "onecycle" without it
+    start = spec.lr / spec.div_factor
+    common = dict(
+        total_steps=spec.total_steps,
+        pct_start=spec.pct_start,
+        anneal=spec.anneal_strategy,
+        three_phase=spec.three_phase,
+        dtype=dtype,
+    )
+    lr = schedules.onecycle(start, spec.lr, start / spec.final_div_factor, **common)
+    momentum = schedules.onecycle(
+        spec.max_momentum, spec.base_momentum, spec.max_momentum, **common
+    )
+    return lr, momentum
+
+
+def optax_schedule(spec: OptimizerSpec, dtype: Any = "float32") -> Callable[[jax.Array], jax.Array]:
+    """The schedule ``step -> lr`` equal to the spec's PyTorch scheduler.
+
+    Args:
+        spec: the `OptimizerSpec` (not ``"plateau"``: that rate is state, see
+            `jaxtrain.contrast.plateau`).
+        dtype: ``"float32"``: optax's schedules (``OneCycleLR``: `jaxtrain.contrast.schedules`);
+            ``"float64"``: `jaxtrain.contrast.schedules` in float64 under JAX's x64 mode
+            (optax's linear and exponential schedules return float32 even then).
+    """
+    if spec.schedule == "plateau":
+        raise ValueError("schedule='plateau' has no step -> lr function: see with_plateau_lr.")
+    if spec.schedule == "onecycle":
+        return _onecycle(spec, jnp.dtype(dtype))[0]
+    if jnp.dtype(dtype) != jnp.float32:
+        return _exact_schedule(spec, jnp.dtype(dtype))
     if spec.schedule == "constant":
         main = optax.constant_schedule(spec.lr)
     elif spec.schedule == "step":
@@ -190,16 +141,107 @@ def optax_schedule(spec: OptimizerSpec) -> Callable[[jax.Array], jax.Array]:
     return optax.join_schedules([warmup, main], [spec.warmup_steps])
 
 
-def make_optax(spec: OptimizerSpec) -> tuple[optax.GradientTransformation, Callable]:
+def _exact_schedule(spec: OptimizerSpec, dtype: Any) -> Callable[[jax.Array], jax.Array]:
+    """`optax_schedule` computed in ``dtype`` (closed forms of PyTorch's schedulers)."""
+    if spec.schedule == "constant":
+        main = schedules.constant(spec.lr, dtype)
+    elif spec.schedule == "step":
+        assert spec.step_size is not None  # OptimizerSpec refuses "step" without it
+        main = schedules.step_decay(spec.lr, spec.step_size, spec.gamma, dtype)
+    else:
+        main = schedules.cosine(spec.lr, _cosine_steps(spec), spec.min_lr, dtype)
+    if not spec.warmup_steps:
+        return main
+    return schedules.linear_warmup(
+        main, spec.lr, spec.warmup_steps, spec.warmup_start_factor, dtype
+    )
+
+
+def _decay_mask(spec: OptimizerSpec) -> Callable | None:
+    """The weight-decay mask of ``decay_1d=False``: True on leaves with >= 2 dimensions."""
+    if spec.decay_1d:
+        return None
+    return lambda params: jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
+
+
+def _direction(spec: OptimizerSpec, momentum: Any) -> list[optax.GradientTransformation]:
+    """The optimizer's update before the learning rate (decoupled decay included)."""
+    eps, wd, mask = spec.epsilon, spec.decay, _decay_mask(spec)
+    if spec.name == "sgd":
+        if not spec.momentum:
+            return []
+        if spec.dampening:
+            return [torch_rules.sgd_momentum_torch(momentum, spec.dampening, spec.nesterov)]
+        return [optax.trace(momentum, nesterov=spec.nesterov)]  # first step buf = g, as torch
+    if spec.name in ("adam", "adamw"):
+        b1, b2 = momentum, spec.betas[1]
+        if spec.amsgrad or spec.cycles_momentum:
+            parts = [torch_rules.scale_by_adam_torch(b1, b2, eps, spec.amsgrad)]
+        else:
+            parts = [optax.scale_by_adam(b1, b2, eps)]
+        if spec.name == "adamw" and wd:
+            parts.append(optax.add_decayed_weights(wd, mask))  # times the lr, as torch
+        return parts
+    if spec.name == "rmsprop":
+        kw = dict(decay=spec.alpha, eps=eps, initial_scale=0.0, eps_in_sqrt=False)
+        rms = optax.scale_by_stddev(**kw) if spec.centered else optax.scale_by_rms(**kw)
+        # torch: buf = m * buf + g / avg, then p -= lr * buf: the momentum before the lr
+        # (optax.rmsprop traces after it, which differs once the lr is scheduled).
+        return [rms, optax.trace(momentum)] if spec.momentum else [rms]
+    parts = [torch_rules.scale_by_rss_torch(spec.initial_accumulator_value, eps)]
+    if spec.lr_decay:  # torch: clr = lr / (1 + (step - 1) * lr_decay)
+        parts.append(optax.scale_by_schedule(lambda t: 1 / (1 + t * spec.lr_decay)))
+    return parts
+
+
+def _build(spec: OptimizerSpec, lr: Any, momentum: Any) -> optax.GradientTransformation:
+    """Clip -> L2 decay -> the optimizer's direction -> ``-lr``, as one chain."""
+    parts = []
+    if spec.clip_norm is not None:
+        parts.append(clip_by_global_norm_torch(spec.clip_norm))
+    if spec.name != "adamw" and spec.decay:
+        parts.append(optax.add_decayed_weights(spec.decay, _decay_mask(spec)))  # grad += wd * p
+    parts += _direction(spec, momentum)
+    parts.append(optax.scale_by_learning_rate(lr))
+    return optax.chain(*parts)
+
+
+class _CycledState(NamedTuple):
+    steps: jax.Array
+    inner: Any
+
+
+def _with_momentum_schedule(build: Callable, schedule: Callable) -> optax.GradientTransformation:
+    """``build(momentum)`` rebuilt every step with ``schedule(count)`` (``cycle_momentum``)."""
+
+    def init_fn(params):
+        return _CycledState(jnp.zeros([], jnp.int32), build(schedule(0)).init(params))
+
+    def update_fn(updates, state, params=None):
+        updates, inner = build(schedule(state.steps)).update(updates, state.inner, params)
+        return updates, _CycledState(optax.safe_increment(state.steps), inner)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def make_optax(
+    spec: OptimizerSpec, dtype: Any = "float32"
+) -> tuple[optax.GradientTransformation, Callable | None]:
     """The optax transformation that updates parameters as the spec's PyTorch optimizer.
 
     Args:
         spec: the `OptimizerSpec`.
+        dtype: what the schedule computes in: ``"float32"``, or ``"float64"`` under JAX's
+            x64 mode for `compare`'s exact mode (see `optax_schedule`).
 
     Returns:
         ``(optimizer, schedule)``: ``clip_by_global_norm_torch`` (if clipping), then
-        ``add_decayed_weights`` (SGD/Adam with weight decay), then ``optax.sgd`` /
-        ``optax.adam`` / ``optax.adamw`` driven by ``schedule`` (``step -> lr``).
+        ``add_decayed_weights`` (L2 weight decay), then the optimizer's direction
+        (``optax.trace``, ``optax.scale_by_adam``, ``scale_by_rms``/``scale_by_stddev``
+        with eps outside the square root, or the `jaxtrain.contrast.torch_rules` where
+        no optax setting matches PyTorch: dampening, amsgrad, Adagrad), then ``-lr`` from
+        ``schedule`` (``step -> lr``). ``schedule`` is None for ``"plateau"``, whose rate
+        is in the optimizer state (`jaxtrain.contrast.plateau`).
 
     Example:
         >>> import jax.numpy as jnp
@@ -209,25 +251,89 @@ def make_optax(spec: OptimizerSpec) -> tuple[optax.GradientTransformation, Calla
         >>> [round(u, 6) for u in updates["w"].tolist()]  # -lr * g on the first step
         [-0.1, -0.1]
     """
-    schedule = optax_schedule(spec)
-    parts = []
-    if spec.clip_norm is not None:
-        parts.append(clip_by_global_norm_torch(spec.clip_norm))
-    wd = spec.decay
-    if spec.name in ("sgd", "adam") and wd:
-        parts.append(optax.add_decayed_weights(wd))  # torch: grad += wd * param
-    if spec.name == "sgd":
-        parts.append(optax.sgd(schedule, spec.momentum or None, nesterov=spec.nesterov))
-    elif spec.name == "adam":
-        parts.append(optax.adam(schedule, spec.betas[0], spec.betas[1], spec.eps))
-    else:
-        parts.append(
-            optax.adamw(schedule, spec.betas[0], spec.betas[1], spec.eps, 0.0, weight_decay=wd)
-        )
-    return optax.chain(*parts), schedule
+    dtype = jnp.dtype(dtype)
+    momentum = spec.betas[0] if spec.name in ("adam", "adamw") else spec.momentum
+    if spec.schedule == "plateau":
+        tx = plateau.with_plateau_lr(lambda lr: _build(spec, lr, momentum), spec.lr, dtype)
+        return tx, None
+    if spec.cycles_momentum:
+        lr_schedule, momentum_schedule = _onecycle(spec, dtype)
+        build = lambda m: _build(spec, lr_schedule, m)  # noqa: E731
+        return _with_momentum_schedule(build, momentum_schedule), lr_schedule
+    schedule = optax_schedule(spec, dtype)
+    return _build(spec, schedule, momentum), schedule
+
+
+def plateau_kwargs(spec: OptimizerSpec) -> dict[str, Any]:
+    """The keyword arguments of `jaxtrain.contrast.plateau.plateau_step` for ``spec``."""
+    names = ("factor", "patience", "threshold", "threshold_mode", "cooldown", "min_lr")
+    return {n: getattr(spec, n) for n in names}
 
 
 # ---------------------------------------------------------------------------- torch side
+
+
+def _torch_optimizer(torch: Any, spec: OptimizerSpec, params: list[Any]) -> Any:
+    """``torch.optim.<name>(...)`` with every setting of the spec passed explicitly."""
+    groups: Any = params
+    if not spec.decay_1d:  # parameter groups: no weight decay on biases and norm scales
+        groups = [
+            {"params": [p for p in params if p.ndim >= 2]},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ]
+        groups = [g for g in groups if g["params"]]
+    common = dict(lr=spec.lr, weight_decay=spec.decay, eps=spec.epsilon)
+    if spec.name == "sgd":
+        return torch.optim.SGD(
+            groups,
+            lr=spec.lr,
+            momentum=spec.momentum,
+            dampening=spec.dampening,
+            nesterov=spec.nesterov,
+            weight_decay=spec.decay,
+        )
+    if spec.name in ("adam", "adamw"):
+        cls = torch.optim.Adam if spec.name == "adam" else torch.optim.AdamW
+        return cls(groups, betas=spec.betas, amsgrad=spec.amsgrad, **common)
+    if spec.name == "rmsprop":
+        return torch.optim.RMSprop(
+            groups, alpha=spec.alpha, momentum=spec.momentum, centered=spec.centered, **common
+        )
+    return torch.optim.Adagrad(
+        groups,
+        lr_decay=spec.lr_decay,
+        initial_accumulator_value=spec.initial_accumulator_value,
+        **common,
+    )
+
+
+def _torch_scheduler(torch: Any, spec: OptimizerSpec, opt: Any) -> Any:
+    """The ``lr_scheduler`` of the spec's main schedule (None: constant)."""
+    sched = torch.optim.lr_scheduler
+    if spec.schedule == "step":
+        return sched.StepLR(opt, step_size=spec.step_size, gamma=spec.gamma)
+    if spec.schedule == "cosine":
+        return sched.CosineAnnealingLR(opt, T_max=_cosine_steps(spec), eta_min=spec.min_lr)
+    if spec.schedule == "onecycle":
+        return sched.OneCycleLR(
+            opt,
+            max_lr=spec.lr,
+            total_steps=spec.total_steps,
+            pct_start=spec.pct_start,
+            anneal_strategy=spec.anneal_strategy,
+            cycle_momentum=spec.cycle_momentum,
+            base_momentum=spec.base_momentum,
+            max_momentum=spec.max_momentum,
+            div_factor=spec.div_factor,
+            final_div_factor=spec.final_div_factor,
+            three_phase=spec.three_phase,
+        )
+    if spec.schedule == "plateau":
+        return sched.ReduceLROnPlateau(opt, mode="min", **plateau_kwargs(spec), eps=PLATEAU_EPS)
+    return None
+
+
+PLATEAU_EPS = 1e-8  # ReduceLROnPlateau's eps (plateau_step's default)
 
 
 def make_torch(spec: OptimizerSpec, params: Iterable[Any]) -> tuple[Any, Any]:
@@ -243,7 +349,9 @@ def make_torch(spec: OptimizerSpec, params: Iterable[Any]) -> tuple[Any, Any]:
 
     Returns:
         ``(optimizer, scheduler)``; ``scheduler`` is None for a constant rate without
-        warmup, else call ``scheduler.step()`` after every ``optimizer.step()``.
+        warmup, else call ``scheduler.step()`` after every ``optimizer.step()``
+        (``ReduceLROnPlateau``: ``scheduler.step(loss)``). With ``decay_1d=False`` the
+        optimizer has two parameter groups, the second (< 2 dimensions) without decay.
 
     Example:
         >>> import torch
@@ -254,29 +362,8 @@ def make_torch(spec: OptimizerSpec, params: Iterable[Any]) -> tuple[Any, Any]:
     """
     torch = require_torch()
     sched = torch.optim.lr_scheduler
-    params = list(params)
-    if spec.name == "sgd":
-        opt = torch.optim.SGD(
-            params,
-            lr=spec.lr,
-            momentum=spec.momentum,
-            nesterov=spec.nesterov,
-            weight_decay=spec.decay,
-        )
-    elif spec.name == "adam":
-        opt = torch.optim.Adam(
-            params, lr=spec.lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.decay
-        )
-    else:
-        opt = torch.optim.AdamW(
-            params, lr=spec.lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.decay
-        )
-    if spec.schedule == "constant":
-        main = None
-    elif spec.schedule == "step":
-        main = sched.StepLR(opt, step_size=spec.step_size, gamma=spec.gamma)
-    else:
-        main = sched.CosineAnnealingLR(opt, T_max=_cosine_steps(spec), eta_min=spec.min_lr)
+    opt = _torch_optimizer(torch, spec, list(params))
+    main = _torch_scheduler(torch, spec, opt)
     if not spec.warmup_steps:
         return opt, main
     warmup = sched.LinearLR(
@@ -455,6 +542,52 @@ CORRESPONDENCE: tuple[tuple[str, str, str], ...] = (
         "`clip_grad_norm_(params, c)`",
         "`clip_by_global_norm_torch(c)` (here), not `optax.clip_by_global_norm(c)`",
         "PyTorch scales by `min(c / (norm + 1e-6), 1)`; optax by `c / norm` (no 1e-6)",
+    ),
+    (
+        "`SGD(lr, momentum=m, dampening=d)`",
+        "`optax.chain(sgd_momentum_torch(m, d), optax.scale_by_learning_rate(lr))`",
+        "`buf = m * buf + (1 - d) * g`, but the first step's `buf = g` is not dampened; "
+        "`optax.trace` has no dampening",
+    ),
+    (
+        "`RMSprop(lr)` (alpha **0.99**, eps 1e-8 *outside* the root)",
+        "`optax.rmsprop(lr, decay=0.99, eps_in_sqrt=False)` (optax default decay **0.9**, "
+        "eps inside)",
+        "`g / (sqrt(v) + eps)`; `centered=True` <-> `optax.scale_by_stddev`; with momentum "
+        "PyTorch applies the lr after the buffer, `optax.rmsprop` before it (same only for "
+        "a constant lr): here `scale_by_rms -> trace(m) -> scale_by_learning_rate`",
+    ),
+    (
+        "`Adagrad(lr)` (accumulator **0**, eps **1e-10** outside the root)",
+        "`optax.chain(scale_by_rss_torch(0.0, 1e-10), optax.scale_by_learning_rate(lr))`",
+        "`optax.adagrad` starts at **0.1** with eps **1e-7** *inside* the root: no setting "
+        "matches; `lr_decay` <-> `lr / (1 + t * lr_decay)`",
+    ),
+    (
+        "`Adam(..., amsgrad=True)` / `AdamW(..., amsgrad=True)`",
+        "`scale_by_adam_torch(b1, b2, eps, amsgrad=True)` (here), not `optax.amsgrad`",
+        "PyTorch keeps `max(v)` of the raw moment then bias-corrects; optax keeps "
+        "`max(v_hat)`: different once an older `v` is the max",
+    ),
+    (
+        "parameter groups `[{'params': decay}, {'params': no_decay, 'weight_decay': 0}]`",
+        "`optax.add_decayed_weights(wd, mask=...)` / `optax.adamw(..., mask=...)`",
+        "`OptimizerSpec(decay_1d=False)`: no decay on parameters with `ndim < 2` (biases, "
+        "norm scales), on both sides",
+    ),
+    (
+        "`OneCycleLR(opt, max_lr, total_steps)`",
+        "`jaxtrain.contrast.schedules.onecycle` (+ momentum schedule)",
+        "phases end at `pct_start * T - 1` (optax's `cosine_onecycle_schedule`: "
+        "`int(pct_start * T)`); `cycle_momentum=True` (default) also cycles momentum / "
+        "beta1 between 0.95 and 0.85",
+    ),
+    (
+        "`ReduceLROnPlateau(opt)` + `scheduler.step(loss)`",
+        "`with_plateau_lr(build, lr)` + `opt_state = plateau_step(opt_state, loss)` between steps",
+        "the rate and the counters are optimizer state; reduced after `patience + 1` bad "
+        "values, from the next step (`optax.contrib.reduce_on_plateau`: after `patience`, "
+        "on the current update, and needs `update(..., value=loss)`)",
     ),
     (
         "`StepLR(opt, step_size=s, gamma=g)`",

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -35,7 +36,17 @@ import numpy as np
 from jaxtrain.apps.tasks import classification_loss, regression_loss
 from jaxtrain.contrast._torch import require_torch
 from jaxtrain.contrast.convert import from_torch, nhwc_to_nchw, torch_twin
-from jaxtrain.contrast.optim import OptimizerSpec, make_optax, make_torch, torch_clip, torch_loss
+from jaxtrain.contrast.fx import FxConverted
+from jaxtrain.contrast.optim import (
+    OptimizerSpec,
+    make_optax,
+    make_torch,
+    plateau_kwargs,
+    torch_clip,
+    torch_loss,
+)
+from jaxtrain.contrast.plateau import plateau_step
+from jaxtrain.contrast.torch_optim import check_one_group, spec_from_torch
 from jaxtrain.data import ArrayDataset
 from jaxtrain.models.adapters import Model, from_linen
 from jaxtrain.state import TrainState
@@ -46,6 +57,15 @@ from jaxtrain.step import make_train_step
 TARGET_FIRST = 1e-5
 TARGET_ALL = 1e-4
 TARGET_PARAMS = 1e-4
+# float64 (`compare(..., dtype="float64")`): every step and the final parameters.
+TARGET_F64 = 1e-12
+
+
+def targets(dtype: str) -> tuple[float, float, float]:
+    """``(first 10 steps, all steps, final params)`` targets of a ``dtype`` comparison."""
+    if dtype == "float64":
+        return TARGET_F64, TARGET_F64, TARGET_F64
+    return TARGET_FIRST, TARGET_ALL, TARGET_PARAMS
 
 
 def presets(steps: int) -> dict[str, OptimizerSpec]:
@@ -95,7 +115,11 @@ class Comparison:
         torch_lr, jax_lr: the learning rate used by update ``t``.
         param_diff: max |torch param - jax param| after update ``t`` (NaN where not
             measured).
+        state_diff: max |torch buffer - jax model_state| after update ``t``: BatchNorm's
+            running statistics and batch count (NaN where not measured, and for models
+            without buffers; empty when not recorded).
         label: what ran (model, optimizer).
+        dtype: ``"float32"`` or ``"float64"``: both sides' dtype (sets the targets).
 
     Example:
         >>> import numpy as np
@@ -114,7 +138,9 @@ class Comparison:
     torch_lr: np.ndarray
     jax_lr: np.ndarray
     param_diff: np.ndarray
+    state_diff: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
     label: str = ""
+    dtype: str = "float32"
 
     @property
     def steps(self) -> np.ndarray:
@@ -135,26 +161,37 @@ class Comparison:
         """Max absolute parameter difference after the last step."""
         return float(self.param_diff[-1])
 
+    @property
+    def final_state_diff(self) -> float | None:
+        """Max absolute difference of the buffers (BatchNorm's running statistics) after
+        the last step; None for a model without buffers."""
+        if not len(self.state_diff) or not np.isfinite(self.state_diff[-1]):
+            return None
+        return float(self.state_diff[-1])
+
     def summary(self) -> dict[str, Any]:
         """The headline figures and whether each parity target holds (plain Python)."""
         first = self.max_rel_diff(10)
         every = self.max_rel_diff()
         params = self.final_param_diff
+        buffers = self.final_state_diff
+        t_first, t_all, t_params = targets(self.dtype)
+        meets = first <= t_first and every <= t_all and params <= t_params
         return {
             "label": self.label,
+            "dtype": self.dtype,
             "steps": len(self.torch_loss),
             "max_rel_diff_first_10": first,
             "max_rel_diff_all": every,
             "final_param_max_abs_diff": params,
+            "final_state_max_abs_diff": buffers,  # None: no buffers (no BatchNorm)
             "max_grad_norm_rel_diff": float(
                 np.max(
                     np.abs(self.torch_grad_norm - self.jax_grad_norm)
                     / np.maximum(self.torch_grad_norm, 1e-30)
                 )
             ),
-            "meets_targets": bool(
-                first <= TARGET_FIRST and every <= TARGET_ALL and params <= TARGET_PARAMS
-            ),
+            "meets_targets": bool(meets and (buffers is None or buffers <= t_params)),
         }
 
     def table(self, every: int = 1) -> str:
@@ -195,15 +232,16 @@ class Comparison:
         ax.set_ylabel("training loss")
         ax.legend()
         ax = axes[1]
-        ax.semilogy(steps, np.maximum(self.rel_diff, 1e-12), lw=1)
-        ax.axhline(TARGET_FIRST, color="C2", ls=":", label=f"{TARGET_FIRST:g} (first 10 steps)")
-        ax.axhline(TARGET_ALL, color="C3", ls=":", label=f"{TARGET_ALL:g} (all steps)")
+        ax.semilogy(steps, np.maximum(self.rel_diff, 1e-17), lw=1)
+        t_first, t_all, t_params = targets(self.dtype)
+        ax.axhline(t_first, color="C2", ls=":", label=f"{t_first:g} (first 10 steps)")
+        ax.axhline(t_all, color="C3", ls=":", label=f"{t_all:g} (all steps)")
         ax.set_ylabel("|torch - jax| / |torch| (loss)")
         ax.legend(fontsize=8)
         ax = axes[2]
         ok = np.isfinite(self.param_diff)
-        ax.semilogy(steps[ok], np.maximum(self.param_diff[ok], 1e-12), lw=1)
-        ax.axhline(TARGET_PARAMS, color="C3", ls=":", label=f"{TARGET_PARAMS:g}")
+        ax.semilogy(steps[ok], np.maximum(self.param_diff[ok], 1e-17), lw=1)
+        ax.axhline(t_params, color="C3", ls=":", label=f"{t_params:g}")
         ax.set_ylabel("max |torch - jax| (parameters)")
         ax.legend(fontsize=8)
         for ax in axes:
@@ -221,7 +259,7 @@ class Comparison:
         out = {
             f.name: getattr(self, f.name).tolist()
             for f in dataclasses.fields(self)
-            if f.name != "label"
+            if f.name not in ("label", "dtype")
         }
         out["summary"] = self.summary()
         return out
@@ -236,6 +274,7 @@ _SERIES = {
     "tlr": "torch_lr",
     "jlr": "jax_lr",
     "pd": "param_diff",
+    "sd": "state_diff",
 }
 
 
@@ -260,17 +299,35 @@ def compare(
     jax_model: Model | None = None,
     param_diff_every: int = 1,
     label: str = "",
+    dtype: str = "float32",
+    scheduler: Any = None,
+    clip_norm: float | None = None,
 ) -> Comparison:
     """Trains ``torch_model`` with PyTorch and its converted twin with `make_train_step`.
 
     Both start from ``torch_model``'s current weights and see the same batches in the
     same order (`ArrayDataset` with ``seed``, full batches only). PyTorch runs
     deterministic (``use_deterministic_algorithms``), JAX with matmul precision
-    ``"highest"``; both are restored afterwards. ``torch_model`` is trained in place.
+    ``"highest"``; both are restored afterwards. ``torch_model`` is trained in place, in
+    ``train()`` mode (its mode is restored afterwards), and the JAX model with
+    ``train=True``: BatchNorm normalises with batch statistics on both sides, and its
+    running statistics (``model_state``, started from the PyTorch buffers) are compared
+    too (`Comparison.state_diff`). Dropout with ``p > 0`` is refused: the two sides draw
+    different random masks by design.
+
+    ``dtype="float64"`` runs both sides in float64: ``torch_model.double()``, JAX's x64 mode
+    for the duration of the call only (``jax.enable_x64``), float64 parameters, inputs,
+    losses and schedules. Rounding then no longer hides what differs: the presets agree to
+    ~1e-13 over 200 steps (docs/pytorch-optimizers.md).
 
     Args:
-        torch_model: an ``nn.Sequential`` `from_torch` can convert (dropout off).
-        spec: the optimizer, clipping and schedule (`OptimizerSpec`).
+        torch_model: a module `from_torch` can convert (an ``nn.Sequential`` or any
+            ``torch.fx``-traceable module; BatchNorm allowed), without active dropout
+            (``nn.Dropout(p=0)`` or none; ``F.dropout`` likewise).
+        spec: the optimizer, clipping and schedule: an `OptimizerSpec`, or the user's own
+            ``torch.optim`` constructor (``functools.partial(torch.optim.RMSprop, lr=1e-3)``
+            or the class), which then runs on the PyTorch side as given and is mapped by
+            `jaxtrain.contrast.torch_optim.spec_from_torch` for the JAX side.
         data: ``{"x": [N, H, W, C] or [N, F], "y": [N] int (or [N, K] float for mse)}``
             in jaxtrain's layout; PyTorch gets ``x`` as NCHW.
         input_shape: PyTorch shape of one example (``(C, H, W)`` or ``(F,)``).
@@ -285,9 +342,21 @@ def compare(
         param_diff_every: measure the parameter difference every this many steps (and
             after the last); it copies every PyTorch weight to the host.
         label: a title for tables and plots.
+        dtype: ``"float32"`` or ``"float64"`` (both frameworks).
+        scheduler: with a constructor ``spec`` only: the ``lr_scheduler`` constructor
+            (``optimizer -> scheduler``, e.g. ``functools.partial(StepLR, step_size=30)``).
+        clip_norm: with a constructor ``spec`` only: ``clip_grad_norm_``'s ``max_norm``
+            in the PyTorch loop (and PyTorch's clipping on the JAX side); an
+            `OptimizerSpec` holds its own (``OptimizerSpec(..., clip_norm=1.0)``).
 
     Returns:
         A `Comparison`.
+
+    Raises:
+        ValueError: an unknown ``dtype``, a ``scheduler`` or ``clip_norm`` next to an
+            `OptimizerSpec`, an optimizer/scheduler with no counterpart (by name), a
+            dropout layer with ``p > 0`` or a parameter with ``requires_grad=False``
+            (by name).
 
     Example:
         >>> import numpy as np, torch
@@ -302,16 +371,33 @@ def compare(
         ((3,), True)
     """
     torch = require_torch()
-    converted = from_torch(torch_model, input_shape)
-    model, params = _jax_model_and_params(converted, jax_model, data["x"])
-    loss_fn, criterion = _losses(loss, model, label_smoothing)
-    optimizer, schedule = make_optax(spec)
-    state = TrainState.create(params, optimizer, seed)
-    torch_loop = _TorchLoop.create(torch_model, spec, criterion)
-    dataset = ArrayDataset(dict(data), batch_size, seed=seed, drop_remainder=True)
+    spec, torch_ctors = _resolve_optimizer(spec, scheduler, clip_norm)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}.")
+    _refuse_dropout(torch, torch_model)
+    _refuse_frozen(torch_model)
+    with _train_mode(torch_model):  # fx fixes `if self.training:` at tracing: as trained
+        converted = from_torch(torch_model, input_shape)
+    if isinstance(converted, FxConverted):
+        _refuse_functional_dropout(torch, converted)
+    data = _cast_data(data, dtype, loss)
     rec = {k: np.full(steps, np.nan) for k in _SERIES}
-    with _deterministic_torch(torch), jax.default_matmul_precision("highest"):
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_deterministic_torch(torch))
+        stack.enter_context(jax.default_matmul_precision("highest"))
+        stack.enter_context(_train_mode(torch_model))  # the JAX side runs with train=True
+        if dtype == "float64":
+            stack.enter_context(jax.enable_x64(True))  # this comparison only
+            torch_model.double()
+        model, params = _jax_model_and_params(converted, jax_model, data["x"], dtype)
+        model_state = _floats_as(converted.model_state, dtype)  # BatchNorm's buffers
+        loss_fn, criterion = _losses(loss, model, label_smoothing)
+        optimizer, schedule = make_optax(spec, dtype)
+        state = TrainState.create(params, optimizer, seed, model_state=model_state)
+        torch_loop = _TorchLoop.create(torch_model, spec, criterion, *torch_ctors)
+        dataset = ArrayDataset(dict(data), batch_size, seed=seed, drop_remainder=True)
         train_step = make_train_step(loss_fn, optimizer, learning_rate_fn=schedule)
+        feed = _plateau_feed(spec)
         batches = dataset.iterate()
         for t in range(steps):
             _, batch = next(batches)
@@ -320,22 +406,149 @@ def compare(
             rec["tlr"][t], rec["tg"][t], rec["tl"][t] = torch_loop.step(x, y)
             # --- jaxtrain: one pure function of (state, batch).
             state, metrics = train_step(state, batch)
+            if feed is not None:  # scheduler.step(loss): a pure function of the state
+                state = state.replace(opt_state=feed(state.opt_state, metrics["loss"]))
             rec["jl"][t] = float(metrics["loss"])
             rec["jg"][t] = float(metrics["grad_norm"])
             rec["jlr"][t] = float(metrics["learning_rate"])
             if (t + 1) % param_diff_every == 0 or t == steps - 1:
                 rec["pd"][t] = _max_abs_diff(converted.params_from(torch_model), state.params)
-    return Comparison(**{field: rec[key] for key, field in _SERIES.items()}, label=label)
+                if model_state:  # the running statistics, updated by both forwards
+                    buffers = converted.state_from(torch_model)
+                    rec["sd"][t] = _max_abs_diff(buffers, state.model_state)
+    series = {field: rec[key] for key, field in _SERIES.items()}
+    return Comparison(**series, label=label, dtype=dtype)
 
 
-def _jax_model_and_params(converted: Any, jax_model: Model | None, x: Any) -> tuple[Model, Any]:
+DTYPES = ("float32", "float64")
+
+
+def _resolve_optimizer(
+    spec: Any, scheduler: Any, clip_norm: float | None = None
+) -> tuple[OptimizerSpec, tuple[Any, Any]]:
+    """``(the spec, (torch optimizer constructor, scheduler constructor) or Nones)``."""
+    if isinstance(spec, OptimizerSpec):
+        if scheduler is not None:
+            raise ValueError(
+                "compare: scheduler= goes with a torch.optim constructor; an OptimizerSpec "
+                "holds its schedule (schedule=, warmup_steps=, ...). Fix: drop scheduler=."
+            )
+        if clip_norm is not None:
+            raise ValueError(
+                f"compare: clip_norm={clip_norm} goes with a torch.optim constructor; an "
+                "OptimizerSpec holds its own. Fix: OptimizerSpec(..., "
+                f"clip_norm={clip_norm}) and drop clip_norm=."
+            )
+        return spec, (None, None)
+    return spec_from_torch(spec, scheduler, clip_norm=clip_norm), (spec, scheduler)
+
+
+def _refuse_dropout(torch: Any, torch_model: Any) -> None:
+    """Refuses a dropout layer with ``p > 0``: the two sides' masks differ by design.
+
+    Raises:
+        ValueError: naming the first such layer and the fix.
+    """
+    dropout_types = torch.nn.modules.dropout._DropoutNd
+    for name, module in torch_model.named_modules():
+        if isinstance(module, dropout_types) and module.p > 0:
+            raise ValueError(
+                f"compare: layer '{name}' is {type(module).__name__}(p={module.p}); in "
+                "training both sides drop units, but with different random masks "
+                "(PyTorch's generator vs JAX's keys), so the runs cannot agree step by step. "
+                f"Fix: compare with p=0 (model.get_submodule({name!r}).p = 0.0), or remove "
+                "the dropout; compare in eval mode with from_torch(...).apply(params, x) "
+                "against model.eval()(x)."
+            )
+
+
+def _refuse_frozen(torch_model: Any) -> None:
+    """Refuses parameters with ``requires_grad=False``: PyTorch's optimizer skips them, the
+    JAX side would train them (its optimizer sees every leaf).
+
+    Raises:
+        ValueError: naming the first frozen parameter and the fix.
+    """
+    frozen = [name for name, p in torch_model.named_parameters() if not p.requires_grad]
+    if frozen:
+        raise ValueError(
+            f"compare: {len(frozen)} parameter(s) have requires_grad=False (first: "
+            f"'{frozen[0]}'); PyTorch's optimizer skips them, but the JAX side would train "
+            "them, so the runs would differ. Fix: compare with every parameter trainable "
+            "(model.requires_grad_(True)); in your own jaxtrain loop, freeze them with "
+            "jaxtrain.contrast.freeze(optimizer, trainable)."
+        )
+
+
+def _refuse_functional_dropout(torch: Any, converted: FxConverted) -> None:
+    """Refuses ``F.dropout(x, p > 0)`` in a traced ``forward`` (see `_refuse_dropout`).
+
+    Raises:
+        ValueError: naming the node and the fix.
+    """
+    for node in converted.graph.graph_module.graph.nodes:
+        if node.op != "call_function" or node.target is not torch.nn.functional.dropout:
+            continue
+        p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
+        if not isinstance(p, (int, float)) or p > 0:  # a p computed in forward: refused too
+            raise ValueError(
+                f"compare: forward calls F.dropout(p={p}) (node '{node.name}'); the two "
+                "sides would draw different random masks. Fix: compare with p=0 in forward, "
+                "or compare outputs in eval mode (train=False)."
+            )
+
+
+@contextlib.contextmanager
+def _train_mode(torch_model: Any) -> Iterator[None]:
+    """``torch_model.train()`` (``model.train()`` in a training loop); its mode restored."""
+    modes = {name: m.training for name, m in torch_model.named_modules()}
+    torch_model.train()
+    try:
+        yield
+    finally:
+        for name, m in torch_model.named_modules():
+            m.training = modes.get(name, m.training)
+
+
+def _floats_as(tree: Any, dtype: str) -> Any:
+    """``tree`` with its floating leaves in ``dtype`` (own buffers; counts stay integers)."""
+
+    def cast(v: Any) -> Any:
+        v = jnp.asarray(v)
+        return jnp.array(v, dtype) if jnp.issubdtype(v.dtype, jnp.floating) else jnp.array(v)
+
+    return jax.tree.map(cast, tree)
+
+
+def _cast_data(data: Mapping[str, np.ndarray], dtype: str, loss: str) -> dict[str, np.ndarray]:
+    """The inputs (and regression targets) in ``dtype``; labels and token ids unchanged."""
+    out = dict(data)
+    x = np.asarray(data["x"])
+    # Token ids (an Embedding first) stay integers: as floats PyTorch refuses them.
+    out["x"] = x if np.issubdtype(x.dtype, np.integer) else x.astype(dtype)
+    if loss == "mse":
+        out["y"] = np.asarray(data["y"]).astype(dtype)
+    return out
+
+
+def _plateau_feed(spec: OptimizerSpec) -> Any:
+    """``ReduceLROnPlateau.step(loss)`` as a jitted ``(opt_state, loss) -> opt_state``."""
+    if spec.schedule != "plateau":
+        return None
+    return jax.jit(functools.partial(plateau_step, **plateau_kwargs(spec)))
+
+
+def _jax_model_and_params(
+    converted: Any, jax_model: Model | None, x: Any, dtype: str = "float32"
+) -> tuple[Model, Any]:
     """The JAX model `compare` trains and its start parameters (the converted weights).
 
     Raises:
         ValueError: ``jax_model``'s parameter tree is not the converted one.
     """
     model = jax_model if jax_model is not None else converted.model()
-    params = jax.tree.map(jnp.array, converted.params)  # own buffers: the state is donated
+    # own buffers (the state is donated), in the comparison's dtype
+    params = jax.tree.map(lambda p: jnp.array(p, dtype), converted.params)
     if jax_model is not None:
         sample = jnp.zeros((1, *np.asarray(x).shape[1:]), jnp.float32)
         expected = jax.tree.structure(model.init(jax.random.key(0), sample)[0])
@@ -376,10 +589,25 @@ class _TorchLoop:
     scheduler: Any  # None: a constant learning rate
 
     @classmethod
-    def create(cls, model: Any, spec: OptimizerSpec, criterion: Any) -> _TorchLoop:
-        """Builds the optimizer and scheduler of ``spec`` over ``model``'s parameters."""
+    def create(
+        cls,
+        model: Any,
+        spec: OptimizerSpec,
+        criterion: Any,
+        optimizer_ctor: Any = None,
+        scheduler_ctor: Any = None,
+    ) -> _TorchLoop:
+        """The optimizer and scheduler of ``spec`` (or the user's constructors) over
+        ``model``'s parameters."""
         params = list(model.parameters())
-        optimizer, scheduler = make_torch(spec, params)
+        if optimizer_ctor is None:
+            optimizer, scheduler = make_torch(spec, params)
+        else:
+            optimizer = optimizer_ctor(params)
+            # spec_from_torch saw one group on a dummy parameter; a constructor that splits
+            # the real parameters (by ndim, by name) must not be mapped by its first group.
+            check_one_group(optimizer)
+            scheduler = None if scheduler_ctor is None else scheduler_ctor(optimizer)
         return cls(model, spec, criterion, params, optimizer, scheduler)
 
     def step(self, x: Any, y: Any) -> tuple[float, float, float]:
@@ -390,7 +618,9 @@ class _TorchLoop:
         loss.backward()
         grad_norm = torch_clip(self.spec, self.params)
         self.optimizer.step()
-        if self.scheduler is not None:
+        if self.spec.schedule == "plateau":
+            self.scheduler.step(float(loss.detach()))  # ReduceLROnPlateau: fed the metric
+        elif self.scheduler is not None:
             self.scheduler.step()
         return lr, grad_norm, float(loss.detach())
 
