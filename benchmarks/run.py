@@ -9,6 +9,7 @@ everything to a JSON file.
     python benchmarks/run.py                       # full size (about 10 min on 2 CPU cores)
     python benchmarks/run.py --size tiny           # smoke size (the test suite runs this)
     python benchmarks/run.py --models mlp64 --repeats 9 --out runs/bench.json
+    python benchmarks/run.py --population only     # only the population section (issue #14)
 
 Fair play, for every contender: the same model (the same initial weights: PyTorch and
 Flax NNX models are loaded from the linen parameters), Adam(1e-3) with the same
@@ -1136,6 +1137,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="skip the cold/warm compilation-cache subprocesses",
     )
     ap.add_argument("--no-fit", action="store_true", help="skip fit with logging on vs off")
+    ap.add_argument(
+        "--population",
+        choices=("run", "skip", "only"),
+        default="run",
+        help="the population section (benchmarks/population_bench.py, issue #14: N members "
+        "in one step vs N sequential runs) for the models of --models among mlp64, cnn: run "
+        "it too, skip it, or run only it",
+    )
     ap.add_argument("--out", default="benchmarks/results.json", help="JSON output path")
     return ap.parse_args(argv)
 
@@ -1205,7 +1214,7 @@ def main(argv=None) -> dict[str, Any]:
     }
     print(header(report), flush=True)
     t_start = time.perf_counter()
-    for m in models:
+    for m in models if args.population != "only" else ():
         t0 = time.perf_counter()
         w = make_workload(m, steps_for[m], k, train)
         contenders = jax_contenders(w) + torch_contenders(w, torch_threads)
@@ -1233,14 +1242,25 @@ def main(argv=None) -> dict[str, Any]:
         del contenders, w
         gc.collect()
     fit = None
-    if not args.no_fit:
+    if not args.no_fit and args.population != "only":
         fit_model = "mlp64" if "mlp64" in models else models[0]
         fit = fit_on_off(make_workload(fit_model, steps_for[fit_model], k, train), repeats, warmup)
     report["fit"] = fit
-    report["goals"] = goals(report["models"], fit)
+    report["goals"] = goals(report["models"], fit) if report["models"] else []
+    report["population"] = None
+    pop_models = tuple(m for m in models if m in ("mlp64", "cnn"))
+    if args.population != "skip" and pop_models:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import population_bench  # benchmarks/population_bench.py
+
+        report["population"] = population_bench.population_section(
+            sys.modules[__name__], args.size, pop_models, repeats=args.repeats
+        )
     report["machine"]["loadavg_1m_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     report["seconds"] = time.perf_counter() - t_start
-    report["markdown"] = markdown(report)
+    report["markdown"] = markdown(report) if report["models"] else ""
+    if report["population"] is not None:
+        report["markdown"] += "\n\n" + report["population"]["markdown"]
     print()
     print(report["markdown"])
     print(

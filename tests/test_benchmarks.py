@@ -165,6 +165,45 @@ def test_run_py_tiny_measures_every_contender_and_goal(tmp_path):
             f"| {model} | {g['ratio']:.2f} | {g['op']} {g['target']:g} | **{g['result']}** |"
             in table
         )
+    # The population section (issue #14) at tiny size, for the models of --models:
+    # N = 1 and 2 members, every way measured, compiled once, with the goals' verdicts.
+    p = r["population"]
+    assert p["config"]["members"] == [1, 2] and list(p["models"]) == ["mlp64"]
+    for n in ("1", "2"):
+        row = p["models"]["mlp64"][n]
+        for way in ("sequential", "vmap", "map"):
+            e = row["ways"][way]
+            assert e["status"] == "ok" and e["compilations"] == 1, (n, way, e)
+            assert len(e["per_member_step_s"]) == r["config"]["repeats"]
+            assert all(_positive_finite(t) for t in e["per_member_step_s"])
+        seq = row["ways"]["sequential"]["median_s"]
+        assert row["speedup_vmap"] == pytest.approx(seq / row["ways"]["vmap"]["median_s"])
+    assert [(g["model"], g["members"]) for g in p["goals"]] == [("mlp64", 2)]
+    assert p["goals"][0]["result"] in ("MET", "MISSED") and p["markdown"] in table
+
+
+def test_population_goals_need_the_faster_way_within_5_percent():
+    pop = _load("population_bench.py")
+
+    def row(seq, vmap, map_):
+        ways = {"sequential": seq, "vmap": vmap, "map": map_}
+        r = {f"speedup_{w}": None if t is None else seq / t for w, t in ways.items()}
+        r["best"] = max((w for w in ("vmap", "map") if ways[w]), key=lambda w: r[f"speedup_{w}"])
+        return r
+
+    report = {
+        "models": {
+            "mlp64": {"description": "", "16": row(1.0, 0.7, 0.9), "64": row(1.0, 1.06, 1.2)},
+            "cnn": {"description": "", "1": row(1.0, 1.2, 50.0), "4": row(1.0, 1.04, None)},
+        }
+    }
+    rows = pop.population_goals(report)
+    by = {(g["model"], g["members"], g["target"]): g["result"] for g in rows}
+    assert by[("mlp64", 16, 1.4)] == "MET"  # sequential / vmap = 1.43
+    assert by[("mlp64", 16, 0.9524)] == "MET"
+    assert by[("mlp64", 64, 0.9524)] == "MISSED"  # 1 / 1.06 = 0.943: more than 5% slower
+    assert by[("cnn", 4, 0.9524)] == "MET"  # 1 / 1.04 = 0.962
+    assert ("cnn", 1, 0.9524) not in by  # N = 1 is no population
 
 
 def test_run_py_cnn_contenders_start_from_the_same_function():

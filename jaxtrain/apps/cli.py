@@ -22,6 +22,8 @@ from jaxtrain.apps import fields
 from jaxtrain.apps.digits import TARGET_ACCURACY, TrainConfig
 from jaxtrain.apps.doctor import COMMAND as DOCTOR
 from jaxtrain.apps.doctor import add_doctor_parser, run_doctor
+from jaxtrain.apps.lr_find import COMMAND as LR_FIND
+from jaxtrain.apps.lr_find import add_lr_find_parser, run_lr_find
 from jaxtrain.apps.plots import COMMAND as PLOT
 from jaxtrain.apps.plots import add_plot_parser, run_plot
 from jaxtrain.contrast.cli import COMMAND as COMPARE
@@ -48,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="train a model on the embedded digits data set",
         description=(
-            "Train a built-in model on scikit-learn's digits (fixed 80/20 stratified split) "
+            "Train a built-in model on the bundled 8x8 digits (UCI; fixed 80/20 stratified split) "
             "and write OUT/metrics.jsonl, OUT/summary.json and OUT/curves.png."
         ),
         formatter_class=fields.HelpFormatter,
@@ -61,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_compare_parser(sub)  # jaxtrain compare: jaxtrain.contrast (imports torch only when run)
     add_doctor_parser(sub)  # jaxtrain doctor: backend, devices, versions (jaxtrain.apps.doctor)
     add_plot_parser(sub)  # jaxtrain plot: curves of run folders (jaxtrain.apps.plots)
+    add_lr_find_parser(sub)  # jaxtrain lr-find: learning-rate range test (jaxtrain.apps.lr_find)
     return parser
 
 
@@ -86,7 +89,8 @@ def _add_run_options(t: argparse.ArgumentParser) -> None:
         "--overwrite",
         action="store_true",
         help="start afresh even if --out holds a run: first delete its files (config.json, "
-        "checkpoints, metrics, summary, curves, tensorboard; nothing else) and list them",
+        "checkpoints, metrics, summary, curves, tensorboard, profile, mlruns, wandb; nothing "
+        "else) and list them",
     )
     t.add_argument(
         "--allow-change",
@@ -137,6 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_doctor(args)
     if args.command == PLOT:
         return run_plot(args)
+    if args.command == LR_FIND:
+        return run_lr_find(args)
     return 2  # pragma: no cover - argparse rejects unknown commands first
 
 
@@ -318,6 +324,14 @@ def _report(cfg: TrainConfig, summary: dict) -> int:
             f"{summary['model_flops_per_second'] / 1e12:.3g} TFLOP/s, MFU "
             + (f"{mfu * 100:.1f}% of {summary['peak_source']}" if mfu else "unknown (no peak)")
         )
+    if cfg.population is not None:  # each member, the best, and what failed
+        from jaxtrain.apps.population_run import report_lines
+
+        out, err = report_lines(cfg, summary, TARGET_ACCURACY)
+        print("\n".join(out))
+        for line in err:
+            print(line, file=sys.stderr)
+        return 1 if err else 0
     verdict = "reached" if acc >= TARGET_ACCURACY else "NOT reached"
     print(f"test accuracy: {acc * 100:.2f}% (target >= {TARGET_ACCURACY * 100:.1f}%: {verdict})")
     # A diverged run is a failed run, whatever the guard did: never exit 0 (1, not 2:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import importlib.util
 import json
 import os
 import time
@@ -42,21 +43,30 @@ from jaxtrain.models import CNN, MLP, from_linen
 from jaxtrain.parallel import (
     check_batch_size,
     data_mesh,
+    init_sharded,
     make_mesh,
     process_rows,
     shard_batch,
     shard_state,
 )
-from jaxtrain.perf import perf_summary, step_flops, steps_per_second
+from jaxtrain.perf import perf_summary, step_flops, step_flops_source, steps_per_second
+from jaxtrain.profiler import (
+    Profile,
+    check_profile_range,
+    check_resumed_start,
+    parse_profile_range,
+)
 from jaxtrain.state import TrainState
 from jaxtrain.step import make_eval_step, make_train_step, make_train_steps
+from jaxtrain.summary import model_summary
+from jaxtrain.trackers import MLflowWriter, WandbWriter
 from jaxtrain.versions import versions
 from jaxtrain.writers import CsvWriter, JsonlWriter, TensorBoardWriter, dumps_strict, read_jsonl
 
 MODELS = ("cnn", "mlp")
 OPTIMIZERS = ("adamw", "adam", "sgd", "momentum")
 SCHEDULES = ("cosine", "constant")
-NONFINITE = ("raise", "skip", "off")  # the step's guard policies, and off
+NONFINITE = ("raise", "skip", "off", "freeze")  # the step's guard policies, and off
 TARGET_ACCURACY = 0.98
 
 
@@ -73,8 +83,9 @@ class TrainConfig:
 
     model: str = option("cnn", "model to train", choices=MODELS)
     optimizer: str = option("adamw", "optax optimizer", choices=OPTIMIZERS)
-    lr: float = option(2e-3, "peak learning rate", above=0)
-    weight_decay: float = option(
+    # A list (a population's members) is allowed by the annotation; the defaults are numbers.
+    lr: float | list[float] = option(2e-3, "peak learning rate", above=0)  # noqa: RUF009
+    weight_decay: float | list[float] = option(  # noqa: RUF009
         1e-4, "decoupled weight decay (adamw) or L2 term (sgd, momentum)", minimum=0
     )
     schedule: str = option(
@@ -92,7 +103,7 @@ class TrainConfig:
     eval_batch_size: int = option(
         120, "evaluation batch size (the last batch is padded and masked)", minimum=1
     )
-    seed: int = option(0, "seed of init, shuffling and dropout", seed=True)
+    seed: int | list[int] = option(0, "seed of init, shuffling and dropout", seed=True)  # noqa: RUF009
     split_seed: int = option(0, "seed of the stratified 80/20 train/test split", seed=True)
     out: str = option(
         "runs/digits",
@@ -131,8 +142,26 @@ class TrainConfig:
         "raise",
         "non-finite loss/gradient/update guard: stop with an error (exit 1) naming the step, "
         "skip the update (the run then ends with exit 1 and the count of skipped steps), or "
-        "off (a diverged run still ends with exit 1)",
+        "off (a diverged run still ends with exit 1); with --population, raise freezes a "
+        "diverged member, the others train on, and the run ends with exit 1 naming it; "
+        "freeze (population only) does the same and exits 0",
         choices=NONFINITE,
+    )
+    population: int | None = option(
+        None,
+        "train N runs at once in one compiled step (jax.vmap over members), one per "
+        "combination of the values given as lists to --lr, --weight-decay and --seed (without "
+        "lists: seeds SEED .. SEED+N-1); the batches are shared, shuffled with the first "
+        "member's seed; summary.json lists every member and the best (see docs/population.md)",
+        minimum=1,
+        metavar="N",
+    )
+    vectorize: str = option(
+        "vmap",
+        "how a population's members are combined in its step: vmap (batched; the win on "
+        "accelerators and for small dense layers on CPU) or map (lax.map: one member after "
+        "another inside the one call); BENCHMARKS.md has the figures of both",
+        choices=("vmap", "map"),
     )
     steps_per_call: int = option(
         1, "fuse K training steps into one compiled call (jax.lax.scan)", minimum=1
@@ -157,14 +186,62 @@ class TrainConfig:
         False, "also write TensorBoard event files to OUT/tensorboard (tensorboard --logdir OUT)"
     )
     csv: bool = option(False, "also write OUT/metrics.csv")
+    mlflow: bool = option(
+        False,
+        "also log to an MLflow run in the local folder OUT/mlruns (mlflow ui "
+        "--backend-store-uri OUT/mlruns; pip install 'jaxtrain[mlflow]')",
+    )
+    wandb: bool = option(
+        False,
+        "also log to an offline Weights & Biases run in OUT/wandb (wandb sync uploads it; "
+        "pip install 'jaxtrain[wandb]')",
+    )
+    ema: float | None = option(
+        None,
+        "keep an exponential moving average of the parameters with this decay (e.g. 0.999) "
+        "and evaluate it instead of the parameters (test metrics, best checkpoint)",
+        above=0,
+        below=1,
+        metavar="DECAY",
+    )
+    profile: str | None = option(
+        None,
+        "trace steps START to STOP-1 with jax.profiler into OUT/profile (open it with "
+        "TensorBoard's profile plugin, or its perfetto_trace.json.gz in ui.perfetto.dev)",
+        metavar="START:STOP",
+    )
+    summary: bool = option(True, "do not print the model summary (parameters, FLOPs) at start")
 
     def validate(self) -> None:
         """Raises ValueError naming the field, what it allows and the value it holds."""
         fields.validate(self)  # every field's type, range and choices: declared above
+        from jaxtrain.apps import population_run  # it imports this module
+
+        population_run.check(self)  # lists, --population N and what a population refuses
+        _check_writer_packages(self)
+        if self.profile is not None:
+            start, stop = parse_profile_range(self.profile)
+            if self.max_steps is not None and stop > self.max_steps:
+                check_profile_range(start, stop, self.max_steps)
         if self.devices is not None and self.devices > jax.device_count():
             raise ValueError(
                 f"devices must be at most the {jax.device_count()} available device(s); "
                 f"got {self.devices!r}."
+            )
+
+
+def _check_writer_packages(cfg: TrainConfig) -> None:
+    """Refuses an optional writer whose package is missing, before the run starts."""
+    wanted = [
+        ("tensorboard", "tensorboardX", "tensorboard"),
+        ("mlflow", "mlflow", "mlflow"),
+        ("wandb", "wandb", "wandb"),
+    ]
+    for name, package, extra in wanted:
+        if getattr(cfg, name) and importlib.util.find_spec(package) is None:
+            raise ValueError(
+                f"{name}: --{name} needs the {package} package, which is not installed. "
+                f"Fix: pip install 'jaxtrain[{extra}]', or drop --{name}."
             )
 
 
@@ -182,6 +259,10 @@ FREE_FIELDS = (
     "log_every",
     "tensorboard",
     "csv",
+    "mlflow",
+    "wandb",
+    "profile",
+    "summary",
 )
 RESULT_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in FREE_FIELDS)
 
@@ -193,15 +274,22 @@ def _optimizer(cfg: TrainConfig, steps_per_epoch: int):
         schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, max(total, warmup + 1))
     else:
         schedule = optax.constant_schedule(cfg.lr)
-    if cfg.optimizer == "adamw":
-        opt = optax.adamw(schedule, weight_decay=cfg.weight_decay)
-    elif cfg.optimizer == "adam":
-        opt = optax.adam(schedule)
-    elif cfg.optimizer == "momentum":
-        opt = optax.chain(optax.add_decayed_weights(cfg.weight_decay), optax.sgd(schedule, 0.9))
-    else:
-        opt = optax.chain(optax.add_decayed_weights(cfg.weight_decay), optax.sgd(schedule))
-    return opt, schedule
+    return make_optimizer(cfg.optimizer, schedule, cfg.weight_decay), schedule
+
+
+def make_optimizer(name: str, learning_rate: Any, weight_decay: Any) -> Any:
+    """The optax optimizer ``name`` (one of `OPTIMIZERS`) at a rate or schedule.
+
+    Shared by ``jaxtrain train`` and ``jaxtrain lr-find`` (`jaxtrain.apps.lr_find`), so
+    a suggested rate is one for the optimizer that will train.
+    """
+    if name == "adamw":
+        return optax.adamw(learning_rate, weight_decay=weight_decay)
+    if name == "adam":
+        return optax.adam(learning_rate)
+    if name == "momentum":
+        return optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(learning_rate, 0.9))
+    return optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(learning_rate))
 
 
 def _model(cfg: TrainConfig):
@@ -225,6 +313,8 @@ def _prepare_out(out: str) -> None:
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 TENSORBOARD_DIR = "tensorboard"
+MLFLOW_DIR = "mlruns"  # an MLflow folder store; W&B writes OUT/wandb itself
+PROFILE_DIR = "profile"
 METRICS_FILE = "metrics.jsonl"
 CSV_FILE = "metrics.csv"
 
@@ -499,15 +589,28 @@ class _Parts:
 
 def _build(cfg: TrainConfig, mesh: Any) -> _Parts:
     """The data, model, initial state, train step and eval step of ``cfg``."""
+    if cfg.population is not None:  # N runs in one step: jaxtrain.apps.population_run
+        from jaxtrain.apps import population_run
+
+        return population_run.build_parts(cfg, mesh)
+    seed = cfg.seed
+    assert isinstance(seed, int)  # validated: a list of seeds needs --population
     train, test = data_lib.load_digits(seed=cfg.split_seed)
-    train_ds = data_lib.ArrayDataset(train, cfg.batch_size, seed=cfg.seed, num_classes=10)
+    train_ds = data_lib.ArrayDataset(train, cfg.batch_size, seed=seed, num_classes=10)
     test_ds = data_lib.ArrayDataset(test, cfg.eval_batch_size, shuffle=False)
     model = _model(cfg)
-    params, model_state = init_model(model, cfg.seed, train["x"][:1])
     optimizer, schedule = _optimizer(cfg, train_ds.steps_per_epoch)
     # "float32" is no policy at all: the default run stays exactly what it was.
     precision = None if cfg.precision == "float32" else cfg.precision
-    state = TrainState.create(params, optimizer, cfg.seed, model_state, precision=precision)
+    ema = cfg.ema is not None  # the parameter EMA (jaxtrain.ema): in the state, evaluated
+    sample = train["x"][:1]
+
+    def create() -> TrainState:
+        params, model_state = init_model(model, seed, sample)
+        return TrainState.create(params, optimizer, seed, model_state, precision=precision, ema=ema)
+
+    # Created in its FSDP layout (--fsdp): no device or host holds the whole state.
+    state = init_sharded(create, mesh)
     loss_fn = classification_loss(model, cfg.label_smoothing)
     step_kwargs = dict(
         learning_rate_fn=schedule,
@@ -515,6 +618,7 @@ def _build(cfg: TrainConfig, mesh: Any) -> _Parts:
         nonfinite=None if cfg.nonfinite == "off" else cfg.nonfinite,
         grad_accum_steps=cfg.grad_accum_steps,
         precision=precision,
+        ema_decay=cfg.ema,
     )
     if cfg.steps_per_call > 1:  # K steps per compiled call (lax.scan): less dispatch
         train_step = make_train_steps(
@@ -571,7 +675,7 @@ def _write_config(cfg: TrainConfig, changes: list[dict], primary: bool) -> dict[
     return config
 
 
-def _flops_per_step(cfg: TrainConfig, parts: _Parts, mesh: Any) -> float | None:
+def _flops_per_step(cfg: TrainConfig, parts: _Parts, mesh: Any) -> tuple[float | None, str | None]:
     """FLOPs of one train step from the compiled step's cost analysis.
 
     For the progress bar's TFLOP/s and MFU and for summary.json. Lowered for the placement
@@ -580,10 +684,29 @@ def _flops_per_step(cfg: TrainConfig, parts: _Parts, mesh: Any) -> float | None:
     compilation, not counted as the train step's).
     """
     one_step = parts.train_step
-    if cfg.steps_per_call > 1:
+    if cfg.steps_per_call > 1 and cfg.population is not None:
+        from jaxtrain.apps import population_run
+
+        one_step = population_run.one_step(parts)
+    elif cfg.steps_per_call > 1:
         one_step = make_train_step(parts.loss_fn, parts.optimizer, **parts.step_kwargs)
     batch = next(iter(parts.train_ds.batches(0, rows=process_rows(mesh, cfg.batch_size))))
-    return step_flops(one_step, shard_state(parts.state, mesh), shard_batch(batch, mesh))
+    flops = step_flops(one_step, shard_state(parts.state, mesh), shard_batch(batch, mesh))
+    return flops, step_flops_source(one_step)
+
+
+def _profiler(cfg: TrainConfig, parts: _Parts) -> Profile | None:
+    """``--profile START:STOP`` as `fit`'s callback into ``OUT/profile``.
+
+    Its range is checked against the run's length before anything is written.
+    """
+    if cfg.profile is None:
+        return None
+    start, stop = parse_profile_range(cfg.profile)
+    total = cfg.epochs * parts.train_ds.steps_per_epoch
+    profiler = Profile(start, stop, os.path.join(cfg.out, PROFILE_DIR))
+    profiler.check_total(total if cfg.max_steps is None else min(total, cfg.max_steps))
+    return profiler
 
 
 def _open_writers(
@@ -608,6 +731,28 @@ def _open_writers(
         purge = None if resumed_from is None else resumed_from + 1
         tb_dir = os.path.join(cfg.out, TENSORBOARD_DIR)
         writers.append(stack.enter_context(TensorBoardWriter(tb_dir, purge_step=purge)))
+    writers += _open_trackers(stack, cfg, resumed_from)
+    return writers
+
+
+def _open_trackers(
+    stack: contextlib.ExitStack, cfg: TrainConfig, resumed_from: int | None
+) -> list[Any]:
+    """The MLflow / W&B writers asked for: one tracker run per process, named after OUT.
+
+    A resumed run is a new tracker run (its ``resumed_from_step`` says where it
+    continues), never an append to the killed process's run.
+    """
+    name = os.path.basename(os.path.abspath(cfg.out))
+    config = dataclasses.asdict(cfg)
+    if resumed_from is not None:
+        config["resumed_from_step"] = resumed_from
+    writers: list[Any] = []
+    if cfg.mlflow:
+        mlruns = os.path.join(cfg.out, MLFLOW_DIR)
+        writers.append(stack.enter_context(MLflowWriter(mlruns, run_name=name, params=config)))
+    if cfg.wandb:
+        writers.append(stack.enter_context(WandbWriter(cfg.out, name=name, config=config)))
     return writers
 
 
@@ -651,20 +796,28 @@ def _summary(
     # MFU against the chip's peak, from the FLOPs measured before training.
     perf = perf_summary(run_info["flops"], steps_per_second(history), list(mesh.devices.flat))
     final_test = {k: v for k, v in history.eval[-1].items() if k not in ("split",)}
+    members: dict[str, Any] = {}
+    if cfg.population is not None:  # every member's final metrics and the best
+        from jaxtrain.apps import population_run
+
+        members = population_run.summary(cfg, state, history)
+        n_params //= cfg.population  # per member
+        final_test = members["best"]["test"] if members["best"] else {"accuracy": None}
+    accuracy = final_test["accuracy"]
     return {
         "task": "digits",
         "model": cfg.model,
         "num_params": int(n_params),
         "train": {k: v for k, v in history.train[-1].items() if k != "split"},
         "test": final_test,
-        "test_accuracy": final_test["accuracy"],
+        "test_accuracy": accuracy,
         "target_accuracy": TARGET_ACCURACY,
-        "target_reached": final_test["accuracy"] >= TARGET_ACCURACY,
+        "target_reached": accuracy is not None and accuracy >= TARGET_ACCURACY,
         "steps": int(jax.device_get(state.step)),
         "resumed_from_step": run_info["resumed_from"],
         "skipped_checkpoints": {str(k): v for k, v in run_info["skipped"].items()},
         "changes": run_info["changes"],
-        "skipped_steps": int(jax.device_get(state.skipped_steps)),
+        "skipped_steps": int(np.sum(jax.device_get(state.skipped_steps))),  # [N]: all members
         "params_sha256": state_digest(jax.device_get(state.params)),
         "epochs_completed": history.position.epoch,
         "stopped_early": history.stopped_early,
@@ -681,6 +834,24 @@ def _summary(
         "devices": [str(d) for d in mesh.devices.flat],
         "versions": versions(),
         "config": run_info["config"],
+        "checkpoint_saves": _save_blocking(run_info.get("save_blocking")),
+        **members,  # a population: members, best_member, best, ... (population_run.summary)
+    }
+
+
+def _save_blocking(seconds: Sequence[float] | None) -> dict[str, Any] | None:
+    """How long this run's checkpoint saves blocked training (None without checkpoints).
+
+    Each save blocks the training thread only while this process's shards are copied
+    to the host; the write, the digests and the metadata happen in the background.
+    """
+    if seconds is None:
+        return None
+    return {
+        "count": len(seconds),
+        "blocking_seconds": [round(float(s), 6) for s in seconds],
+        "blocking_seconds_max": round(float(max(seconds)), 6) if seconds else None,
+        "blocking_seconds_median": round(float(np.median(seconds)), 6) if seconds else None,
     }
 
 
@@ -693,11 +864,19 @@ def _run(
 ) -> dict[str, Any]:
     """`run` once the run folder is locked and the mode decided."""
     parts = _build(cfg, mesh)
+    profiler = _profiler(cfg, parts)
     checkpointer, resumed_from, skipped, changes = _open_checkpoints(
         cfg, resume, allow_change, parts.state, mesh, primary
     )
     config = _write_config(cfg, changes, primary)
-    flops = _flops_per_step(cfg, parts, mesh)
+    flops, flops_source = _flops_per_step(cfg, parts, mesh)
+    if primary and cfg.summary:  # what is trained, before the first step
+        params, model_state = parts.state.params, parts.state.model_state
+        if cfg.population is not None:  # one member's model (each member has its own)
+            params, model_state = jax.tree.map(lambda x: x[0], (params, model_state))
+        found = model_summary(params, name=parts.model.name, model_state=model_state)
+        found = dataclasses.replace(found, flops_per_step=flops, flops_source=flops_source)
+        print(found.format(), flush=True)
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:
         writers = _open_writers(stack, cfg, resume, resumed_from, primary)
@@ -721,6 +900,8 @@ def _run(
             resume=resume,
             config=config,
             flops_per_step=flops,
+            eval_params="params" if cfg.ema is None else "ema",
+            profile=profiler,
         )
     if checkpointer is not None:
         checkpointer.close()
@@ -734,6 +915,7 @@ def _run(
         skipped=skipped,
         changes=changes,
         config=config,
+        save_blocking=None if checkpointer is None else checkpointer.save_blocking_seconds,
     )
     summary = _summary(cfg, parts, mesh, state, history, run_info)
     if primary:  # strict JSON: a diverged run's NaN losses are written as null
@@ -760,11 +942,22 @@ def _verify_resume(
     """
     saved, changes = load_run(cfg.out)
     new_changes = _check_changes(cfg, saved, allow_change)
+    for f, old, new in new_changes:  # the state's structure is the checkpoints'
+        if f == "ema" and (old is None) != (new is None):
+            raise ValueError(
+                f"resume: --ema cannot be {'added' if old is None else 'dropped'} when "
+                f"resuming: the checkpoints in {cfg.out} hold "
+                f"{'no' if old is None else 'a'} parameter average (state.ema_params). Fix: "
+                "resume with the run's --ema (or change only its decay), or start a new run "
+                "with another --out."
+            )
     # Single process: fall back past a damaged newest step (with a warning). With
     # several, every process would have to agree on the step: restore the newest or fail.
     fallback = jax.process_count() == 1
     probe = checkpointer.restore(state, mesh=mesh, fallback=fallback)
     step = probe.step
+    if cfg.profile is not None:  # before config.json is rewritten: steps already run
+        check_resumed_start(*parse_profile_range(cfg.profile), first_step=step)
     stored = probe.meta.get("config")
     if isinstance(stored, dict):
         expected = _config_at(dataclasses.asdict(saved), changes, step)

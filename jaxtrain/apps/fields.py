@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from jaxtrain.state import check_key_seed
@@ -78,6 +79,21 @@ def _kind(field: dataclasses.Field) -> tuple[str, bool]:
     return parts[0], "None" in parts[1:]
 
 
+def is_sweep(field: dataclasses.Field) -> bool:
+    """Whether the field also takes a list of values (``lr: float | list[float]``).
+
+    A population run (``jaxtrain train --population N``) trains one member per value.
+    """
+    return any(p.strip().startswith("list[") for p in str(field.type).split("|")[1:])
+
+
+def sweep_syntax(kind: str) -> str:
+    """The command-line spellings of a list of values (`parse_values`), for messages."""
+    if kind == "float":
+        return "A,B,C (a list) or logspace:LO:HI:N (N log-spaced values, ends included)"
+    return "A,B,C (a list)"
+
+
 _TYPE_NAMES = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}
 
 
@@ -107,6 +123,8 @@ def expected(field: dataclasses.Field) -> str:
         words = f"{_TYPE_NAMES[kind]} in [{opt.minimum:g}, {opt.below:g})"
     elif opt.minimum is not None:
         words = f"{_TYPE_NAMES[kind]} >= {opt.minimum:g}"
+    elif opt.above is not None and opt.below is not None:
+        words = f"a finite number in ({opt.above:g}, {opt.below:g})"
     elif opt.above is not None:
         words = f"a finite number > {opt.above:g}"
     else:
@@ -130,6 +148,9 @@ def check(field: dataclasses.Field, value: Any) -> None:
     kind, optional = _kind(field)
     if value is None and optional:
         return
+    if is_sweep(field) and isinstance(value, (list, tuple)):
+        _check_list(field, value)
+        return
     types: Any = {"int": int, "float": (int, float), "str": str, "bool": bool}[kind]
     if not isinstance(value, types) or (kind != "bool" and isinstance(value, bool)):
         raise ValueError(
@@ -148,6 +169,25 @@ def check(field: dataclasses.Field, value: Any) -> None:
     )
     if bad:
         raise ValueError(f"{field.name} must be {expected(field)}; got {value!r}.")
+
+
+def _check_list(field: dataclasses.Field, values: Any) -> None:
+    """A sweep field's list: a non-empty JSON list, each value allowed for the field."""
+    if not isinstance(values, list) or not values:
+        raise ValueError(
+            f"{field.name} must be {expected(field)}, or a non-empty list of such values; "
+            f"got {values!r}."
+        )
+    for v in values:
+        try:
+            check(field, v)
+        except ValueError as e:
+            raise ValueError(f"{str(e).rstrip('.')} (in the list {values!r}).") from None
+    if len(set(values)) != len(values):
+        raise ValueError(
+            f"{field.name} lists a value twice: {values!r}. Fix: list each value once (a "
+            "population trains every combination once)."
+        )
 
 
 def option_fields(cls: type) -> list[dataclasses.Field]:
@@ -175,16 +215,66 @@ def flag(field: dataclasses.Field) -> str:
     return f"--no-{name}" if kind == "bool" and field.default is True else f"--{name}"
 
 
+def parse_values(text: str, kind: str) -> Any:
+    """A sweep option's text: one value, a list ``A,B,C``, or ``logspace:LO:HI:N``.
+
+    Args:
+        text: the command-line text.
+        kind: ``"int"`` or ``"float"`` (``logspace`` is for floats only).
+
+    Returns:
+        A number for one value, a list of numbers otherwise.
+
+    Raises:
+        ValueError: text that is none of these (the message says what was expected).
+
+    Example:
+        >>> parse_values("1e-3,1e-2", "float"), parse_values("logspace:1e-4:1e-2:3", "float")
+        ([0.001, 0.01], [0.0001, 0.001, 0.01])
+        >>> parse_values("0,1,2", "int"), parse_values("7", "int")
+        ([0, 1, 2], 7)
+    """
+    parse = {"int": int, "float": float}[kind]
+    if text.startswith("logspace:"):
+        parts = text.split(":")[1:]
+        if kind != "float" or len(parts) != 3:
+            raise ValueError("logspace:LO:HI:N with two bounds and a count")
+        from jaxtrain.population import log_space
+
+        try:
+            return log_space(float(parts[0]), float(parts[1]), int(parts[2]))
+        except ValueError:
+            raise ValueError(
+                "logspace:LO:HI:N with finite bounds > 0 and an integer count N >= 1"
+            ) from None
+    if "," in text:
+        return [parse(item) for item in text.split(",")]
+    return parse(text)
+
+
 def _converter(field: dataclasses.Field):
     """argparse ``type=``: parses the text, then the same `check` as `validate`."""
     kind, _ = _kind(field)
-    parse = {"int": int, "float": float, "str": str}[kind]
+    parse: Callable[[str], Any] = {"int": int, "float": float, "str": str}[kind]
+    if is_sweep(field):
+        parse = functools.partial(parse_values, kind=kind)
 
     def convert(text: str) -> Any:
         try:
             value = parse(text)
-        except ValueError:
+        except ValueError as e:
+            if is_sweep(field):
+                raise argparse.ArgumentTypeError(
+                    f"expected {expected(field)}, or a list of them ({sweep_syntax(kind)}); got "
+                    f"{text!r}" + (f": {e}" if str(e).startswith("logspace") else "")
+                ) from None
             raise argparse.ArgumentTypeError(f"expected {expected(field)}, got {text!r}") from None
+        if isinstance(value, list):
+            try:
+                _check_list(field, value)
+            except ValueError as e:
+                raise argparse.ArgumentTypeError(str(e).rstrip(".")) from None
+            return value
         try:
             check(field, value)
         except ValueError as e:
@@ -229,7 +319,10 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             action = "store_false" if field.default is True else "store_true"
             parser.add_argument(flag(field), dest=field.name, action=action, help=opt.help)
             continue
-        kwargs: dict[str, Any] = {"dest": field.name, "default": field.default, "help": opt.help}
+        help_text = opt.help
+        if is_sweep(field):  # the list syntax, said once here for every sweep option
+            help_text += f"; with --population: {sweep_syntax(kind)}"
+        kwargs: dict[str, Any] = {"dest": field.name, "default": field.default, "help": help_text}
         if opt.choices is not None:
             kwargs["choices"] = opt.choices
         else:

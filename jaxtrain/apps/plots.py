@@ -45,6 +45,10 @@ def plot_curves(
         ('curves.png', True)
         >>> tmp.cleanup()
     """
+    from jaxtrain.apps.population_plot import is_population, plot_population
+
+    if is_population(records):  # N values per metric: members, median, spread, best
+        return plot_population(records, path, metrics, title)
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -240,9 +244,18 @@ def _checked_plot_args(
 def _draw_runs(
     ax: Any, m: str, labels: Sequence[str], runs: Sequence[Sequence[Mapping]], colors: list
 ) -> None:
-    """One panel: metric ``m`` of every run (one colour each), train solid, eval dashed."""
+    """One panel: metric ``m`` of every run (one colour each), train solid, eval dashed.
+
+    A population run (`jaxtrain.apps.population_plot`) is drawn as its members, their
+    median and interquartile band in the run's colour, and its best member highlighted.
+    """
+    from jaxtrain.apps.population_plot import best_of, draw_population, is_population
+
     for i, (label, recs) in enumerate(zip(labels, runs, strict=True)):
         color = colors[i % len(colors)]
+        if is_population(recs):
+            draw_population(ax, recs, m, best_of(recs), color=color, label=label)
+            continue
         for split, style in (("train", "-"), ("eval", "--o")):
             pts = [
                 (r["step"], r[m])
@@ -290,7 +303,9 @@ def add_plot_parser(subparsers: Any) -> Any:
         description=(
             "Read RUN_DIR/metrics.jsonl of each run folder and draw loss, accuracy, learning "
             "rate and gradient norm against the step (train: solid, eval: dashed), the runs "
-            "overlaid in one colour each and labelled by folder name."
+            "overlaid in one colour each and labelled by folder name. A population run "
+            "(jaxtrain train --population N) is drawn as its members (thin), their median "
+            "(thick) and interquartile band, and its best member (red)."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         allow_abbrev=False,

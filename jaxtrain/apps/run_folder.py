@@ -38,8 +38,11 @@ RUN_FILES = (
     "summary.json",
     "curves.png",
     "tensorboard",
+    "profile",
+    "mlruns",
+    "wandb",
 )
-RUN_DIRS = ("checkpoints", "checkpoints-damaged", "tensorboard")
+RUN_DIRS = ("checkpoints", "checkpoints-damaged", "tensorboard", "profile", "mlruns", "wandb")
 
 
 def check_out_folder(out: str) -> None:
