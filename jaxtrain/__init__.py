@@ -5,8 +5,8 @@ through an explicit `TrainState` by a jit-compiled ``train_step(state, batch)``.
 
 This namespace holds the core vocabulary only: the state, the step builders, ``fit`` and
 its callbacks, the data sources, the model adapters, the mesh helpers and the precision
-policy, plus the submodules ``losses``, ``metrics``, ``models``, ``parallel`` and
-``distributed``. Everything else is imported from its module (``jaxtrain.writers``,
+policy, population training (a vmapped step over N runs), plus the submodules
+``losses``, ``metrics``, ``models``, ``parallel``, ``population`` and ``distributed``. Everything else is imported from its module (``jaxtrain.writers``,
 ``jaxtrain.data``, ``jaxtrain.perf``, ``jaxtrain.precision``, ``jaxtrain.checkpoint``).
 
 What must not live here: the applications. ``jaxtrain.apps`` (the digits recipe, the
@@ -15,7 +15,7 @@ What must not live here: the applications. ``jaxtrain.apps`` (the digits recipe,
 ``jaxtrain`` never imports them, nor torch.
 """
 
-from jaxtrain import distributed, losses, metrics, models, parallel
+from jaxtrain import distributed, losses, metrics, models, parallel, population
 from jaxtrain.callbacks import Callback
 from jaxtrain.data import ArrayDataset, DataPosition
 from jaxtrain.grain_data import GrainData
@@ -30,7 +30,16 @@ from jaxtrain.loop import (
 )
 from jaxtrain.loop_state import LoopState
 from jaxtrain.models import Model, from_function, from_linen, from_nnx
-from jaxtrain.parallel import data_mesh, make_mesh, replicate, shard_batch, shard_state
+from jaxtrain.parallel import (
+    data_mesh,
+    init_sharded,
+    make_mesh,
+    replicate,
+    shard_batch,
+    shard_state,
+)
+from jaxtrain.population import PopulationState
+from jaxtrain.population_step import make_population_eval_step, make_population_step
 from jaxtrain.precision import Policy
 from jaxtrain.resident import make_device_epoch
 from jaxtrain.state import TrainState
@@ -52,6 +61,7 @@ __all__ = [
     "Model",
     "PeriodicHook",
     "Policy",
+    "PopulationState",
     "Preempted",
     "StepSpec",
     "TrainState",
@@ -63,15 +73,19 @@ __all__ = [
     "from_function",
     "from_linen",
     "from_nnx",
+    "init_sharded",
     "losses",
     "make_device_epoch",
     "make_eval_step",
     "make_mesh",
+    "make_population_eval_step",
+    "make_population_step",
     "make_train_step",
     "make_train_steps",
     "metrics",
     "models",
     "parallel",
+    "population",
     "replicate",
     "shard_batch",
     "shard_state",

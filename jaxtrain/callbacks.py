@@ -57,7 +57,7 @@ class Callback:
     closing log record and final evaluation; ``on_exit`` always, also when an
     exception ends `fit` (release resources there).
 
-    Args:
+    Event arguments:
         loop: every event's argument: the `LoopState` of this `fit` call.
         record: ``on_log`` and ``on_eval_end`` also get the new train or eval record.
 
@@ -430,6 +430,23 @@ class WriterCallback(Callback):
         self.on_log(loop, record)
 
 
+def loss_postfix(loss: float | list) -> dict[str, str]:
+    """The bar's loss: the value, or for a population (N values) the best and the median.
+
+    Members frozen for the whole interval (None / NaN) are left out.
+
+    Example:
+        >>> loss_postfix(0.5), loss_postfix([0.5, None, 0.25, 1.0])
+        ({'loss': '0.5000'}, {'loss_best': '0.2500', 'loss_med': '0.5000'})
+    """
+    if not isinstance(loss, list):
+        return {"loss": f"{loss:.4f}"}
+    values = np.array([np.nan if v is None else v for v in loss], np.float64)
+    if np.all(np.isnan(values)):
+        return {"loss_best": "n/a", "loss_med": "n/a"}
+    return {"loss_best": f"{np.nanmin(values):.4f}", "loss_med": f"{np.nanmedian(values):.4f}"}
+
+
 class ProgressBar(Callback):
     """A tqdm bar of steps, with loss, examples/s (and TFLOP/s, MFU) at logging points."""
 
@@ -451,10 +468,8 @@ class ProgressBar(Callback):
 
     def on_log(self, loop: LoopState, record: dict) -> None:
         ex_s = record["examples_per_second"]
-        postfix = {
-            "loss": f"{record['loss']:.4f}",
-            "ex_s": "n/a" if ex_s is None else f"{ex_s:.0f}",
-        }
+        postfix = loss_postfix(record["loss"])
+        postfix["ex_s"] = "n/a" if ex_s is None else f"{ex_s:.0f}"
         if "mfu" in record:
             mfu = "unknown" if record["mfu"] is None else f"{100 * record['mfu']:.1f}%"
             achieved = record["model_flops_per_second"]

@@ -23,7 +23,7 @@ from jaxtrain.data import ArrayDataset, DataPosition
 from jaxtrain.evaluation import EarlyStop
 from jaxtrain.grain_data import GrainData
 from jaxtrain.loop_state import LoopState
-from jaxtrain.train_log import TrainLog, per_step_metrics
+from jaxtrain.train_log import TrainLog
 
 
 class Preempted(Exception):
@@ -121,11 +121,7 @@ class Checkpointing(Callback):
         history.train, history.eval = list(saved.get("train", [])), list(saved.get("eval", []))
         history.best_eval = saved.get("best_eval")
         if self.early_stop is not None:
-            es = meta.get("early_stopping") or {}
-            self.early_stop.best, self.early_stop.bad_evals = (
-                es.get("best"),
-                int(es.get("bad_evals", 0)),
-            )
+            self.early_stop.load(meta.get("early_stopping") or {})
         loop.pending = [(m, 1) for m in meta.get("pending_metrics") or []]  # one per step
         loop.saved_step = restored.step  # already saved: never saved again
         loop.step = int(jax.device_get(loop.state.step))  # one sync at the start
@@ -154,18 +150,22 @@ class Checkpointing(Callback):
                 "eval": history.eval,
                 "best_eval": history.best_eval,
             },
-            "early_stopping": {
-                "best": None if early is None else early.best,
-                "bad_evals": 0 if early is None else early.bad_evals,
-            },
+            "early_stopping": {"best": None, "bad_evals": 0} if early is None else early.dump(),
             # Metrics of steps since the last log record: a resumed run folds them into
             # its next record exactly as the uninterrupted run would (a host read, but
             # only at save time).
+            # (tolist: a Python number, or a population's [N] values as a list)
             "pending_metrics": [
-                {k: v.item() for k, v in m.items()} for m in per_step_metrics(loop.pending)
+                {k: v.tolist() for k, v in m.items()} for m in self.log.step_metrics(loop.pending)
             ],
             "config": dict(self.config) if self.config else None,
         }
+        if latest_eval is not None and self.checkpointer.best_metric in latest_eval:
+            # A population ranks its checkpoints by the best member's value.
+            from jaxtrain.population_fit import rank_value
+
+            name, mode = self.checkpointer.best_metric, self.checkpointer.best_mode
+            latest_eval = {**latest_eval, name: rank_value(latest_eval[name], mode)}
         self.checkpointer.save(loop.step, loop.state, meta=meta, eval_metrics=latest_eval)
         loop.saved_step = loop.step
 

@@ -87,7 +87,9 @@ def requested(
     """Whether a multi-process run was asked for, by arguments or environment variables.
 
     Args:
-        coordinator_address, num_processes, process_id: as in `initialize`.
+        coordinator_address: as in `initialize`.
+        num_processes: as in `initialize`.
+        process_id: as in `initialize`.
 
     Returns:
         True when any argument is given or any of ``JAX_COORDINATOR_ADDRESS``,

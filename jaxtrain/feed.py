@@ -60,16 +60,23 @@ def _local_batches(data: ArrayDataset, epoch: int, start: int, mesh: Mesh | None
 def _local_grain_batches(data: GrainData, epoch: int, start: int, mesh: Mesh | None):
     """`GrainData` batches, cut to this process's rows when there are several processes.
 
-    Every process runs the same deterministic pipeline (same seed, same order) and keeps
-    its own block of rows of each global batch, as with `ArrayDataset`: the global batch
-    is the one a single process would see, so multi-process runs equal one-process runs.
-    (Each process reads every record; grain's own per-process sharding would change the
-    global batches.)
+    From a random-access source each process reads only its own block of rows of each
+    global batch (`GrainData.batches` with ``rows``): the global batch is the one a
+    single process would see, so multi-process runs equal one-process runs. (grain's
+    own per-process sharding would give each process a contiguous part of the records
+    and so change the global batches.) A streaming source cannot be read by row: every
+    process runs the same pipeline and keeps its rows.
     """
     if mesh is None or jax.process_count() == 1:
         yield from data.batches(epoch, start)
         return
     rows = process_rows(mesh, data.batch_size)
+    if data.num_records is not None:
+        for i, batch in enumerate(data.batches(epoch, start, rows=rows), start=start):
+            local = _LocalBatch(batch)
+            local.num_real = min(data.batch_size, data.num_records - i * data.batch_size)
+            yield local
+        return
     for batch in data.batches(epoch, start):
         local = _LocalBatch({k: v[rows] for k, v in batch.items()})
         local.num_real = int(np.sum(batch[MASK_KEY]))
@@ -244,11 +251,25 @@ def single_calls(
         yield Call(1, n_real, (batch,))
 
 
+def _member_counted(batch: Any) -> Any:
+    """A ``[N, B, ...]`` batch (one per population member) that counts its N * B examples."""
+    if not isinstance(batch, Mapping) or MASK_KEY in batch:  # a mask counts them already
+        return batch
+    shape = np.shape(next(iter(batch.values())))
+    counted = _LocalBatch(batch)
+    counted.num_real = int(np.prod(shape[:2]))
+    return counted
+
+
 class Feed:
     """The calls of each epoch for one train step kind (``"step"``, ``"fused"``, ``"epoch"``)."""
 
-    def __init__(self, kind: str, steps_per_call: int, data: Any, mesh: Mesh):
+    def __init__(
+        self, kind: str, steps_per_call: int, data: Any, mesh: Mesh, member_batches: bool = False
+    ):
         self.kind, self.k, self.data, self.mesh = kind, steps_per_call, data, mesh
+        # A population step with one batch per member ([N, B, ...]): count N * B examples.
+        self.member_batches = member_batches
         self.check = SameShapes()
         self.active = _Active(steps_per_call, mesh) if kind == "fused" else None
         self.arrays = None
@@ -262,6 +283,8 @@ class Feed:
         if self.kind == "epoch":
             return [Call(self.k, self.data.num_examples, (self.arrays, jnp.int32(epoch)))]
         batches = epoch_batches(self.data, epoch, start, self.mesh)
+        if self.member_batches:
+            batches = map(_member_counted, batches)
         if self.kind == "fused":
             assert self.active is not None  # made for every fused feed
             return fused_calls(batches, self.mesh, self.k, budget, self.check, self.active)

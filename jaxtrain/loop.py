@@ -19,7 +19,7 @@ import functools
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import jax
 import numpy as np
@@ -38,11 +38,14 @@ from jaxtrain.callbacks import (
 )
 from jaxtrain.checkpointing import Checkpointing, Preempted, Preemption
 from jaxtrain.data import ArrayDataset, DataPosition
+from jaxtrain.ema import check_eval_params, ema_state
 from jaxtrain.evaluation import EarlyStop, EarlyStopping, Evaluator, eval_metric_names, evaluate
 from jaxtrain.feed import Call, Feed
 from jaxtrain.grain_data import GrainData
 from jaxtrain.loop_state import History, LoopState
-from jaxtrain.parallel import data_mesh, shard_state
+from jaxtrain.parallel import data_mesh, init_sharded, shard_state
+from jaxtrain.population_fit import MemberEarlyStop, PopulationReport, check_fit
+from jaxtrain.profiler import Profile, profile_callback
 from jaxtrain.state import TrainState
 from jaxtrain.step import CompiledStep
 from jaxtrain.step_options import StepSpec
@@ -67,6 +70,41 @@ __all__ = [
 def _spec_of(train_step: Any) -> StepSpec:
     """What the step declares; a plain callable (a user's own jitted step) is one step."""
     return train_step.spec if isinstance(train_step, CompiledStep) else StepSpec("step")
+
+
+def _fit_mesh(train_step: Any, eval_step: Any, mesh: Mesh | None) -> Mesh:
+    """The mesh fit runs on: the one the steps were built with (passed once, to the
+    step builders); ``mesh=`` only for steps built without one (default all devices).
+
+    Raises:
+        ValueError: ``mesh=`` (or the eval step's mesh) is not the train step's mesh.
+    """
+    own = train_step.mesh if isinstance(train_step, CompiledStep) else None
+    evm = eval_step.mesh if isinstance(eval_step, CompiledStep) else None
+    for name, other, fix in (
+        ("fit(mesh=...)", mesh, "drop fit's mesh= (or pass the same mesh to every step builder)"),
+        ("the eval step's mesh", evm, "build the eval step with the train step's mesh="),
+    ):
+        if own is not None and other is not None and other != own:
+            raise ValueError(
+                f"{name} is {dict(other.shape)} over devices "
+                f"{[d.id for d in other.devices.flat]}, but the train step was built for the "
+                f"mesh {dict(own.shape)} over devices {[d.id for d in own.devices.flat]}; a "
+                f"step carries its mesh and fit takes it from there. Fix: {fix}."
+            )
+    run = own if own is not None else (data_mesh() if mesh is None else mesh)
+    if evm is not None and set(evm.devices.flat) != set(run.devices.flat):
+        # A train step without a mesh: the state lives on fit's mesh, which an eval step
+        # compiled for other devices cannot read (JAX would say so only at the first eval).
+        where = "fit(mesh=...)" if mesh is not None else "all devices, fit's default"
+        raise ValueError(
+            f"the eval step's mesh is {dict(evm.shape)} over devices "
+            f"{[d.id for d in evm.devices.flat]}, but fit trains on {dict(run.shape)} over "
+            f"devices {[d.id for d in run.devices.flat]} ({where}), where the state lives. "
+            "Fix: build the train and eval steps with the same mesh= (fit takes it from "
+            "the train step)."
+        )
+    return run
 
 
 def _check_counts(epochs, num_steps, log_every, eval_every, save_every, flops_per_step) -> None:
@@ -115,6 +153,14 @@ def _check_eval(state, eval_step, eval_data, early_stopping) -> None:
         )
 
 
+def _check_eval_params(state, eval_step, eval_params) -> None:
+    check_eval_params(eval_params)
+    if eval_params == "ema":
+        if eval_step is None:
+            raise ValueError("eval_params='ema' chooses what is evaluated: give eval_step too.")
+        ema_state(state)  # refuses a state without an EMA, before training starts
+
+
 def _check_checkpointing(checkpointer, resume, save_every) -> None:
     if resume not in (False, True, "auto"):
         raise ValueError(f"resume must be True, False or 'auto'; got {resume!r}.")
@@ -125,14 +171,17 @@ def _check_checkpointing(checkpointer, resume, save_every) -> None:
         )
 
 
-def _start_fresh(loop: LoopState, mesh: Mesh, start: DataPosition | None) -> None:
+def _start_fresh(
+    loop: LoopState, mesh: Mesh, start: DataPosition | None, copy: bool = True
+) -> None:
     """Not resuming: fit's own copy of the state on ``mesh``, and the start position.
 
     A private copy: the step donates its input, and the caller's state (and the params
     it was built from) must stay usable after fit returns. Replicated, or split by the
-    FSDP rule on a mesh with an ``fsdp`` axis.
+    FSDP rule on a mesh with an ``fsdp`` axis. ``copy=False`` for a state fit created
+    itself (already placed, and nobody else's): a copy would double its memory.
     """
-    loop.state = shard_state(loop.state, mesh, copy=True)
+    loop.state = shard_state(loop.state, mesh, copy=copy)
     loop.step = int(jax.device_get(loop.state.step))  # one sync at the start, none per step
     loop.seek(DataPosition() if start is None else start)
 
@@ -153,7 +202,7 @@ def _feed(spec: StepSpec, train_data: Any, loop: LoopState, mesh: Mesh) -> Feed:
                 f"{DataPosition(loop.epoch, loop.index)}, num_steps={loop.num_steps}."
             )
         return Feed("epoch", per_epoch, train_data, mesh)
-    return Feed(spec.kind, spec.steps_per_call, train_data, mesh)
+    return Feed(spec.kind, spec.steps_per_call, train_data, mesh, spec.member_batches)
 
 
 def _advance(loop: LoopState, call: Call, metrics: Any) -> None:
@@ -205,11 +254,16 @@ def _builtin_callbacks(train_step, train_data, mesh, a: Mapping[str, Any], start
     def compile_seconds():
         return train_step.compile_seconds if isinstance(train_step, CompiledStep) else 0.0
 
-    log = TrainLog(a["log_every"], a["flops_per_step"], mesh, nonfinite, compile_seconds)
-    early = None if a["early_stopping"] is None else EarlyStop(a["early_stopping"])
-    out: list[Callback] = [log]
+    members = _spec_of(train_step).population  # a population: [N] metrics, per member
+    log = TrainLog(a["log_every"], a["flops_per_step"], mesh, nonfinite, compile_seconds, members)
+    stop_rule = MemberEarlyStop if members else EarlyStop
+    early = None if a["early_stopping"] is None else stop_rule(a["early_stopping"])
+    # The profiler first: its trace starts before, and stops before, anything else's work.
+    out: list[Callback] = [] if a["profile"] is None else [a["profile"]]
+    out.append(log)
     if a["eval_step"] is not None:
-        out.append(Evaluator(a["eval_step"], a["eval_data"], a["eval_every"], mesh, log))
+        every, params = a["eval_every"], a["eval_params"]
+        out.append(Evaluator(a["eval_step"], a["eval_data"], every, mesh, log, params))
     ckpt = None
     if a["checkpointer"] is not None:
         ckpt = Checkpointing(
@@ -222,6 +276,7 @@ def _builtin_callbacks(train_step, train_data, mesh, a: Mapping[str, Any], start
     out.append(WriterCallback(a["writers"], primary))
     out += [HookCallback(h) for h in a["hooks"]]
     out += [] if early is None else [early]
+    out += [PopulationReport(early)] if members else []  # type: ignore[arg-type]
     out += list(a["callbacks"])
     out += [] if ckpt is None else [Preemption(ckpt)]
     out.append(ProgressBar(a["progress"] and primary))
@@ -252,6 +307,8 @@ def fit(
     config: Mapping[str, Any] | None = None,
     flops_per_step: float | None = None,
     callbacks: Sequence[Callback] = (),
+    eval_params: str = "params",
+    profile: tuple[int, int, str] | Profile | None = None,
 ) -> tuple[TrainState, History]:
     """Runs the training loop: epochs or a step budget, evaluation, logging, checkpoints.
 
@@ -261,7 +318,13 @@ def fit(
 
     Args:
         state: the initial `TrainState`. fit copies it onto ``mesh`` once, so the
-            caller's arrays stay valid although every step donates its input.
+            caller's arrays stay valid although every step donates its input. Or a
+            `jaxtrain.population.PopulationState` trained by a population step
+            (`jaxtrain.population_step`): records then hold N values per metric,
+            early stopping acts per member and ``history.population`` reports the best. Or a
+            function of no arguments that creates it: fit then creates it directly in
+            its shardings on the mesh (`jaxtrain.parallel.init_sharded`), so no device
+            or host ever holds the whole state.
         train_step: from `make_train_step` (or `make_train_steps`, `make_device_epoch`:
             fit feeds each the way its ``spec`` declares), or any function
             ``(state, batch) -> (state, metrics)``.
@@ -279,7 +342,9 @@ def fit(
             at every epoch end).
         log_every: read training metrics back every this many global steps (the only
             periodic host sync); also at epoch ends and before each checkpoint.
-        mesh: the data mesh; default all devices (`jaxtrain.data_mesh`). A mesh from
+        mesh: the mesh, for a train step built without one; a step built with
+            ``mesh=`` carries it and fit takes it from the step (passing another one
+            here is an error). Default all devices (`jaxtrain.data_mesh`). A mesh from
             `jaxtrain.make_mesh` with an ``fsdp`` axis also shards the state
             (`jaxtrain.shard_state`). With several processes (`jaxtrain.distributed`)
             it spans all of them; an `ArrayDataset` or `GrainData` then serves each
@@ -320,6 +385,13 @@ def fit(
             extra host sync.
         callbacks: your own `jaxtrain.Callback` objects; each event reaches them after
             fit's own callbacks for it (log record, evaluation, checkpoint, hooks).
+        eval_params: ``"params"`` (default) evaluates the trained parameters; ``"ema"``
+            their moving average (a state from ``TrainState.create(..., ema=True)``, a
+            step built with ``ema_decay=``; `jaxtrain.ema`).
+        profile: ``(start, stop, log_dir)`` or a `jaxtrain.profiler.Profile`: a
+            ``jax.profiler`` trace of steps ``[start, stop)`` written to ``log_dir``
+            (TensorBoard's profile plugin, Perfetto); the range is checked against the
+            run's length before training.
 
     Returns:
         ``(final_state, history)``.
@@ -340,21 +412,28 @@ def fit(
         True
     """
     _check_counts(epochs, num_steps, log_every, eval_every, save_every, flops_per_step)
+    mesh = _fit_mesh(train_step, eval_step, mesh)
+    created = callable(state) and not isinstance(state, TrainState)
+    if created:  # created in its shardings; fit's own, so never copied again
+        state = init_sharded(cast(Callable[[], Any], state), mesh)
     _check_eval(state, eval_step, eval_data, early_stopping)
     _check_checkpointing(checkpointer, resume, save_every)
-    mesh = data_mesh() if mesh is None else mesh
+    check_fit(state, train_step, eval_step)  # a population's state and steps agree
+    _check_eval_params(state, eval_step, eval_params)
+    profiler = profile_callback(profile, _spec_of(train_step).steps_per_call)  # K: whole calls
     per_epoch = (
         train_data.steps_per_epoch if isinstance(train_data, (ArrayDataset, GrainData)) else None
     )
     loop = LoopState(state, History(), epochs=epochs, num_steps=num_steps)
+    del state  # loop.state is the one reference: a created state is not kept alive twice
     loop.steps_per_epoch, loop.clock = per_epoch, time.perf_counter
-    start_fresh = functools.partial(_start_fresh, mesh=mesh, start=start)
+    start_fresh = functools.partial(_start_fresh, mesh=mesh, start=start, copy=not created)
     options = dict(
         log_every=log_every, flops_per_step=flops_per_step, early_stopping=early_stopping,
         eval_step=eval_step, eval_data=eval_data, eval_every=eval_every,
         checkpointer=checkpointer, save_every=save_every, save_at_epoch_end=save_at_epoch_end,
         resume=resume, config=config, writers=writers, hooks=hooks, callbacks=callbacks,
-        progress=progress,
+        progress=progress, eval_params=eval_params, profile=profiler,
     )  # fmt: skip
     built = _builtin_callbacks(train_step, train_data, mesh, options, start_fresh)
     loop.callbacks = events = CallbackList(built)

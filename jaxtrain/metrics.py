@@ -79,7 +79,8 @@ def merge(a: Sums, b: Sums) -> Sums:
     """Adds two accumulators (pure; runs on the device).
 
     Args:
-        a, b: accumulators ``{name: (total, weight)}`` with the same names.
+        a: an accumulator ``{name: (total, weight)}``.
+        b: an accumulator with the same names.
 
     Returns:
         ``{name: (total_a + total_b, weight_a + weight_b)}``, float32 scalars.

@@ -120,7 +120,8 @@ def make_device_epoch(
     """Builds ``run_epoch(state, arrays, epoch) -> (state, metrics)``: one epoch, one call.
 
     Args:
-        loss_fn, optimizer: as in `make_train_step`.
+        loss_fn: as in `make_train_step`.
+        optimizer: as in `make_train_step`.
         dataset: the `ArrayDataset` whose order, batch size and padding to reproduce.
         unroll: as in `make_train_steps`: ``"auto"`` (default) unrolls the epoch's scan
             for a convolutional model on CPU (read it back as ``spec.unroll``), else 1.

@@ -26,6 +26,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxtrain import ema as ema_lib
 from jaxtrain import metrics as metrics_lib
 from jaxtrain import perf as perf_lib
 from jaxtrain import precision as precision_lib
@@ -349,7 +350,14 @@ def _find_learning_rate(opt_state: PyTree) -> jax.Array | None:
         return False
 
     jax.tree_util.tree_leaves(opt_state, is_leaf=visit)
-    return jnp.asarray(found[0], jnp.float32) if found else None
+    return _lr_metric(found[0]) if found else None
+
+
+def _lr_metric(lr: Any) -> jax.Array:
+    """The ``learning_rate`` metric: float32, or float64 when the schedule gives float64
+    (JAX's x64 mode: a float32 cast would hide the schedule's digits past ~1e-8)."""
+    lr = jnp.asarray(lr)
+    return lr if lr.dtype == jnp.float64 else lr.astype(jnp.float32)
 
 
 def _replicated(mesh: Mesh | None) -> NamedSharding | None:
@@ -391,6 +399,9 @@ def build_step(
         new_params = optax.apply_updates(state.params, updates)
         metrics = _step_metrics(options, state, g, new_opt_state)
         new = {"params": new_params, "opt_state": new_opt_state, "model_state": g.model_state}
+        decay = _check_ema(options.ema_decay, state)  # the parameter EMA (jaxtrain.ema)
+        if decay is not None:
+            new["ema_params"] = ema_lib.ema_update(state.ema_params, new_params, decay)
         skipped = state.skipped_steps
         # Loss scaling always skips an overflowed step (its gradients are garbage).
         skip = g.overflow
@@ -401,8 +412,8 @@ def build_step(
             metrics["skipped_steps"] = skipped
             metrics["nonfinite"] = index
         if skip is not None:
-            old = {"params": state.params, "opt_state": state.opt_state}
-            old["model_state"] = state.model_state
+            # (the EMA too: a skipped step must not move the average)
+            old = {k: getattr(state, k) for k in new}
             # A select, not a branch: bitwise the old values when skipped, no host sync.
             new = jax.tree.map(lambda n, o: jnp.where(skip, o, n), new, old)
         if g.overflow is not None:
@@ -416,6 +427,23 @@ def build_step(
     return train_step
 
 
+def _check_ema(decay: float | None, state: TrainState) -> float | None:
+    """Trace-time check that the state and the step agree on the EMA; its decay or None."""
+    has = bool(jax.tree.leaves(state.ema_params))
+    if decay is not None and not has:
+        raise ValueError(
+            f"the step keeps a parameter EMA (ema_decay={decay}) but the state has no "
+            "ema_params. Fix: build the state with TrainState.create(..., ema=True)."
+        )
+    if decay is None and has:
+        raise ValueError(
+            "the state has ema_params but the step has no ema_decay: the average would "
+            "silently stay at its initial value. Fix: build the step with ema_decay=... "
+            "(e.g. 0.999), or the state without ema=True."
+        )
+    return decay
+
+
 def _step_metrics(
     options: StepOptions, state: TrainState, g: transforms.Grads, new_opt_state: PyTree
 ) -> dict[str, jax.Array]:
@@ -424,7 +452,7 @@ def _step_metrics(
     if options.grad_norm:  # a reduction over every gradient leaf: ~10 small kernels on CPU
         metrics["grad_norm"] = optax.tree.norm(g.grads)
     if options.learning_rate_fn is not None:
-        metrics["learning_rate"] = jnp.asarray(options.learning_rate_fn(state.step), jnp.float32)
+        metrics["learning_rate"] = _lr_metric(options.learning_rate_fn(state.step))
     else:
         lr = _find_learning_rate(new_opt_state)
         if lr is not None:
@@ -487,6 +515,7 @@ def make_train_step(
     grad_accum_steps: int = 1,
     precision: str | precision_lib.Policy | None = None,
     grad_norm: bool = True,
+    ema_decay: float | None = None,
 ) -> CompiledStep:
     """Builds ``train_step(state, batch) -> (new_state, metrics)``.
 
@@ -540,6 +569,11 @@ def make_train_step(
             metric (default). False saves its reduction over every gradient leaf, which
             is measurable only for tiny models whose step takes microseconds
             (BENCHMARKS.md).
+        ema_decay: keep ``state.ema_params``, an exponential moving average of the
+            parameters updated after each applied step, ``ema = decay * ema + (1 -
+            decay) * new_params`` (`jaxtrain.ema`); the state must come from
+            ``TrainState.create(..., ema=True)``. A step the non-finite guard or loss
+            scaling skips leaves it bitwise unchanged. None (default): no average.
 
     Returns:
         A `CompiledStep`. ``metrics`` holds device scalars: ``loss``, ``grad_norm``
@@ -570,6 +604,7 @@ def make_train_step(
         grad_accum_steps=grad_accum_steps,
         precision=precision,
         grad_norm=grad_norm,
+        ema_decay=ema_decay,
     )
     return build_train_step(loss_fn, optimizer, options)
 
@@ -589,7 +624,8 @@ def make_train_steps(
     dispatch each time. On CPU, K fused steps give bitwise the state of K single steps.
 
     Args:
-        loss_fn, optimizer: as in `make_train_step`.
+        loss_fn: as in `make_train_step`.
+        optimizer: as in `make_train_step`.
         steps_per_call: K, the number of steps one call runs. ``batches`` must have a
             leading axis of exactly K; a shorter group (an epoch or budget end) is
             padded to K and its padding marked inactive with ``active``.
@@ -602,7 +638,7 @@ def make_train_steps(
             True (or an integer) force it; compile time grows with the unrolling.
         **options: any option of `make_train_step` (``learning_rate_fn``, ``mesh``,
             ``donate``, ``jit``, ``nonfinite``, ``grad_accum_steps``, ``precision``,
-            ``grad_norm``): the fields of `jaxtrain.step_options.StepOptions`.
+            ``grad_norm``, ``ema_decay``): the fields of `jaxtrain.step_options.StepOptions`.
 
     Returns:
         A `CompiledStep` whose ``spec`` has ``kind="fused"`` and ``steps_per_call=K``.
@@ -680,6 +716,9 @@ def build_train_step(
         compiled._count_trace()  # runs at trace time only, never per jitted call
         return fn(*args)
 
+    # The compiled program is named after it: "jit_train_step" in profiles and HLO dumps.
+    counted.__name__ = counted.__qualname__ = transform.name
+
     return compile_step(compiled, counted, options)
 
 
@@ -715,6 +754,7 @@ def compile_step(compiled: CompiledStep, fn: Callable, options: StepOptions) -> 
             )
             return new_state, jax.lax.with_sharding_constraint(metrics, out)
 
+        sharded.__name__ = sharded.__qualname__ = getattr(fn, "__name__", "sharded")
         compiled.jitted = jax.jit(sharded, donate_argnums=donate)
         return compiled
     outs = None if out is None else (out, out)
@@ -820,4 +860,7 @@ def make_eval_step(
     # Not compile_step: nothing is donated (the state lives on) and the state is not
     # moved onto the mesh (it is the training state, already placed).
     compiled.jitted = jax.jit(eval_step, out_shardings=_replicated(mesh)) if jit else eval_step
+    # The step carries its mesh (fit checks it against the train step's before training);
+    # "placed": __call__ never copies the state onto it.
+    compiled.mesh, compiled._placed = mesh, True
     return compiled

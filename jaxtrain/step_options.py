@@ -67,7 +67,7 @@ def check_ema_decay(decay: Any) -> None:
     if decay is None:
         return
     # numbers.Real: numpy scalars (np.float32(0.999)) are numbers too; bool is not a decay.
-    ok = isinstance(decay, numbers.Real) and not isinstance(decay, bool) and 0 < decay < 1
+    ok = isinstance(decay, numbers.Real) and not isinstance(decay, bool) and 0 < float(decay) < 1
     if not ok:
         raise ValueError(
             f"ema_decay must be a number in (0, 1) or None; got {decay!r}. It is the weight "

@@ -50,20 +50,29 @@ UNIT_BUDGET_S = 2.0
 E2E_MODULES = {
     "test_benchmarks",  # benchmark smoke runs (subprocesses, PyTorch, torch.compile)
     "test_compile_cache",  # a second process reusing the cache
+    "test_contrast_compare",  # PyTorch parity: compare() on BatchNorm/fx models, usage errors
     "test_contrast_convert",  # PyTorch parity: layer outputs of converted twins
     "test_contrast_examples",  # the teaching examples as scripts
     "test_contrast_init",  # PyTorch parity: initialisers against PyTorch's samples
+    "test_contrast_models",  # PyTorch parity: more layers, fx ResNet, state_dict round trip
     "test_contrast_optim",  # PyTorch parity: optimizer updates and schedules
+    "test_contrast_optimizers",  # PyTorch parity: RMSprop/Adagrad/amsgrad/..., float64 runs
     "test_contrast_parity",  # PyTorch parity runs (200 steps per optimizer and model)
     "test_contrast_teaching",  # PyTorch side by side: step anatomy, a forgotten zero_grad
+    "test_docs",  # every docs page's python blocks (trainings), mkdocs build as a subprocess
     "test_examples",  # examples/ as scripts
     "test_fsdp",  # 8 virtual devices in a subprocess
     "test_kill_resume",  # SIGKILL / SIGTERM and bitwise resume
     "test_multidevice",  # 8 virtual devices in a subprocess
     "test_multihost",  # two processes on 127.0.0.1
     "test_notebooks",  # every notebook executed
+    "test_population_fit",  # population trainings under fit, a checkpoint resume
+    "test_population_cli_e2e",  # `jaxtrain train --population`: summary, bitwise resume, plot
     "test_readme",  # the README's quick start and tour
     "test_run_folder",  # the run-folder rules through whole `jaxtrain train` runs
+    "test_tools_e2e",  # `jaxtrain lr-find` + a digits training at its suggestion; CLI runs
+    "test_sharded",  # sharded init/checkpoints: 8 virtual devices, 2 processes, SIGKILL
+    "test_trackers",  # real MLflow/W&B runs (W&B starts its service process), a train run
 }
 
 INTEGRATION_MODULES = {

@@ -73,6 +73,9 @@ def test_short_run_writes_three_files_with_documented_fields(tmp_path, capsys):
     assert summary["backend"] == "cpu" and summary["device_count"] >= 1
     assert summary["examples_per_second"] > 0 and summary["wall_seconds"] > 0
     assert summary["config"]["epochs"] == 2
+    saves = summary["checkpoint_saves"]  # how long each save blocked training (issue 13)
+    assert saves["count"] >= 2 and len(saves["blocking_seconds"]) == saves["count"]
+    assert 0 < saves["blocking_seconds_median"] <= saves["blocking_seconds_max"] < 60
 
     png = (out / "curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000

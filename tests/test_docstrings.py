@@ -8,6 +8,7 @@ directly. A name added to ``__all__`` without a docstring example fails
 
 from __future__ import annotations
 
+import dataclasses
 import doctest
 import importlib
 import inspect
@@ -25,18 +26,60 @@ SUBMODULES: dict[str, tuple[str, ...] | None] = {
     "jaxtrain.losses": None,
     "jaxtrain.metrics": None,
     "jaxtrain.models": None,
+    "jaxtrain.models.lm": None,  # issue 13: the LM's options, presets, layer conversion
+    "jaxtrain.digests": None,  # issue 13: sharding-independent array digests
+    "jaxtrain.parallel": ("init_sharded",),  # issue 13: a state created in its shardings
     "jaxtrain.apps.text": None,
     "jaxtrain.compile_cache": ("enable_compilation_cache",),
     "jaxtrain.perf": None,
     "jaxtrain.writers": None,
     "jaxtrain.contrast": None,
+    # issue 15 (models): fx conversion, state dicts, PyTorch layers as JAX functions
+    "jaxtrain.contrast.fx": ("FxConverted", "from_torch_fx"),
+    "jaxtrain.contrast.state_dict": ("layout_of", "to_tensors"),
+    "jaxtrain.contrast.torch_ops": None,
+    "jaxtrain.contrast.seq_layers": ("BatchNorm",),
+    # issue 15 (optimizers): PyTorch's update rules, schedules, plateau, constructor mapping
+    "jaxtrain.contrast.spec": ("OptimizerSpec",),
+    "jaxtrain.contrast.torch_rules": (
+        "sgd_momentum_torch",
+        "scale_by_adam_torch",
+        "scale_by_rss_torch",
+    ),
+    "jaxtrain.contrast.schedules": ("onecycle",),
+    "jaxtrain.contrast.plateau": ("with_plateau_lr",),
+    "jaxtrain.contrast.torch_optim": ("spec_from_torch",),
+    # issue 16 (tools): parameter EMA, profiler, model summary, learning-rate finder
+    "jaxtrain.ema": None,
+    "jaxtrain.profiler": None,
+    "jaxtrain.summary": None,
+    "jaxtrain.lr_find": None,
+    "jaxtrain.apps.lr_find": ("LRFindConfig", "plot_lr_find"),
     # Exported flat before issue 12's split; each keeps its example under its module.
-    "jaxtrain.data": ("load_digits",),
+    "jaxtrain.data": (
+        "load_digits",
+        "digits_arrays",
+        "stratified_split_indices",
+        "train_test_split_stratified",
+    ),
+    "jaxtrain.trackers": None,
     "jaxtrain.precision": ("DynamicLossScale", "LossScaleState"),
     "jaxtrain.resident": ("put_dataset",),
     "jaxtrain.apps.tasks": None,
     "jaxtrain.apps.plots": ("plot_curves", "plot_runs"),
     "jaxtrain.apps.doctor": ("preflight",),
+    "jaxtrain.population": None,
+    "jaxtrain.population_step": None,
+    "jaxtrain.population_fit": None,
+    # issue 14 (CLI, plots): `jaxtrain train --population N`, population curves
+    "jaxtrain.apps.population_run": ("members",),
+    "jaxtrain.apps.population_plot": (
+        "plot_population",
+        "member_series",
+        "best_of",
+        "is_population",
+    ),
+    "jaxtrain.apps.fields": ("parse_values",),
 }
 
 FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
@@ -121,23 +164,74 @@ def test_docstring_sections():
     # rules, Google convention (pyproject.toml). What stays here has no stable ruff rule:
     # D417 checks only an Args: section that exists, DOC201 (missing Returns:) is preview
     # only, and nothing asks a class for Args:/Attributes:.
-    offenders = []
-    for name, obj in PUBLIC.items():
-        doc = inspect.getdoc(obj) or ""
-        if inspect.isclass(obj):
-            if "Args:" not in doc and "Attributes:" not in doc:
-                offenders.append(f"{name} (no Args:/Attributes:)")
-            continue
-        params = [
-            p
-            for p in inspect.signature(obj).parameters.values()
-            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-        ]
-        if params and "Args:" not in doc:
-            offenders.append(f"{name} (no Args:)")
-        if "Returns:" not in doc and "Yields:" not in doc:
-            offenders.append(f"{name} (no Returns:)")
+    offenders = [miss for name, obj in PUBLIC.items() for miss in _missing_sections(name, obj)]
     assert not offenders, "docstrings missing sections: " + ", ".join(offenders)
+
+
+def _missing_sections(name: str, obj: object) -> list[str]:
+    """The Google sections ``obj``'s docstring lacks, as ``"name (no X:)"`` strings."""
+    doc = inspect.getdoc(obj) or ""
+    if inspect.isclass(obj):
+        # Only a class whose constructor takes arguments must describe them (or its
+        # fields). A base class built without arguments (jaxtrain.Callback) documents its
+        # methods' arguments under another heading: mkdocstrings --strict rejects an Args:
+        # naming parameters the constructor does not have. A signature inspect cannot read
+        # counts as taking arguments, so an unreadable class is still asked for a section.
+        try:
+            takes_args = bool(inspect.signature(obj).parameters)
+        except (TypeError, ValueError):
+            takes_args = True
+        if takes_args and "Args:" not in doc and "Attributes:" not in doc:
+            return [f"{name} (no Args:/Attributes:)"]
+        return []
+    missing = []
+    params = [
+        p
+        for p in inspect.signature(obj).parameters.values()
+        if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
+    if params and "Args:" not in doc:
+        missing.append(f"{name} (no Args:)")
+    if "Returns:" not in doc and "Yields:" not in doc:
+        missing.append(f"{name} (no Returns:)")
+    return missing
+
+
+def test_docstring_sections_of_classes_follow_the_constructor():
+    # The class rule of test_docstring_sections on made-up classes: relaxed for a
+    # constructor without arguments, still strict for one with them (fields included).
+    class Bare:
+        """Built without arguments; its methods say what they take."""
+
+    class Takes:
+        """Takes a size, but says nothing of it."""
+
+        def __init__(self, size: int):
+            self.size = size
+
+    @dataclasses.dataclass
+    class Fields:
+        """A dataclass: its fields are its constructor's arguments."""
+
+        size: int
+
+    class Described(Takes):
+        """Takes a size.
+
+        Args:
+            size: how many.
+        """
+
+    class Variadic:
+        """Takes anything, and says nothing of it."""
+
+        def __init__(self, **options: object):
+            self.options = options
+
+    assert _missing_sections("Bare", Bare) == []
+    assert _missing_sections("Described", Described) == []
+    for cls in (Takes, Fields, Variadic):
+        assert _missing_sections(cls.__name__, cls) == [f"{cls.__name__} (no Args:/Attributes:)"]
 
 
 @pytest.mark.parametrize("name", sorted(PUBLIC))

@@ -90,7 +90,8 @@ def test_the_import_check_catches_an_application_import(tmp_path):
 
 
 # The core vocabulary (issue 12): state, steps, fit and its callbacks, data, model
-# adapters, mesh helpers, precision policy, and four (five) submodules.
+# adapters, mesh helpers, precision policy, and submodules; issue 13 added init_sharded,
+# issue 14 population training.
 CORE_NAMES = {
     "TrainState",
     "make_train_step",
@@ -120,7 +121,12 @@ CORE_NAMES = {
     "replicate",
     "shard_batch",
     "shard_state",
+    "init_sharded",
     "Policy",
+    "PopulationState",
+    "make_population_step",
+    "make_population_eval_step",
+    "population",
     "losses",
     "metrics",
     "models",

@@ -121,3 +121,60 @@ def test_fit_creates_a_state_from_a_function_in_its_shardings():
     eager, _ = jt.fit(create(), step, data, num_steps=2, progress=False)
     np.testing.assert_array_equal(np.asarray(made.params["w"]), np.asarray(eager.params["w"]))
     assert made.params["w"].sharding.mesh == mesh and int(made.step) == 2
+
+
+def test_fit_refuses_an_eval_step_built_for_another_mesh():
+    """The eval step carries its mesh too (make_eval_step used to drop it, so fit's check
+    never ran and a mismatch surfaced only at the first evaluation, as JAX's error)."""
+    import jax.numpy as jnp
+    import optax
+
+    opt = optax.sgd(0.1)
+    own = jt.make_mesh(fsdp=1, devices=jax.devices()[:1])
+    step = jt.make_train_step(lambda p, b: jnp.mean((b["x"] @ p["w"]) ** 2), opt, mesh=own)
+    other = jt.data_mesh(jax.devices()[:1])
+    ev = jt.make_eval_step(lambda p, b: {"s": b["x"] @ p["w"]}, mesh=other)
+    assert ev.mesh == other
+    data = jt.ArrayDataset({"x": np.ones((4, 3), np.float32)}, 2, label_key=None)
+    state = jt.TrainState.create({"w": jnp.ones(3)}, opt, 0)
+    with pytest.raises(
+        ValueError,
+        match=r"the eval step's mesh is \{'data': 1\} .*train step was built for the mesh "
+        r"\{'data': 1, 'fsdp': 1\}.*Fix: build the eval step with the train step's mesh=",
+    ):
+        jt.fit(state, step, data, num_steps=1, eval_step=ev, eval_data=data, progress=False)
+    assert step.trace_count == 0  # refused before any training
+
+
+def test_init_sharded_names_a_wrong_create_or_mesh():
+    import jax.numpy as jnp
+
+    mesh = jt.make_mesh(fsdp=1, devices=jax.devices()[:1])
+    with pytest.raises(TypeError, match=r"init_sharded needs a function .*got dict.*Fix"):
+        parallel.init_sharded({"w": jnp.ones(3)}, mesh)
+    with pytest.raises(TypeError, match=r"init_sharded needs a jax.sharding.Mesh; got NoneType"):
+        parallel.init_sharded(lambda: {"w": jnp.ones(3)}, None)
+
+
+def test_fit_keeps_one_copy_of_a_state_it_creates():
+    """fit(create, ...) used to keep the created state alive next to its own copy for the
+    whole training: twice the state's memory, where sharded creation is meant to save it."""
+    import jax.numpy as jnp
+    import optax
+
+    shape = (257, 1031)  # no other live array has it
+    opt = optax.sgd(0.1)
+    mesh = jt.make_mesh(fsdp=1, devices=jax.devices()[:1])
+    step = jt.make_train_step(lambda p, b: jnp.mean((b["x"] @ p["w"]) ** 2), opt, mesh=mesh)
+    data = jt.ArrayDataset({"x": np.ones((4, shape[0]), np.float32)}, 2, label_key=None)
+    counts = []
+
+    class Count(jt.Callback):
+        def on_call_end(self, loop):
+            counts.append(sum(x.shape == shape for x in jax.live_arrays()))
+
+    def create():
+        return jt.TrainState.create({"w": jnp.ones(shape)}, opt, 0)
+
+    jt.fit(create, step, data, num_steps=2, progress=False, callbacks=[Count()])
+    assert counts == [1, 1]
