@@ -12,9 +12,9 @@ A checkpoint step folder holds two orbax items:
 
 The training thread blocks only while orbax copies this process's shards to the host
 (`Checkpointer.save_blocking_seconds` records it per save); the digests are read back
-and the metadata written in orbax's background commit. (orbax's tensorstore format keeps
-a CRC32C only of each shard file's index, not of the array data, so the data needs the
-digests.)
+and the metadata written in orbax's background commit. (orbax's zarr-in-OCDBT format
+keeps a CRC32C of its index, the manifest and b-tree nodes, not of the compressed array
+chunks, so the data needs the digests.)
 
 Restoring checks the metadata's digest and that the step recorded inside it is the step
 folder's name, checks the saved array metadata against the expected state (leaf paths,
@@ -399,13 +399,16 @@ class Checkpointer:
                 "(e.g. a new --out), or pass overwrite=True to delete the newer steps first."
             )
         if newer:
-            self._manager.wait_until_finished()
+            self._wait_pending()
             self._manager.reload()
             for s in sorted(self._manager.all_steps()):
                 if s >= step:
                     self._manager.delete(s)
             self._started = {s for s in self._started if s < step}
         began = time.perf_counter()
+        # orbax waits for the previous save anyway; waiting here first turns its
+        # background failure into an error that names that step (not this one).
+        self._wait_pending()
         saveable = _saveable(state)
         named = jax.tree_util.tree_leaves_with_path(saveable)
         # Started now on the devices that hold the shards; read back in the background.
@@ -471,13 +474,36 @@ class Checkpointer:
         return os.fspath(dest)
 
     def wait(self) -> None:
-        """Blocks until every started save is committed; raises its error if one failed."""
-        self._manager.wait_until_finished()
+        """Blocks until every started save is committed.
+
+        Raises:
+            CheckpointError: a save failed in the background (a full disk, a failed
+                digest, ...); the message names its step, which was not written.
+        """
+        self._wait_pending()
+
+    def _wait_pending(self) -> None:
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:
+            # orbax drops the step it could not finish: it never becomes visible.
+            self._manager.reload()
+            committed = set(self._manager.all_steps())
+            failed = sorted(self._started - committed)
+            self._started &= committed
+            raise CheckpointError(
+                f"saving checkpoint step(s) {failed} in {self.directory} failed in the "
+                f"background ({type(e).__name__}: {_short(e)}); not written (committed "
+                f"steps: {sorted(committed)}, intact). Fix: remove the cause (e.g. a full "
+                "disk, a folder without write permission), then save again."
+            ) from e
 
     def close(self) -> None:
-        """Waits for pending saves and releases orbax's resources."""
-        self._manager.wait_until_finished()
-        self._manager.close()
+        """Waits for pending saves and releases orbax's resources (raises as `wait`)."""
+        try:
+            self._wait_pending()
+        finally:
+            self._manager.close()
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -606,9 +632,15 @@ class Checkpointer:
                 "damaged."
             ) from None
         self._verify(step, meta, state)
-        # Typed keys in the target come back as typed keys.
+        # Typed keys in the target come back as typed keys, of the target's PRNG
+        # implementation (not the default one: an "rbg" key's data would be refused, or
+        # read as another implementation's key of the same shape).
         state = jax.tree.map(
-            lambda t, x: jax.random.wrap_key_data(x) if _is_key(t) else x, target, state
+            lambda t, x: (
+                jax.random.wrap_key_data(x, impl=jax.random.key_impl(t)) if _is_key(t) else x
+            ),
+            target,
+            state,
         )
         return Restored(state=state, meta=meta, step=step)
 

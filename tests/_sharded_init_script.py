@@ -61,10 +61,30 @@ def compare(mesh):
     }
 
 
+def eval_mesh_error():
+    """fit with a train step built without a mesh (the state on all 8 devices) and an
+    eval step built for 4 of them: refused before training, naming both meshes."""
+    import jax.numpy as jnp
+
+    opt = optax.sgd(0.1)
+    step = jt.make_train_step(lambda p, b: jnp.mean((b["x"] @ p["w"]) ** 2), opt)
+    ev = jt.make_eval_step(
+        lambda p, b: {"s": b["x"] @ p["w"]}, mesh=jt.data_mesh(jax.devices()[4:])
+    )
+    data = jt.ArrayDataset({"x": np.ones((16, 3), np.float32)}, 8, label_key=None)
+    state = jt.TrainState.create({"w": jnp.ones(3)}, opt, 0)
+    try:
+        jt.fit(state, step, data, num_steps=1, eval_step=ev, eval_data=data, progress=False)
+    except ValueError as e:
+        return {"message": str(e), "train_traces": step.trace_count}
+    return {"message": None, "train_traces": step.trace_count}
+
+
 if __name__ == "__main__":
     out = {
         "devices": jax.device_count(),
         "fsdp8": compare(make_mesh(fsdp=8)),
         "data2_fsdp4": compare(make_mesh(data=2, fsdp=4)),
+        "eval_mesh_error": eval_mesh_error(),
     }
     print("RESULT:" + json.dumps(out), flush=True)

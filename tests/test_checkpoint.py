@@ -219,6 +219,12 @@ def _array_files(step_dir):
         ("missing_meta", "step 30 .*metadata file .* is missing"),
         ("garbage_array_metadata", "step 30 .*array metadata cannot be read"),
         ("flip_bytes", "step 30 .*(does not match the digest|cannot be read)"),
+        # tensorstore's own error, under orbax's (which names no leaf): leaf and cause
+        (
+            "truncate_data",
+            r"step 30 .*array data of leaf '[\w.]+' cannot be read \(ValueError: "
+            r".*Error reading \"[\w.]+/[0-9.]+\" in OCDBT.*\); a file is missing, truncated",
+        ),
     ],
 )
 def test_corrupt_checkpoint_is_an_error_and_fallback_says_so(three_checkpoints, damage, message):
@@ -236,6 +242,10 @@ def test_corrupt_checkpoint_is_an_error_and_fallback_says_so(three_checkpoints, 
         (step_dir / "meta" / "metadata").unlink()
     elif damage == "garbage_array_metadata":
         (step_dir / "state" / "_METADATA").write_text("{garbage")
+    elif damage == "truncate_data":  # only the array chunks, not orbax's index of them
+        for f in _array_files(step_dir):
+            if "ocdbt.process_" in str(f):
+                f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
     elif damage == "flip_bytes":
         for f in _array_files(step_dir):
             b = bytearray(f.read_bytes())
@@ -514,3 +524,119 @@ def test_restore_verifies_each_array_against_its_saved_digest(three_checkpoints)
         with warnings.catch_warnings(record=True):
             warnings.simplefilter("always")
             assert c.restore(state, fallback=True).step == 20
+
+
+def test_a_save_that_fails_in_the_background_is_an_error_naming_its_step(tmp_path, monkeypatch):
+    """The digests and the metadata are written in orbax's background commit: a failure
+    there (here the digest read-back; a full disk the same) commits nothing, and the next
+    wait() or save() raises a CheckpointError naming the step that was not written."""
+    import jaxtrain.checkpoint as jc
+
+    state = jt.TrainState.create({"w": jnp.arange(3.0)}, optax.sgd(0.1), jax.random.key(0))
+    real = jc.to_hex
+
+    def broken(digests):
+        raise RuntimeError("digest read-back failed")
+
+    with Checkpointer(tmp_path / "ckpt") as c:
+        c.save(1, state)
+        c.wait()
+        monkeypatch.setattr(jc, "to_hex", broken)
+        assert c.save(2, state) is True  # started; fails in the background
+        with pytest.raises(
+            CheckpointError,
+            match=r"saving checkpoint step\(s\) \[2\] in .* failed in the background "
+            r"\(RuntimeError: digest read-back failed\); not written \(committed steps: \[1\]",
+        ):
+            c.wait()
+        assert c.all_steps() == [1]
+        c.save(3, state)  # the next save surfaces it too, before starting its own
+        with pytest.raises(CheckpointError, match=r"step\(s\) \[3\] .* failed in the background"):
+            c.save(4, state)
+        monkeypatch.setattr(jc, "to_hex", real)
+        c.save(5, state)  # saving goes on once the cause is gone
+        c.wait()
+        assert c.all_steps() == [1, 5]
+
+
+def test_a_url_scheme_orbax_cannot_write_is_named():
+    with pytest.raises(
+        ValueError, match=r"'file:///tmp/run'.*URL scheme 'file://' is not one .*gs://.*Fix"
+    ):
+        Checkpointer("file:///tmp/run")
+
+
+def test_typed_keys_come_back_with_their_own_prng_implementation(tmp_path):
+    """Typed keys used to be re-wrapped with JAX's default implementation: an "rbg" key
+    (4 words) failed to restore, and under jax_default_prng_impl=rbg an "unsafe_rbg" key
+    came back as an "rbg" one (same shape: other random numbers after a resume)."""
+    keys = {impl: jax.random.key(3, impl=impl) for impl in ("rbg", "unsafe_rbg", "threefry2x32")}
+    state = jt.TrainState.create({"w": jnp.arange(3.0)}, optax.sgd(0.1), 0, model_state=keys)
+    with Checkpointer(tmp_path / "ckpt") as c:
+        c.save(1, state)
+        c.wait()
+        back = c.restore(state).state.model_state
+    for impl, key in keys.items():
+        assert str(jax.random.key_impl(back[impl])) == str(jax.random.key_impl(key)) == impl
+        np.testing.assert_array_equal(jax.random.key_data(back[impl]), jax.random.key_data(key))
+
+
+def _save_format_2(directory, step, state):
+    """What the previous release (format 2, commit c44dd58) wrote, through the same orbax
+    calls: host numpy copies of the state (typed keys as key data), one SHA-256 over them,
+    and JSON metadata carrying it and its own SHA-256."""
+    import orbax.checkpoint as ocp
+
+    host = jax.tree.map(
+        lambda x: np.asarray(
+            jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x
+        ),
+        state,
+    )
+    meta = {"format": 2, "step": step, "state_sha256": jt.checkpoint.state_digest(host)}
+    meta["meta_sha256"] = jt.checkpoint.meta_digest(meta)
+    handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    with ocp.CheckpointManager(directory, item_handlers=handlers) as m:
+        m.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(host), meta=ocp.args.JsonSave(meta)
+            ),
+        )
+        m.wait_until_finished()
+
+
+def test_a_format_2_checkpoint_of_the_previous_release_restores_bitwise(tmp_path):
+    """NaN payloads, -0.0, bfloat16, int8, bool, uint32 and a typed key, bitwise; damaged
+    array data is still caught by the format-2 SHA-256, and fallback passes over it."""
+    import ml_dtypes
+
+    nans = np.array([0x7FC00001, 0xFFC00000, 0x80000000], np.uint32).view(np.float32)
+    bf16 = np.array([0x7FC1, 0x8000, 0x3F80], np.uint16).view(ml_dtypes.bfloat16)
+    extra = {"i8": jnp.arange(-3, 4, dtype=jnp.int8), "on": jnp.array([True, False])}
+    extra |= {"u32": jnp.array([2**32 - 1, 7], jnp.uint32), "k": jax.random.key(5)}
+    params = {"n": jnp.asarray(nans), "b": jnp.asarray(bf16), "w": jnp.ones((40, 40))}
+    state = jt.TrainState.create(params, optax.adam(1e-3), 0, model_state=extra)
+    _save_format_2(tmp_path, 5, state)
+    _save_format_2(tmp_path, 9, state.replace(step=jnp.int32(9)))
+    with Checkpointer(tmp_path) as c:
+        r = c.restore(state)
+        assert r.step == 9 and r.meta["format"] == 2
+        for a, b in zip(
+            jax.tree.leaves(r.state), jax.tree.leaves(state.replace(step=jnp.int32(9))), strict=True
+        ):
+            if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+                a, b = jax.random.key_data(a), jax.random.key_data(b)
+            assert np.asarray(a).dtype == np.asarray(b).dtype
+            assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+    meta_path = tmp_path / "9" / "meta" / "metadata"
+    meta = json.loads(meta_path.read_text())
+    meta["state_sha256"] = "0" * 64  # as if the array data had changed
+    meta["meta_sha256"] = jt.checkpoint.meta_digest(meta)
+    meta_path.write_text(json.dumps(meta))
+    with Checkpointer(tmp_path) as c:
+        with pytest.raises(CheckpointError, match="step 9 .*does not match the SHA-256"):
+            c.restore(state)
+        with warnings.catch_warnings(record=True):
+            warnings.simplefilter("always")
+            assert c.restore(state, fallback=True).step == 5

@@ -9,6 +9,7 @@
   most 0.75x the state (a gather to the host needs >= 1x).
 """
 
+import re
 import signal
 import socket
 import subprocess
@@ -35,6 +36,16 @@ def test_init_sharded_creates_the_fsdp_layout_with_the_eager_values():
         assert r["rule"] is True and r["bitwise"] is True, r
         assert r["split_leaves"] == 9  # 3 kernels x (param, mu, nu)
         assert r["largest_shard_fraction"] == fraction
+    # An eval step for other devices than the state's: fit refuses it before training
+    # (it used to fail at the first evaluation with JAX's "incompatible devices").
+    err = out["eval_mesh_error"]
+    assert err["train_traces"] == 0, err
+    assert re.search(
+        r"the eval step's mesh is \{'data': 4\} over devices \[4, 5, 6, 7\], but fit trains "
+        r"on \{'data': 8\} .*\(all devices, fit's default\).*Fix: build the train and eval "
+        r"steps with the same mesh=",
+        err["message"] or "",
+    ), err
 
 
 def _free_port() -> int:
