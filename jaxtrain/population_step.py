@@ -10,8 +10,10 @@ back bitwise. Must not live here: a second copy of the step logic, the loop, the
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -34,8 +36,11 @@ from jaxtrain.step import (
 from jaxtrain.step_options import UNROLL_AUTO, StepOptions, StepSpec, check_optimizer, step_options
 from jaxtrain.types import EvalFn, LossFn
 
+_log = logging.getLogger("jaxtrain")
+
 __all__ = [
     "NONFINITE_POLICIES",
+    "PopulationLoopStep",
     "make_population_eval_step",
     "make_population_step",
     "member_shardings",
@@ -45,8 +50,9 @@ __all__ = [
 NONFINITE_POLICIES = ("freeze", "skip")
 #: Float metrics that stay meaningful for a frozen member (its settings, not its step).
 _NOT_MASKED = ("learning_rate", "loss_scale")
-#: How the members' steps are combined: batched (``jax.vmap``) or in a loop (``lax.map``).
-VECTORIZE = ("vmap", "map")
+#: How the members' steps are combined: batched (``jax.vmap``), in a loop inside the call
+#: (``lax.map``), one call per member from the host (``"loop"``), or chosen (``"auto"``).
+VECTORIZE = ("vmap", "map", "loop", "auto")
 #: Metrics the population step adds: an aux metric of one of these names is an error.
 POPULATION_METRICS = ("active", "diverged", "nonfinite_leaf")
 
@@ -63,6 +69,23 @@ def _check_population_nonfinite(nonfinite: Any) -> None:
             f"a population step's nonfinite must be 'freeze', 'skip' or None; got "
             f"{nonfinite!r}.{extra} Fix: nonfinite='freeze' (default) freezes a member at "
             "its last finite state, 'skip' skips its bad steps, None applies every update."
+        )
+
+
+def _check_vectorize(vectorize: Any, shard_members: bool) -> None:
+    """Build-time check of ``vectorize`` (and that ``"loop"`` is not asked to shard)."""
+    if vectorize not in VECTORIZE:
+        raise ValueError(
+            f"vectorize must be one of {VECTORIZE}; got {vectorize!r}. Fix: 'auto' (loop "
+            "for a convolutional model on CPU, else vmap), 'vmap' batches the members (fast "
+            "on accelerators), 'loop' calls one compiled member step per member, 'map' "
+            "runs them one after another inside one call."
+        )
+    if shard_members and vectorize == "loop":
+        raise ValueError(
+            "vectorize='loop' trains one member per call on the whole mesh; it cannot "
+            "split the members over devices (shard_members=True). Fix: vectorize='vmap' "
+            "with shard_members=True, or shard_members=False with 'loop'."
         )
 
 
@@ -135,6 +158,13 @@ def _population_step(
         if vectorize == "vmap":
             axes = (0, 0, 0 if member_batches else None)
             new, metrics = jax.vmap(member_step, in_axes=axes)(pop.members, pop.loss_hparams, batch)
+        elif vectorize == "loop":
+            # A population of one member (sliced out by `_looped`): the member's very
+            # single-run program, no batching; [1] re-added for the shared code below.
+            first = functools.partial(jax.tree.map, lambda x: x[0])
+            b = first(batch) if member_batches else batch
+            new, metrics = member_step(first(pop.members), first(pop.loss_hparams), b)
+            new, metrics = jax.tree.map(lambda x: x[None], (new, metrics))
         else:  # "map": one member after another, inside the one compiled call
 
             def one(xs):
@@ -181,7 +211,7 @@ def make_population_step(
     steps_per_call: int | None = None,
     member_batches: bool = False,
     nonfinite: str | None = "freeze",
-    vectorize: str = "vmap",
+    vectorize: str = "auto",
     shard_members: bool = False,
     unroll: int | bool | str = UNROLL_AUTO,
     **options: Any,
@@ -207,12 +237,18 @@ def make_population_step(
             parameters are not finite keeps its state from before that step and is
             frozen (``active`` False, ``diverged`` True); the others go on. ``"skip"``:
             as a single run's ``nonfinite="skip"``, per member. None: no guard.
-        vectorize: ``"vmap"`` (default): the members' step batched by ``jax.vmap``
-            (their matmuls become batched matmuls: the speed-up on accelerators).
-            ``"map"``: ``jax.lax.map``, one member after another inside the one
-            compiled call: each member runs the very computation of a single run
-            (bitwise equal to it on CPU). Not a proven speed-up where vmap loses (wide
-            layers on CPU): see docs/population.md for measurements.
+        vectorize: ``"auto"`` (default): ``"loop"`` when the step has a convolution
+            and runs on CPU (decided from its jaxpr at the first call; read it back as
+            ``spec.vectorize``), else ``"vmap"``. ``"vmap"``: the members' step batched
+            by ``jax.vmap`` (their matmuls become batched matmuls: the speed-up on
+            accelerators; on CPU a vmapped convolution is a slow grouped one).
+            ``"loop"``: one compiled member step (member index traced: one compile)
+            called per member from Python, each member written back in place into the
+            donated state (`PopulationLoopStep`): each member runs the very computation
+            of a single run (bitwise equal to it on CPU) at the speed of N separate
+            runs; not with ``shard_members``. ``"map"``: ``jax.lax.map``, one member
+            after another inside the one compiled call (bitwise too; slow for
+            convolutions on CPU). Measurements: docs/population.md.
         shard_members: with ``mesh``: split the members over the mesh's ``data`` axis
             (each device trains N / devices members; N must divide evenly) instead of
             replicating them on every device. The step keeps the state in that layout
@@ -246,11 +282,7 @@ def make_population_step(
         ((3,), 1)
     """
     _check_population_nonfinite(nonfinite)
-    if vectorize not in VECTORIZE:
-        raise ValueError(
-            f"vectorize must be 'vmap' or 'map'; got {vectorize!r}. Fix: 'vmap' batches the "
-            "members (fast on accelerators), 'map' runs them one after another in one call."
-        )
+    _check_vectorize(vectorize, shard_members)
     opts = step_options("make_population_step", unroll=unroll, **options)
     if opts.mesh is not None and "fsdp" in opts.mesh.axis_names:
         raise ValueError(
@@ -284,12 +316,15 @@ def make_population_step(
         unroll=spec.unroll,
         population=True,
         member_batches=member_batches,
+        vectorize="vmap" if shard_members and vectorize == "auto" else vectorize,
     )
-    compiled = (
-        MemberShardedStep(None, None, transform.name, spec=spec)
-        if shard_members
-        else CompiledStep(None, None, transform.name, spec=spec)
-    )
+    compiled: CompiledStep
+    if shard_members:
+        compiled = MemberShardedStep(None, None, transform.name, spec=spec)
+    elif vectorize in ("loop", "auto"):
+        compiled = PopulationLoopStep(None, None, transform.name, spec=spec)
+    else:
+        compiled = CompiledStep(None, None, transform.name, spec=spec)
     # The inner (per-member) step: the single-run step with the guard on when the
     # population guards (its "nonfinite" index tells which members went bad).
     inner = StepOptions(
@@ -301,13 +336,31 @@ def make_population_step(
         ema_decay=opts.ema_decay,
     )
     names = compiled.spec.nonfinite_names
-    one = _population_step(loss_fn, optimizer, inner, names, nonfinite, member_batches, vectorize)
-    fn = transform.apply(one, opts, compiled._declare_unroll)
 
-    def counted(*args):
-        compiled._count_trace()  # trace time only
-        return fn(*args)
+    def build(mode: str) -> Callable:
+        one = _population_step(loss_fn, optimizer, inner, names, nonfinite, member_batches, mode)
+        fn = transform.apply(one, opts, compiled._declare_unroll)
+        if mode == "loop":
+            fn = _looped(fn, member_batches, steps_per_call)
 
+        def counted(*args):
+            compiled._count_trace()  # trace time only
+            return fn(*args)
+
+        counted.uncounted = fn  # type: ignore[attr-defined]  # for abstract traces
+        return counted
+
+    if isinstance(compiled, PopulationLoopStep):
+        if vectorize == "auto":
+            compile_step(compiled, build("vmap"), opts)
+            compiled._vmap = (compiled.fn, compiled.jitted)
+        # The member's step reads the population (no donation); `_put_member` writes.
+        compile_step(compiled, build("loop"), dataclasses.replace(opts, donate=False))
+        compiled._loop = (compiled.fn, compiled.jitted)
+        donate = (0,) if opts.donate else ()
+        compiled._put = jax.jit(_put_member, donate_argnums=donate) if opts.jit else _put_member
+        return compiled
+    counted = build("vmap" if vectorize == "auto" else vectorize)
     if not shard_members:
         return compile_step(compiled, counted, opts)
     mesh = opts.mesh
@@ -321,6 +374,154 @@ def make_population_step(
     compiled.fn, compiled.mesh = counted, mesh
     compiled.jitted = jax.jit(sharded, donate_argnums=(0,) if opts.donate else ())
     return compiled
+
+
+#: The `PopulationState` fields with a leading member axis (all but ``step``).
+_FIELDS = ("members", "loss_hparams", "active", "diverged", "seeds")
+
+
+def _looped(fn: Callable, member_batches: bool, steps_per_call: int | None) -> Callable:
+    """``f(pop, batch[, active], i)``: ``fn`` (a step over a one-member population) on member i.
+
+    Member ``i`` (a traced int32 scalar: one compile serves every member) is sliced out
+    of every ``[N]`` leaf and stepped; f returns ``(member i's new state as a
+    one-member population, its metrics [1] (fused [K, 1]))``. `_put_member` writes it
+    back.
+    """
+    axis = 0 if steps_per_call is None else 1  # the member axis of a member batch
+
+    def take(x: jax.Array, i: jax.Array) -> jax.Array:
+        return jax.lax.dynamic_slice_in_dim(x, i, 1, axis=0)
+
+    def f(pop: PopulationState, *args: Any):
+        _check_members(pop, None, False)  # a TrainState: the message, not an unpacking error
+        *rest, i = args
+        batch = rest[0]
+        if member_batches:
+            if steps_per_call is not None:
+                transforms.check_step_axis(batch, steps_per_call)
+            # Checked on the full batch: a [B, ...] batch must not pass as member 0's.
+            per_step = jax.tree.map(
+                lambda x: jax.ShapeDtypeStruct(jnp.shape(x)[axis:], jnp.result_type(x)), batch
+            )
+            _check_members(pop, per_step, True)
+            batch = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, i, 1, axis), batch)
+        # Every field but the population's step counter carries the member axis.
+        one = pop.replace(
+            **{k: jax.tree.map(lambda x: take(x, i), getattr(pop, k)) for k in _FIELDS}
+        )
+        return fn(one, batch, *rest[1:])
+
+    return f
+
+
+def _put_member(pop: PopulationState, new: PopulationState, i: jax.Array) -> PopulationState:
+    """``pop`` with member i replaced by ``new`` (a one-member population), in place.
+
+    A call of its own, after the member's step: written in the step's call, XLA fuses
+    e.g. Adam's moment update into both the moment's and the parameter's in-place
+    writes, one reading the old moments after the other overwrote them, and then copies
+    the whole ``[N]`` state twice per call to stay correct (measured: 0.82x of
+    sequential at N = 16 on the CNN, from ~1x at N = 4). Alone, the writes alias the
+    donated input: no copy.
+    """
+    put = functools.partial(jax.lax.dynamic_update_slice_in_dim, start_index=i, axis=0)
+    whole = {k: jax.tree.map(put, getattr(pop, k), getattr(new, k)) for k in _FIELDS}
+    # Every member's step advances the counter from the same value: the last one keeps it.
+    step = jnp.where(i == pop.size - 1, new.step, pop.step)
+    return pop.replace(step=step, **whole)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _stack_members(metrics: list[dict], axis: int) -> dict:
+    """The members' metrics ``[1]`` (fused ``[K, 1]``) joined into ``[N]`` (``[K, N]``)."""
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=axis), *metrics)
+
+
+class PopulationLoopStep(CompiledStep):
+    """A population step that calls one compiled member step per member (``"loop"``).
+
+    ``step(pop, batch[, active])`` calls the jitted ``f(pop, batch[, active], i)`` for
+    ``i = 0 .. N-1`` (no host sync): each call runs member i's single-run program,
+    bitwise its single run on CPU, and a second small call writes the member back into
+    the donated population in place (2N dispatches); the members' metrics are then
+    joined into ``[N]`` (fused ``[K, N]``) by one more call. With ``vectorize="auto"`` the first call
+    chooses ``"loop"`` for a convolutional model on CPU (where a vmapped convolution
+    becomes a slow grouped one) and ``"vmap"`` otherwise, and records it in
+    ``spec.vectorize``. When looping, ``lower`` and ``complete_args`` give one member's
+    call, so `jaxtrain.perf.step_flops` counts one member: multiply by N for the step.
+
+    Example:
+        >>> import jax.numpy as jnp, optax
+        >>> from jaxtrain import population as pop
+        >>> opt = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1)
+        >>> state = pop.create(lambda key: {"w": jnp.ones(2)}, opt, seeds=[0, 1, 2])
+        >>> step = make_population_step(lambda p, b: jnp.sum(b["x"] @ p["w"]), opt,
+        ...                             vectorize="loop")
+        >>> state, metrics = step(state, {"x": jnp.ones((4, 2))})
+        >>> isinstance(step, PopulationLoopStep), metrics["loss"].shape, step.trace_count
+        (True, (3,), 1)
+    """
+
+    _vmap: tuple[Callable, Any] | None = None
+    _loop: tuple[Callable, Any] | None = None
+    _put: Callable = staticmethod(_put_member)
+    _indices: tuple[jax.Array, ...] = ()
+
+    def _resolve(self, args: tuple) -> bool:
+        """Decides ``"auto"`` (once) from the arguments' shapes; True when looping."""
+        if self.spec.vectorize == "auto":
+            assert self._vmap is not None
+            # The uncounted body: jax.jit would reuse a trace of the counted one, and
+            # then count nothing when it compiles.
+            fn = self._vmap[0].uncounted  # type: ignore[attr-defined]
+            with self.uncounted():
+                slow = transforms.convolution_on_cpu(
+                    lambda: jax.make_jaxpr(fn)(*self._complete(args)), self.mesh
+                )
+            mode = "loop" if slow else "vmap"
+            if slow:
+                _log.info(
+                    "jaxtrain: vectorize='auto' chose 'loop' (one compiled member step per "
+                    "member): the model has convolutions and runs on CPU, where vmap turns "
+                    "them into slow grouped convolutions. Pass vectorize='vmap' to keep it."
+                )
+            self.spec = dataclasses.replace(self.spec, vectorize=mode)
+            chosen = self._loop if slow else self._vmap
+            assert chosen is not None  # both built by make_population_step for "auto"
+            self.fn, self.jitted = chosen
+        return self.spec.vectorize == "loop"
+
+    def _index(self, n: int) -> tuple[jax.Array, ...]:
+        if len(self._indices) != n:  # made once: no host-to-device copy per call
+            self._indices = tuple(jnp.asarray(i, jnp.int32) for i in range(n))
+        return self._indices
+
+    def complete_args(self, args: tuple) -> tuple:
+        """The arguments of one member's call (member 0) when looping."""
+        done = self._complete(args)
+        return (*done, self._index(args[0].size)[0]) if self._resolve(args) else done
+
+    def lower(self, *args: Any) -> Any:
+        """``jax.jit(...).lower`` of the step; when looping, of one member's call."""
+        return self.jitted.lower(*self.complete_args(args))
+
+    def __call__(self, *args: Any) -> Any:
+        if not args or not isinstance(args[0], PopulationState) or not self._resolve(args):
+            return super().__call__(*args)
+        pop, *rest = self._complete(args)
+        if self.mesh is not None and not self._placed:
+            # As CompiledStep places a first state (the member step does not return it).
+            from jaxtrain.parallel import shard_state
+
+            pop, self._placed = shard_state(pop, self.mesh, copy=True), True
+        outs = []
+        for i in self._index(pop.size):
+            new, metrics = super().__call__(pop, *rest, i)
+            pop = self._put(pop, new, i)
+            outs.append(metrics)
+        axis = 0 if self.spec.kind != "fused" else 1
+        return pop, _stack_members(outs, axis)
 
 
 def member_shardings(pop: PopulationState, mesh: Any) -> Any:

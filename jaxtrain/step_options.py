@@ -193,6 +193,9 @@ class StepSpec:
             (`jaxtrain.population_step`): its metrics carry a member axis ``[N]``.
         member_batches: True for a population step fed one batch per member, ``[N,
             B, ...]`` (fused ``[K, N, B, ...]``).
+        vectorize: how a population step combines its members: ``"vmap"``, ``"map"``
+            or ``"loop"``; ``"auto"`` until the first call decides it; None for a
+            single-run step.
 
     Example:
         >>> import jax.numpy as jnp, optax, jaxtrain as jt
@@ -211,6 +214,7 @@ class StepSpec:
     unroll: int | bool | str | None = None
     population: bool = False
     member_batches: bool = False
+    vectorize: str | None = None
 
     def __post_init__(self):
         if self.kind not in KINDS:

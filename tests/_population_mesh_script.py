@@ -36,6 +36,7 @@ for name, devices, split in (
     ("four", jax.devices(), False),
     ("one", jax.devices()[:1], False),
     ("split", jax.devices(), True),  # shard_members: 2 members per device
+    ("loop", jax.devices(), False),  # vectorize="loop": one member per call, on the mesh
 ):
     mesh = jt.data_mesh(devices)
     members = pop.from_states(
@@ -45,7 +46,13 @@ for name, devices, split in (
     )
     start = members if split else p0
     step = make_population_step(
-        loss_fn, opt, steps_per_call=2, mesh=mesh, grad_accum_steps=2, shard_members=split
+        loss_fn,
+        opt,
+        steps_per_call=2,
+        mesh=mesh,
+        grad_accum_steps=2,
+        shard_members=split,
+        vectorize="loop" if name == "loop" else "auto",
     )
     state, h = jt.fit(start, step, data, epochs=2, mesh=mesh, progress=False, log_every=4)
     w = state.params["w"]

@@ -171,7 +171,8 @@ def test_run_py_tiny_measures_every_contender_and_goal(tmp_path):
     assert p["config"]["members"] == [1, 2] and list(p["models"]) == ["mlp64"]
     for n in ("1", "2"):
         row = p["models"]["mlp64"][n]
-        for way in ("sequential", "vmap", "map"):
+        assert row["auto"] == "vmap"  # no convolution: vectorize="auto" batches
+        for way in ("sequential", "vmap", "map", "loop"):
             e = row["ways"][way]
             assert e["status"] == "ok" and e["compilations"] == 1, (n, way, e)
             assert len(e["per_member_step_s"]) == r["config"]["repeats"]
@@ -185,16 +186,24 @@ def test_run_py_tiny_measures_every_contender_and_goal(tmp_path):
 def test_population_goals_need_the_faster_way_within_5_percent():
     pop = _load("population_bench.py")
 
-    def row(seq, vmap, map_):
-        ways = {"sequential": seq, "vmap": vmap, "map": map_}
+    def row(seq, vmap, map_, loop=None, auto=None):
+        ways = {"sequential": seq, "vmap": vmap, "map": map_, "loop": loop}
         r = {f"speedup_{w}": None if t is None else seq / t for w, t in ways.items()}
-        r["best"] = max((w for w in ("vmap", "map") if ways[w]), key=lambda w: r[f"speedup_{w}"])
-        return r
+        r["best"] = max(
+            (w for w in ("vmap", "map", "loop") if ways[w]), key=lambda w: r[f"speedup_{w}"]
+        )
+        return {**r, "auto": auto} if auto else r
 
     report = {
         "models": {
             "mlp64": {"description": "", "16": row(1.0, 0.7, 0.9), "64": row(1.0, 1.06, 1.2)},
-            "cnn": {"description": "", "1": row(1.0, 1.2, 50.0), "4": row(1.0, 1.04, None)},
+            "cnn": {
+                "description": "",
+                "1": row(1.0, 1.2, 50.0),
+                "4": row(1.0, 1.04, None),
+                # the goal judges the way vectorize="auto" picks, not the fastest one
+                "16": row(1.0, 0.5, None, loop=1.5, auto="loop"),
+            },
         }
     }
     rows = pop.population_goals(report)
@@ -204,6 +213,8 @@ def test_population_goals_need_the_faster_way_within_5_percent():
     assert by[("mlp64", 64, 0.9524)] == "MISSED"  # 1 / 1.06 = 0.943: more than 5% slower
     assert by[("cnn", 4, 0.9524)] == "MET"  # 1 / 1.04 = 0.962
     assert ("cnn", 1, 0.9524) not in by  # N = 1 is no population
+    assert by[("cnn", 16, 0.9524)] == "MISSED"  # auto: loop, 1 / 1.5 (vmap would pass)
+    assert "population (loop) not slower" in rows[-1]["goal"]
 
 
 def test_run_py_cnn_contenders_start_from_the_same_function():

@@ -85,17 +85,87 @@ def test_member_is_its_single_run_bitwise_with_map(single):
     assert not np.array_equal(state.params["w1"][0], state.params["w1"][1])
 
 
+@pytest.mark.integration  # one compile of the looped member step, a few steps
+def test_member_is_its_single_run_bitwise_with_loop(single):
+    """vectorize="loop": one compiled member step called per member (the CPU fallback)."""
+    p0, runs = single
+    step = make_population_step(loss_fn, OPT, vectorize="loop")
+    state = jax.tree.map(jnp.copy, p0)
+    losses = []
+    for b in _batches():
+        state, metrics = step(state, b)
+        losses.append(metrics["loss"].tolist())
+    assert step.trace_count == 1  # one compile for every member: i is traced
+    assert step.spec.vectorize == "loop" and int(state.step) == 3
+    assert metrics["loss"].shape == (3,) and state.active.tolist() == [True] * 3
+    for i, (ref, ref_losses) in enumerate(runs):
+        assert _leaves_equal(pop.extract_member(state, i), ref), i
+        assert [ls[i] for ls in losses] == ref_losses
+    assert not np.array_equal(state.params["w1"][0], state.params["w1"][1])
+
+
+def conv_loss(params, batch):
+    """A one-convolution model: what makes vectorize="auto" choose "loop" on CPU."""
+    dims = ("NHWC", "HWIO", "NHWC")
+    y = jax.lax.conv_general_dilated(
+        batch["x"], params["k"], (1, 1), "SAME", dimension_numbers=dims
+    )
+    return jnp.mean((jnp.mean(y, (1, 2)) @ params["w"] - batch["y"]) ** 2)
+
+
+def conv_init(key):
+    k1, k2 = jax.random.split(key)
+    return {"k": jax.random.normal(k1, (3, 3, 1, 4)) * 0.3, "w": jax.random.normal(k2, (4,))}
+
+
+@pytest.mark.integration  # a tiny conv population and its single runs, two steps
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="'auto' loops on CPU only")
+def test_auto_loops_a_convolutional_population_on_cpu():
+    rs = np.random.RandomState(0)
+    batch = {"x": rs.randn(8, 6, 6, 1).astype(np.float32), "y": rs.randn(8).astype(np.float32)}
+    p0 = pop.create(conv_init, OPT, [0, 1], hparams={"learning_rate": [1e-2, 1e-1]})
+    step = make_population_step(conv_loss, OPT)  # vectorize="auto", the default
+    assert step.spec.vectorize == "auto"
+    state = jax.tree.map(jnp.copy, p0)
+    for _ in range(2):
+        state, _ = step(state, batch)
+    assert step.spec.vectorize == "loop" and step.trace_count == 1
+    single = jt.make_train_step(conv_loss, OPT)
+    for i in range(2):
+        ref = pop.extract_member(p0, i)
+        for _ in range(2):
+            ref, _ = single(ref, batch)
+        assert _leaves_equal(pop.extract_member(state, i), ref), i
+
+
+@pytest.mark.e2e  # compiles population and single steps (the fast tier's budget)
+def test_loop_with_float16_loss_scaling_is_each_single_run_bitwise():
+    """Each member's own loss scale is sliced out and written back with the member."""
+    p0 = pop.create(init, OPT, [0, 1, 2], hparams=HP, loss_hparams=LOSS_HP, precision="float16")
+    step = make_population_step(loss_fn, OPT, vectorize="loop", precision="float16")
+    state = jax.tree.map(jnp.copy, p0)
+    for b in _batches():
+        state, metrics = step(state, b)
+    assert step.trace_count == 1 and metrics["loss_scale"].shape == (3,)
+    for i in range(3):
+        ref = pop.extract_member(p0, i)
+        single = jt.make_train_step(pop.member_loss(loss_fn, p0, i), OPT, precision="float16")
+        for b in _batches():
+            ref, _ = single(ref, b)
+        assert _leaves_equal(pop.extract_member(state, i), ref), i
+
+
 @pytest.mark.e2e  # compiles population and single steps (the fast tier's budget)
 def test_member_is_its_single_run_within_1e6_with_vmap(single):
     """vmap batches the members' matmuls: XLA:CPU sums in another order (not bitwise)."""
     p0, runs = single
-    step = make_population_step(loss_fn, OPT)  # vectorize="vmap"
+    step = make_population_step(loss_fn, OPT)  # vectorize="auto": no convolution, vmap
     state = jax.tree.map(jnp.copy, p0)
     losses = []
     for b in _batches():
         state, metrics = step(state, b)
         losses.append(np.asarray(metrics["loss"]))
-    assert step.trace_count == 1
+    assert step.trace_count == 1 and step.spec.vectorize == "vmap"
     for i, (ref, ref_losses) in enumerate(runs):
         got = pop.extract_member(state, i)
         assert _leaves_equal(got.rng, ref.rng) and int(got.step) == 3
@@ -106,13 +176,14 @@ def test_member_is_its_single_run_within_1e6_with_vmap(single):
 
 
 @pytest.mark.e2e  # compiles population and single steps (the fast tier's budget)
-def test_frozen_and_diverged_members_stay_bitwise_unchanged():
+@pytest.mark.parametrize("vectorize", ["vmap", "loop"])
+def test_frozen_and_diverged_members_stay_bitwise_unchanged(vectorize):
     p0 = pop.create(
         init, OPT, [0, 1, 2], hparams=HP, loss_hparams={"smooth": [0.0, float("nan"), 0.1]}
     )
     p0 = pop.set_active(p0, [True, True, False])  # member 2 frozen by the mask
     before = [pop.extract_member(p0, i) for i in range(3)]
-    step = make_population_step(loss_fn, OPT)
+    step = make_population_step(loss_fn, OPT, vectorize=vectorize)
     state = p0
     for b in _batches():
         state, metrics = step(state, b)
@@ -130,11 +201,12 @@ def test_frozen_and_diverged_members_stay_bitwise_unchanged():
 
 
 @pytest.mark.e2e  # compiles population and single steps (the fast tier's budget)
-def test_fused_steps_and_grad_accum_equal_single_steps():
+@pytest.mark.parametrize("vectorize", ["map", "loop"])
+def test_fused_steps_and_grad_accum_equal_single_steps(vectorize):
     batches = _batches(4)
     p0 = _population()
     fused = make_population_step(
-        loss_fn, OPT, steps_per_call=2, vectorize="map", grad_accum_steps=2
+        loss_fn, OPT, steps_per_call=2, vectorize=vectorize, grad_accum_steps=2
     )
     state = jax.tree.map(jnp.copy, p0)
     for k in (0, 2):
@@ -150,10 +222,11 @@ def test_fused_steps_and_grad_accum_equal_single_steps():
 
 
 @pytest.mark.e2e  # compiles population and single steps (the fast tier's budget)
-def test_member_batches_give_each_member_its_own_data():
+@pytest.mark.parametrize("vectorize", ["map", "loop"])
+def test_member_batches_give_each_member_its_own_data(vectorize):
     batches = _batches(2, seed=1)
     p0 = pop.create(init, OPT, [0, 0])  # identical members: only the data differs
-    step = make_population_step(loss_fn, OPT, member_batches=True, vectorize="map")
+    step = make_population_step(loss_fn, OPT, member_batches=True, vectorize=vectorize)
     stacked = {n: np.stack([batches[0][n], batches[1][n]]) for n in batches[0]}
     state, _ = step(jax.tree.map(jnp.copy, p0), stacked)
     for i in range(2):
@@ -237,8 +310,13 @@ def test_bad_inputs_are_named():
         ValueError, match=r"nonfinite must be 'freeze', 'skip' or None; got 'raise'"
     ):
         make_population_step(loss_fn, OPT, nonfinite="raise")
-    with pytest.raises(ValueError, match=r"vectorize must be 'vmap' or 'map'; got 'pmap'"):
+    with pytest.raises(
+        ValueError, match=r"vectorize must be one of \('vmap', 'map', 'loop', 'auto'\); got 'pmap'"
+    ):
         make_population_step(loss_fn, OPT, vectorize="pmap")
+    mesh = jt.data_mesh(jax.devices()[:1])
+    with pytest.raises(ValueError, match=r"vectorize='loop' .* cannot split the members over"):
+        make_population_step(loss_fn, OPT, vectorize="loop", mesh=mesh, shard_members=True)
 
 
 def test_bad_inputs_at_trace_time_are_named():

@@ -74,6 +74,7 @@ def test_members_are_the_grid_of_the_lists_or_consecutive_seeds():
         (["--population", "2", "--ema", "0.9"], r"--ema 0.9 is not supported with --population"),
         (["--nonfinite", "freeze"], r"'freeze' freezes one member of a population"),
         (["--vectorize", "map"], r"--vectorize map combines the members of a population"),
+        (["--vectorize", "vmap"], r"--vectorize vmap combines the members of a population"),
         (["--population", "2", "--seed", "4294967295"], r"above the largest seed 4294967295"),
     ],
 )
@@ -89,6 +90,46 @@ def test_bad_population_options_are_one_line_and_exit_2(tmp_path, capsys, argv, 
     assert "Traceback" not in err
     assert re.search(message, err), err
     assert not os.path.exists(out)  # refused before anything was written
+
+
+def test_vectorize_auto_choice_is_printed_and_a_forced_vmap_on_a_cpu_cnn_warned(capsys):
+    """--vectorize auto (the default) says what it chose, from an abstract trace."""
+    import types
+
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import jaxtrain as jt
+    from jaxtrain import population as pop
+    from jaxtrain.population_step import make_population_step
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("'auto' loops on CPU only")
+
+    def conv_loss(params, batch):
+        dims = ("NHWC", "HWIO", "NHWC")
+        y = jax.lax.conv_general_dilated(batch["x"], params["k"], (1, 1), "SAME",
+                                         dimension_numbers=dims)  # fmt: skip
+        return jnp.mean(y)
+
+    opt = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1)
+    state = pop.create(lambda k: {"k": jnp.ones((3, 3, 1, 2))}, opt, [0, 1])
+    data = jt.ArrayDataset({"x": np.ones((8, 4, 4, 1), np.float32)}, 4)
+    for k in (1, 2):  # one step, and fused steps (batches [K, B, ...])
+        cfg = types.SimpleNamespace(vectorize="auto", steps_per_call=k, model="cnn")
+        fused = None if k == 1 else k
+        step = make_population_step(conv_loss, opt, steps_per_call=fused)
+        population_run._report_vectorize(cfg, step, state, data)
+        assert step.spec.vectorize == "loop" and step.trace_count == 0  # nothing compiled
+        assert "population: --vectorize auto chose loop (" in capsys.readouterr().err
+    mlp = make_population_step(lambda p, b: jnp.mean(b["x"]) * jnp.sum(p["k"]), opt)
+    cfg = types.SimpleNamespace(vectorize="auto", steps_per_call=1, model="mlp")
+    population_run._report_vectorize(cfg, mlp, state, data)
+    assert "--vectorize auto chose vmap (the members batched" in capsys.readouterr().err
+    forced = types.SimpleNamespace(vectorize="vmap", steps_per_call=1, model="cnn")
+    with pytest.warns(RuntimeWarning, match=r"--vectorize vmap on a CPU makes the CNN's"):
+        population_run._report_vectorize(forced, step, state, data)
 
 
 def test_population_fields_round_trip_through_config_json_and_count_as_results():

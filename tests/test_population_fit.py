@@ -122,9 +122,10 @@ def test_member_in_fit_equals_its_single_fit():
     assert [r["loss"][1] for r in h.train] == [r["loss"] for r in h1.train]
 
 
-def test_population_resume_is_bitwise(tmp_path):
+@pytest.mark.parametrize("vectorize", ["vmap", "loop"])
+def test_population_resume_is_bitwise(tmp_path, vectorize):
     train, evald = _data()
-    step = make_population_step(loss_fn, OPT)
+    step = make_population_step(loss_fn, OPT, vectorize=vectorize)
     eval_step = make_population_eval_step(eval_fn)
     kw = dict(
         eval_step=eval_step, eval_data=evald, eval_every=2, log_every=3, progress=False,
@@ -163,6 +164,10 @@ def test_population_on_a_data_mesh_matches_one_device():
     assert not split["replicated"] and split["spec"] in ("P('data',)", "PartitionSpec('data',)")
     assert split["traces"] == 1
     np.testing.assert_allclose(split["w"], one["w"], rtol=1e-6, atol=1e-7)
+    # vectorize="loop" on the mesh: members replicated, one compile, the same training
+    loop = result["loop"]
+    assert loop["replicated"] and loop["devices"] == 4 and loop["traces"] == 1
+    np.testing.assert_allclose(loop["w"], one["w"], rtol=1e-6, atol=1e-7)
 
 
 def test_fit_feeds_one_batch_per_member_and_counts_their_examples():

@@ -157,11 +157,13 @@ class TrainConfig:
         metavar="N",
     )
     vectorize: str = option(
-        "vmap",
-        "how a population's members are combined in its step: vmap (batched; the win on "
-        "accelerators and for small dense layers on CPU) or map (lax.map: one member after "
-        "another inside the one call); BENCHMARKS.md has the figures of both",
-        choices=("vmap", "map"),
+        "auto",
+        "how a population's members are combined in its step: auto (loop for a "
+        "convolutional model on CPU, else vmap; the choice is printed), vmap (batched; the "
+        "win on accelerators and for small dense layers on CPU), loop (one compiled member "
+        "step called per member) or map (lax.map: one member after another inside the one "
+        "call); BENCHMARKS.md has the figures",
+        choices=("auto", "vmap", "loop", "map"),
     )
     steps_per_call: int = option(
         1, "fuse K training steps into one compiled call (jax.lax.scan)", minimum=1
@@ -692,6 +694,10 @@ def _flops_per_step(cfg: TrainConfig, parts: _Parts, mesh: Any) -> tuple[float |
         one_step = make_train_step(parts.loss_fn, parts.optimizer, **parts.step_kwargs)
     batch = next(iter(parts.train_ds.batches(0, rows=process_rows(mesh, cfg.batch_size))))
     flops = step_flops(one_step, shard_state(parts.state, mesh), shard_batch(batch, mesh))
+    if cfg.population is not None and flops is not None:
+        from jaxtrain.apps import population_run
+
+        flops = population_run.population_flops(one_step, parts.state, flops)
     return flops, step_flops_source(one_step)
 
 

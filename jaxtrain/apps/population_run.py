@@ -100,7 +100,7 @@ def check(cfg: Any) -> None:
                 "nonfinite: 'freeze' freezes one member of a population; this run has one "
                 "model. Fix: --nonfinite raise, skip or off (or add --population N)."
             )
-        if cfg.vectorize != "vmap":
+        if cfg.vectorize != "auto":
             raise ValueError(
                 f"vectorize: --vectorize {cfg.vectorize} combines the members of a population; "
                 "this run has one model. Fix: drop --vectorize (or add --population N)."
@@ -189,17 +189,6 @@ def build_parts(cfg: Any, mesh: Any) -> Any:
     from jaxtrain.state import TrainState
 
     team = members(cfg)
-    if cfg.model == "cnn" and jax.default_backend() == "cpu":
-        # Measured (BENCHMARKS.md, "Population training"): say so rather than let a
-        # population look like the way to sweep a conv net on this backend.
-        warnings.warn(
-            "population: on a CPU the CNN's population step is slower than N separate runs "
-            "(vmap makes each convolution a grouped one, measured 0.13-0.27x per member-step; "
-            "--vectorize map runs them in a loop, 0.03x): the members train the same, only "
-            "slower. The win is on GPUs/TPUs (see BENCHMARKS.md, Population training).",
-            RuntimeWarning,
-            stacklevel=2,
-        )
     train, test = data_lib.load_digits(seed=cfg.split_seed)
     train_ds = data_lib.ArrayDataset(train, cfg.batch_size, seed=team[0]["seed"], num_classes=10)
     test_ds = data_lib.ArrayDataset(test, cfg.eval_batch_size, shuffle=False)
@@ -238,10 +227,57 @@ def build_parts(cfg: Any, mesh: Any) -> Any:
         )
     else:
         train_step = make_population_step(loss_fn, optimizer, **step_kwargs)
+    _report_vectorize(cfg, train_step, state, train_ds)
     eval_step = make_population_eval_step(classification_eval(model), mesh=mesh)
     return digits._Parts(
         train_ds, test_ds, model, optimizer, state, loss_fn, step_kwargs, train_step, eval_step
     )
+
+
+def _report_vectorize(cfg: Any, train_step: Any, state: Any, train_ds: Any) -> None:
+    """Says how the members are combined: ``--vectorize auto`` decided now (no compile).
+
+    A convolutional model on CPU is looped (vmap's grouped convolutions measured 0.13-0.27x
+    the speed of N separate runs there); a forced ``--vectorize vmap``/``map`` on that
+    combination is warned about (BENCHMARKS.md, Population training).
+    """
+    import sys
+
+    import numpy as np
+
+    if cfg.vectorize == "auto":
+        batch = next(iter(train_ds.batches(0)))
+        k = cfg.steps_per_call
+        if k > 1:  # fused steps take [K, B, ...]: shapes only, the trace is abstract
+            batch = {n: jax.ShapeDtypeStruct((k, *np.shape(v)), v.dtype) for n, v in batch.items()}
+        train_step.complete_args((state, batch))
+        why = (
+            "one compiled member step per member: a convolutional model on CPU"
+            if train_step.spec.vectorize == "loop"
+            else "the members batched in one call"
+        )
+        print(
+            f"population: --vectorize auto chose {train_step.spec.vectorize} ({why})",
+            file=sys.stderr,
+        )
+    elif cfg.model == "cnn" and jax.default_backend() == "cpu":
+        warnings.warn(
+            f"population: --vectorize {cfg.vectorize} on a CPU makes the CNN's population "
+            "slower than N separate runs (vmap: grouped convolutions, measured 0.13-0.27x "
+            "per member-step; map: 0.03x); --vectorize loop (what auto picks here) trains "
+            "each member as its own run (see BENCHMARKS.md, Population training).",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def population_flops(step: Any, state: Any, flops: float) -> float:
+    """FLOPs of one population step from ``step_flops(step, ...)``'s count.
+
+    A ``vectorize="loop"`` step lowers (and counts) one member's call; the population
+    step makes N of them. A vmapped or mapped step's count already covers the N members.
+    """
+    return flops * state.size if step.spec.vectorize == "loop" else flops
 
 
 def one_step(parts: Any) -> Any:
