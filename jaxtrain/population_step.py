@@ -451,6 +451,14 @@ class PopulationLoopStep(CompiledStep):
     ``spec.vectorize``. When looping, ``lower`` and ``complete_args`` give one member's
     call, so `jaxtrain.perf.step_flops` counts one member: multiply by N for the step.
 
+    Built by `make_population_step`, not by hand; its constructor is `CompiledStep`'s.
+
+    Attributes:
+        spec: the step's `jaxtrain.StepSpec`; ``spec.vectorize`` is ``"auto"`` until the
+            first call, then the mode chosen (``"loop"`` or ``"vmap"``).
+        trace_count: compilations of the member step: 1 for all N members, since the
+            member index is a traced ``int32`` argument.
+
     Example:
         >>> import jax.numpy as jnp, optax
         >>> from jaxtrain import population as pop
