@@ -503,6 +503,14 @@ class Checkpointer:
         try:
             self._wait_pending()
         finally:
+            # orbax's close does not wait for the clean-up of stale tmp folders that its
+            # constructor starts in a thread (cleanup_tmp_directories=True): a process that
+            # exits right after (a refused resume, a one-line CLI error) then printed that
+            # thread's "cannot schedule new futures after interpreter shutdown" traceback.
+            # Private in orbax 0.11-0.13, hence getattr: without it, nothing is awaited.
+            await_cleanup = getattr(self._manager, "_maybe_await_cleanup_tmp_directory", None)
+            if await_cleanup is not None:
+                await_cleanup()
             self._manager.close()
 
     def __enter__(self) -> Checkpointer:

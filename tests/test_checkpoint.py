@@ -640,3 +640,16 @@ def test_a_format_2_checkpoint_of_the_previous_release_restores_bitwise(tmp_path
         with warnings.catch_warnings(record=True):
             warnings.simplefilter("always")
             assert c.restore(state, fallback=True).step == 5
+
+
+def test_close_waits_for_orbaxs_tmp_cleanup_thread(tmp_path):
+    """A process exiting right after close (a refused resume) printed orbax's thread traceback.
+
+    orbax's CheckpointManager starts the clean-up of stale tmp folders in a thread and its
+    own close does not wait for it; Checkpointer.close does (found: `jaxtrain train
+    --resume` refused in one line, then a 50-line "cannot schedule new futures after
+    interpreter shutdown" traceback at exit, about one run in four).
+    """
+    c = Checkpointer(str(tmp_path / "ckpts"))
+    c.close()
+    assert getattr(c._manager, "_cleanup_tmp_directory_future", None) is None

@@ -861,6 +861,27 @@ def _save_blocking(seconds: Sequence[float] | None) -> dict[str, Any] | None:
     }
 
 
+@contextlib.contextmanager
+def _closed_on_error(checkpointer: Checkpointer | None) -> Any:
+    """Closes the run's checkpointer when the run fails before its own ``close``.
+
+    An error after the checkpointer opened (a refused ``--profile`` range at the first
+    step, a failed write) used to leave orbax's threads running into interpreter
+    shutdown, which then printed a long traceback after the CLI's one-line error.
+    """
+    try:
+        yield
+    except BaseException:
+        if checkpointer is not None:
+            try:
+                checkpointer.close()
+            except Exception as e:  # the run's own error is the one to report
+                warnings.warn(
+                    f"closing the checkpoints after the error failed too: {e}", stacklevel=2
+                )
+        raise
+
+
 def _run(
     cfg: TrainConfig,
     resume: bool,
@@ -874,59 +895,62 @@ def _run(
     checkpointer, resumed_from, skipped, changes = _open_checkpoints(
         cfg, resume, allow_change, parts.state, mesh, primary
     )
-    config = _write_config(cfg, changes, primary)
-    flops, flops_source = _flops_per_step(cfg, parts, mesh)
-    if primary and cfg.summary:  # what is trained, before the first step
-        params, model_state = parts.state.params, parts.state.model_state
-        if cfg.population is not None:  # one member's model (each member has its own)
-            params, model_state = jax.tree.map(lambda x: x[0], (params, model_state))
-        found = model_summary(params, name=parts.model.name, model_state=model_state)
-        found = dataclasses.replace(found, flops_per_step=flops, flops_source=flops_source)
-        print(found.format(), flush=True)
-    t0 = time.perf_counter()
-    with contextlib.ExitStack() as stack:
-        writers = _open_writers(stack, cfg, resume, resumed_from, primary)
-        state, history = fit(
-            parts.state,
-            parts.train_step,
-            parts.train_ds,
-            epochs=cfg.epochs,
-            num_steps=cfg.max_steps,
-            eval_step=parts.eval_step,
-            eval_data=parts.test_ds,
-            eval_every=cfg.eval_every,
-            log_every=cfg.log_every,
-            mesh=mesh,
-            early_stopping=EarlyStopping("accuracy", "max", cfg.patience) if cfg.patience else None,
-            writers=writers,
-            progress=cfg.progress,
-            checkpointer=checkpointer,
-            save_every=cfg.save_every,
-            save_at_epoch_end=cfg.checkpoint,
-            resume=resume,
+    with _closed_on_error(checkpointer):
+        config = _write_config(cfg, changes, primary)
+        flops, flops_source = _flops_per_step(cfg, parts, mesh)
+        if primary and cfg.summary:  # what is trained, before the first step
+            params, model_state = parts.state.params, parts.state.model_state
+            if cfg.population is not None:  # one member's model (each member has its own)
+                params, model_state = jax.tree.map(lambda x: x[0], (params, model_state))
+            found = model_summary(params, name=parts.model.name, model_state=model_state)
+            found = dataclasses.replace(found, flops_per_step=flops, flops_source=flops_source)
+            print(found.format(), flush=True)
+        t0 = time.perf_counter()
+        with contextlib.ExitStack() as stack:
+            writers = _open_writers(stack, cfg, resume, resumed_from, primary)
+            state, history = fit(
+                parts.state,
+                parts.train_step,
+                parts.train_ds,
+                epochs=cfg.epochs,
+                num_steps=cfg.max_steps,
+                eval_step=parts.eval_step,
+                eval_data=parts.test_ds,
+                eval_every=cfg.eval_every,
+                log_every=cfg.log_every,
+                mesh=mesh,
+                early_stopping=EarlyStopping("accuracy", "max", cfg.patience)
+                if cfg.patience
+                else None,
+                writers=writers,
+                progress=cfg.progress,
+                checkpointer=checkpointer,
+                save_every=cfg.save_every,
+                save_at_epoch_end=cfg.checkpoint,
+                resume=resume,
+                config=config,
+                flops_per_step=flops,
+                eval_params="params" if cfg.ema is None else "ema",
+                profile=profiler,
+            )
+        if checkpointer is not None:
+            checkpointer.close()
+        wall = time.perf_counter() - t0
+        if primary:
+            _rewrite_logs(cfg, history, parts.model.name)
+        run_info = dict(
+            flops=flops,
+            wall=wall,
+            resumed_from=resumed_from,
+            skipped=skipped,
+            changes=changes,
             config=config,
-            flops_per_step=flops,
-            eval_params="params" if cfg.ema is None else "ema",
-            profile=profiler,
+            save_blocking=None if checkpointer is None else checkpointer.save_blocking_seconds,
         )
-    if checkpointer is not None:
-        checkpointer.close()
-    wall = time.perf_counter() - t0
-    if primary:
-        _rewrite_logs(cfg, history, parts.model.name)
-    run_info = dict(
-        flops=flops,
-        wall=wall,
-        resumed_from=resumed_from,
-        skipped=skipped,
-        changes=changes,
-        config=config,
-        save_blocking=None if checkpointer is None else checkpointer.save_blocking_seconds,
-    )
-    summary = _summary(cfg, parts, mesh, state, history, run_info)
-    if primary:  # strict JSON: a diverged run's NaN losses are written as null
-        with open(os.path.join(cfg.out, "summary.json"), "w", encoding="utf-8") as f:
-            f.write(dumps_strict(summary, indent=2))
+        summary = _summary(cfg, parts, mesh, state, history, run_info)
+        if primary:  # strict JSON: a diverged run's NaN losses are written as null
+            with open(os.path.join(cfg.out, "summary.json"), "w", encoding="utf-8") as f:
+                f.write(dumps_strict(summary, indent=2))
     return summary
 
 
