@@ -204,6 +204,37 @@ def _population_step(
     return step
 
 
+def _check_population_args(
+    opts: StepOptions, optimizer: Any, shard_members: bool, member_batches: Any
+) -> None:
+    """`make_population_step`'s checks of the mesh, optimizer and member options."""
+    if opts.mesh is not None and "fsdp" in opts.mesh.axis_names:
+        raise ValueError(
+            "make_population_step runs data parallel (members replicated, batch sharded): "
+            f"the mesh has axes {opts.mesh.axis_names}, with 'fsdp'. Fix: use "
+            "jaxtrain.data_mesh() (or a mesh with only a 'data' axis)."
+        )
+    check_optimizer(optimizer)
+    if shard_members and opts.mesh is None:
+        raise ValueError(
+            "shard_members=True splits the members over a mesh: pass mesh=jaxtrain.data_mesh()."
+        )
+    if not isinstance(member_batches, bool):
+        raise TypeError(f"member_batches must be True or False; got {member_batches!r}.")
+
+
+def _population_transform(steps_per_call: int | None, unroll: Any) -> Any:
+    """One population step per call (`transforms.Single`) or K fused (`transforms.Fused`)."""
+    if steps_per_call is None:
+        if unroll != UNROLL_AUTO:
+            raise ValueError(
+                f"unroll={unroll!r} applies to fused steps only. Fix: pass steps_per_call=K "
+                "or leave unroll at 'auto'."
+            )
+        return transforms.Single("population_step")
+    return transforms.Fused(steps_per_call, name="population_steps")
+
+
 def make_population_step(
     loss_fn: LossFn,
     optimizer: optax.GradientTransformation,
@@ -284,29 +315,8 @@ def make_population_step(
     _check_population_nonfinite(nonfinite)
     _check_vectorize(vectorize, shard_members)
     opts = step_options("make_population_step", unroll=unroll, **options)
-    if opts.mesh is not None and "fsdp" in opts.mesh.axis_names:
-        raise ValueError(
-            "make_population_step runs data parallel (members replicated, batch sharded): "
-            f"the mesh has axes {opts.mesh.axis_names}, with 'fsdp'. Fix: use "
-            "jaxtrain.data_mesh() (or a mesh with only a 'data' axis)."
-        )
-    check_optimizer(optimizer)
-    if shard_members and opts.mesh is None:
-        raise ValueError(
-            "shard_members=True splits the members over a mesh: pass mesh=jaxtrain.data_mesh()."
-        )
-    if not isinstance(member_batches, bool):
-        raise TypeError(f"member_batches must be True or False; got {member_batches!r}.")
-    transform: Any
-    if steps_per_call is None:
-        if unroll != UNROLL_AUTO:
-            raise ValueError(
-                f"unroll={unroll!r} applies to fused steps only. Fix: pass steps_per_call=K "
-                "or leave unroll at 'auto'."
-            )
-        transform = transforms.Single("population_step")
-    else:
-        transform = transforms.Fused(steps_per_call, name="population_steps")
+    _check_population_args(opts, optimizer, shard_members, member_batches)
+    transform = _population_transform(steps_per_call, unroll)
     spec = transform.spec(opts)
     spec = StepSpec(
         spec.kind,
